@@ -1,0 +1,19 @@
+# Two commands do everything: `make demo` (the whole workflow on the embedded model) and `make test`.
+PY ?= python3
+PIP = $(PY) -m pip
+
+.PHONY: setup setup-test demo test lint
+
+setup:
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e .
+
+setup-test: setup
+	$(PIP) install -q -e ".[test,bench]"
+	bash scripts/install_browser.sh
+
+demo: setup
+	alignforge demo
+
+test: setup-test
+	$(PY) -m pytest -q

@@ -1,0 +1,85 @@
+"""The ``alignforge`` command line: one subcommand per stage.
+
+    alignforge train examples/sft_default.yaml learning_rate=1e-4
+    alignforge merge runs/sft/final --output runs/sft-merged
+    alignforge generate runs/sft-merged --prompt "Extract the entities: ..."
+
+Heavy libraries (torch, transformers, the web stack) are imported inside the commands so
+that ``alignforge --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="alignforge",
+    help="From raw documents to a small, fast model aligned to your task.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# (module, attribute, name, help) of sub-command groups living next to their code.
+_SUBAPPS = [
+    ("alignforge.datagen.cli", "app", "data", "Chunk documents, generate instructions, sample diverse subsets and preference completions, split and check leaks."),
+    ("alignforge.annotate.cli", "app", "annotate", "Annotation web app, AI judge and blind tests."),
+]
+# (module, attribute, name) of single commands living next to their code.
+_COMMANDS = [
+    ("alignforge.evaluate.cli", "eval_command", "eval"),
+    ("alignforge.evaluate.cli", "report_command", "report"),
+    ("alignforge.workflow", "iterate_command", "iterate"),
+    ("alignforge.workflow", "demo_command", "demo"),
+]
+
+
+def _register() -> None:
+    for module, attr, name, help_ in _SUBAPPS:
+        try:
+            sub = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            continue
+        app.add_typer(sub, name=name, help=help_)
+    for module, attr, name in _COMMANDS:
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            continue
+        app.command(name)(fn)
+
+
+@app.callback()
+def _root() -> None:
+    """From raw documents to a small, fast model aligned to your task."""
+
+
+@app.command()
+def train(
+    config: str = typer.Argument(..., help="YAML config; its `stage:` picks the recipe (sft, rm, dpo, spin, ppo)."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. learning_rate=1e-4 lora_rank=8."),
+) -> None:
+    """Train with a recipe chosen by the config's `stage:`."""
+    from alignforge.recipes import run_stage
+
+    run_stage(config, overrides or [])
+
+
+_register()
+
+
+def main() -> None:
+    from alignforge.config import ConfigError
+
+    try:
+        app()
+    except ConfigError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""YAML configs with ``key=value`` overrides, validated by pydantic.
+
+    cfg = load_config(SFTConfig, "examples/sft.yaml", ["learning_rate=1e-4", "lora_rank=8"])
+
+Overrides use dotted keys for nested mappings (``optim.betas=[0.9,0.95]``) and are parsed as
+YAML scalars, so ``true``, ``3``, ``1e-4`` and ``[a, b]`` get their natural types.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+T = TypeVar("T", bound="StrictModel")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range; the message names the field."""
+
+
+class StrictModel(BaseModel):
+    """Base of every config: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=x"]`` into ``{"a": {"b": 1}, "c": "x"}``."""
+    out: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def format_validation_error(cls: type[BaseModel], err: ValidationError, source: str = "") -> str:
+    """One line per problem, naming the field, the bad value and what is allowed."""
+    lines = []
+    fields = cls.model_fields
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            close = _close_matches(str(e["loc"][-1]), list(fields))
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            msg = f"unknown key{hint}; allowed keys: {', '.join(sorted(fields))}"
+        elif "input" in e and e["type"] != "missing":
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {loc}: {msg}")
+    where = f" in {source}" if source else ""
+    return f"invalid {cls.__name__}{where}:\n" + "\n".join(lines)
+
+
+def _close_matches(word: str, options: list[str]) -> list[str]:
+    import difflib
+
+    return difflib.get_close_matches(word, options, n=3, cutoff=0.6)
+
+
+def build_config(cls: type[T], data: dict[str, Any], source: str = "") -> T:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(cls, e, source)) from None
+
+
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None
+) -> T:
+    data = read_yaml(path) if path else {}
+    data = deep_merge(data, parse_overrides(overrides))
+    return build_config(cls, data, str(path or ""))
+
+
+def save_config(cfg: BaseModel, path: str | Path) -> None:
+    """Write the resolved config (every default made explicit) as YAML."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(cfg.model_dump_json())
+    path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -25,7 +25,12 @@ app = typer.Typer(
 
 # (module, attribute, name, help) of sub-command groups living next to their code.
 _SUBAPPS = [
-    ("alignforge.datagen.cli", "app", "data", "Chunk documents, generate instructions, sample diverse subsets and preference completions, split and check leaks."),
+    (
+        "alignforge.datagen.cli",
+        "app",
+        "data",
+        "Chunk documents, generate instructions, sample diverse subsets and preference completions, split and check leaks.",
+    ),
     ("alignforge.annotate.cli", "app", "annotate", "Annotation web app, AI judge and blind tests."),
 ]
 # (module, attribute, name) of single commands living next to their code.
@@ -59,8 +64,12 @@ def _root() -> None:
 
 @app.command()
 def train(
-    config: str = typer.Argument(..., help="YAML config; its `stage:` picks the recipe (sft, rm, dpo, spin, ppo)."),
-    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. learning_rate=1e-4 lora_rank=8."),
+    config: str = typer.Argument(
+        ..., help="YAML config; its `stage:` picks the recipe (sft, rm, dpo, spin, ppo)."
+    ),
+    overrides: list[str] = typer.Argument(
+        None, help="key=value overrides, e.g. learning_rate=1e-4 lora_rank=8."
+    ),
 ) -> None:
     """Train with a recipe chosen by the config's `stage:`."""
     from alignforge.recipes import run_stage

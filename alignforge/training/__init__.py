@@ -1,1 +1,17 @@
+from alignforge.training.checkpoint import CheckpointManager
+from alignforge.training.loop import (
+    NonFiniteLossError,
+    Objective,
+    TrainLoop,
+    make_accelerator,
+    write_json,
+)
 
+__all__ = [
+    "CheckpointManager",
+    "NonFiniteLossError",
+    "Objective",
+    "TrainLoop",
+    "make_accelerator",
+    "write_json",
+]

@@ -1,0 +1,137 @@
+"""Stage configs. Field names follow the ecosystem (TRL / LLaMA-Factory).
+
+Every field is documented once here: type, default, meaning. ``validate`` errors name the field
+and never rewrite a value silently.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from alignforge.config.base import StrictModel
+
+
+class ModelArgs(StrictModel):
+    model_name_or_path: str = Field(
+        "default",
+        description="`default` (embedded SmolLM2-135M-Instruct), an HF dir, a PEFT adapter dir, a .gguf file or a hub id.",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Where the converted default model and caches live (default $ALIGNFORGE_CACHE or ~/.cache/alignforge).",
+    )
+    finetuning_type: Literal["full", "lora", "qlora"] = Field(
+        "lora", description="Full fine-tuning, LoRA, or QLoRA (4-bit NF4 base via bitsandbytes)."
+    )
+    lora_rank: int = Field(16, gt=0, description="LoRA rank r.")
+    lora_alpha: int = Field(32, gt=0, description="LoRA scaling alpha (update scaled by alpha/r).")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    lora_target: str | list[str] = Field(
+        "all", description="`all` (every linear layer but the LM head) or a list of module names."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype for training."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
+
+
+class DataArgs(StrictModel):
+    dataset: str = Field(
+        ..., description="Training data: a .jsonl/.json/.parquet file, a directory, or a hub id."
+    )
+    eval_dataset: str | None = Field(
+        None, description="Held-out data; if unset, `val_size` of `dataset` is held out."
+    )
+    val_size: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Share of `dataset` held out for eval when `eval_dataset` is unset.",
+    )
+    formatting: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text"] = (
+        Field("auto", description="Row format; `auto` detects it from the columns.")
+    )
+    columns: dict[str, str] | None = Field(
+        None,
+        description="Map our column names to the dataset's, e.g. {prompt: question, completion: answer}.",
+    )
+    max_length: int = Field(1024, gt=8, description="Longest example in tokens; see `truncation`.")
+    truncation: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="What to do with longer examples: keep the first max_length tokens, or drop them. Both are counted.",
+    )
+    skip_bad_rows: bool = Field(
+        False, description="Skip (and count) malformed rows instead of failing on the first one."
+    )
+    max_samples: int | None = Field(
+        None, gt=0, description="Use only the first N rows (quick experiments)."
+    )
+
+
+class TrainArgs(StrictModel):
+    output_dir: str = Field(
+        ..., description="Run directory: config, metrics, checkpoints and the final model."
+    )
+    overwrite_output_dir: bool = Field(
+        False, description="Allow writing into a non-empty output_dir that is not a resumable run."
+    )
+    resume_from_checkpoint: str | bool = Field(
+        "auto",
+        description="`auto` resumes from the latest checkpoint in output_dir, a path resumes from it, false starts fresh.",
+    )
+    seed: int = 42
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(
+        1.0, description="Clip the global gradient norm; null disables clipping."
+    )
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    warmup_steps: int = Field(0, ge=0, description="Overrides warmup_ratio when > 0.")
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(
+        -1, description="If > 0, train this many optimizer steps (overrides num_train_epochs)."
+    )
+    per_device_train_batch_size: int = Field(4, gt=0)
+    per_device_eval_batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    logging_steps: int = Field(1, gt=0)
+    eval_steps: int | None = Field(
+        None, gt=0, description="Evaluate every N steps (and at the end) when there is eval data."
+    )
+    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps.")
+    save_total_limit: int = Field(2, gt=0, description="Keep only the last K checkpoints.")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop when eval loss has not improved for this many evals."
+    )
+    early_stopping_threshold: float = Field(0.0, ge=0)
+    report_to: (
+        list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]]
+        | Literal["none", "jsonl", "tensorboard", "wandb", "mlflow"]
+    ) = "jsonl"
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class SFTConfig(ModelArgs, DataArgs, TrainArgs):
+    """Supervised fine-tuning (`stage: sft`)."""
+
+    stage: Literal["sft"] = "sft"
+    packing: bool = Field(
+        True,
+        description="Pack several examples per row with a block-diagonal mask (no cross-contamination, no padding waste).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.finetuning_type == "full" and self.dtype == "float16":
+            raise ValueError(
+                "dtype: float16 full fine-tuning is unstable without loss scaling; use float32 or bfloat16"
+            )
+        return self

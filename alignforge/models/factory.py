@@ -1,0 +1,185 @@
+"""Build the models the recipes train: full, LoRA or QLoRA; merge adapters; fingerprint checkpoints.
+
+    model, tok = load_model_and_tokenizer("default")
+    model = wrap_lora(model, rank=16, alpha=32, dropout=0.05, target="all")
+    merged = merge_adapter("runs/sft/final", "runs/sft-merged")
+
+With LoRA the reference policy is the same model with the adapter disabled
+(``with disabled_adapter(model): ...``), so no second copy is held in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from alignforge.models.loading import (
+    ModelLoadError,
+    adapter_base,
+    is_adapter_dir,
+    resolve_model_path,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(name_or_path: str, cache: str | None = None):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path, cache)
+    if is_adapter_dir(path):
+        tok_src = path if (Path(path) / "tokenizer_config.json").exists() else adapter_base(path)
+        path = resolve_model_path(tok_src, cache)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - re-raised with what was tried
+        raise ModelLoadError(f"tokenizer for {name_or_path!r}: tried {path!r}: {e}") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _from_pretrained(path: str, dtype: torch.dtype, quantization_config=None, attn: str = "sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype, "attn_implementation": attn}
+    if quantization_config is not None:
+        kwargs.update(
+            quantization_config=quantization_config,
+            device_map="cpu" if not torch.cuda.is_available() else None,
+        )
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"model {path!r}: from_pretrained failed: {e}") from e
+
+
+def qlora_config(compute_dtype: torch.dtype = torch.float32):
+    """4-bit NF4 with double quantisation (Dettmers et al. 2023); bitsandbytes runs it on CPU too."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:
+        raise ModelLoadError(
+            "finetuning_type=qlora needs bitsandbytes: pip install 'alignforge[qlora]'"
+        ) from e
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str = "float32",
+    quantize_4bit: bool = False,
+    adapter_trainable: bool = False,
+    cache: str | None = None,
+):
+    """Load a causal LM. An adapter directory loads its base and applies the adapter on top."""
+    path = resolve_model_path(name_or_path, cache)
+    torch_dtype = DTYPES[dtype]
+    qcfg = qlora_config(torch_dtype) if quantize_4bit else None
+    if is_adapter_dir(path):
+        from peft import PeftModel
+
+        base = _from_pretrained(resolve_model_path(adapter_base(path), cache), torch_dtype, qcfg)
+        return PeftModel.from_pretrained(base, path, is_trainable=adapter_trainable)
+    return _from_pretrained(path, torch_dtype, qcfg)
+
+
+def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", cache: str | None = None):
+    return load_model(name_or_path, dtype=dtype, cache=cache), load_tokenizer(name_or_path, cache)
+
+
+def wrap_lora(
+    model,
+    rank: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.05,
+    target: str | list[str] = "all",
+    quantized: bool = False,
+    gradient_checkpointing: bool = False,
+    adapter_name: str = "default",
+):
+    """Add a trainable LoRA adapter (Hu et al. 2021); ``target="all"`` means every linear layer but the head."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing
+        )
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules="all-linear" if target == "all" else list(target),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, cfg, adapter_name=adapter_name)
+
+
+@contextlib.contextmanager
+def disabled_adapter(model):
+    """Run a PEFT model as its frozen base (the reference policy); a no-op for plain models."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+def merge_adapter(
+    adapter_dir: str, output_dir: str, dtype: str = "float32", cache: str | None = None
+) -> Path:
+    """Merge a LoRA adapter into its full-precision base and save a plain HF model + tokenizer."""
+    if not is_adapter_dir(adapter_dir):
+        raise ModelLoadError(
+            f"merge: {adapter_dir} is not a PEFT adapter directory (no adapter_config.json)"
+        )
+    model = load_model(adapter_dir, dtype=dtype, cache=cache)
+    merged = model.merge_and_unload()
+    out = Path(output_dir)
+    merged.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(adapter_dir, cache).save_pretrained(out)
+    (out / "alignforge_merge.json").write_text(
+        json.dumps({"adapter": str(adapter_dir), "base": adapter_base(adapter_dir), "dtype": dtype})
+    )
+    return out
+
+
+def fingerprint(path: str | Path) -> str:
+    """A short, stable identity of a checkpoint directory: hashes of its weight and config files.
+
+    Large weight files are hashed by size plus their first and last MiB, which changes with any
+    real retraining while staying fast on multi-GB checkpoints.
+    """
+    p = Path(path)
+    h = hashlib.sha256()
+    names = (
+        sorted(
+            f
+            for f in p.iterdir()
+            if f.suffix in {".safetensors", ".bin", ".json"} and f.name != "alignforge_source.json"
+        )
+        if p.is_dir()
+        else []
+    )
+    if not names:
+        h.update(str(path).encode())
+    for f in names:
+        h.update(f.name.encode())
+        size = f.stat().st_size
+        h.update(str(size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read())
+    return h.hexdigest()[:16]

@@ -1,0 +1,99 @@
+"""Pieces every recipe shares: data loading with held-out splits, model building, final save."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from alignforge.data import read_rows
+from alignforge.models import load_model, wrap_lora
+
+
+def load_splits(
+    dataset: str, eval_dataset: str | None, val_size: float, seed: int, max_samples: int | None
+):
+    """Training rows and eval rows; without an eval dataset, hold out ``val_size`` of the rows."""
+    rows = read_rows(dataset)
+    if max_samples:
+        rows = rows[:max_samples]
+    if eval_dataset:
+        return rows, read_rows(eval_dataset, split="validation")
+    if val_size > 0:
+        idx = list(range(len(rows)))
+        random.Random(seed).shuffle(idx)
+        n_eval = max(1, int(round(len(rows) * val_size)))
+        held = set(idx[:n_eval])
+        return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+    return rows, []
+
+
+def build_trainable_model(cfg):
+    """Load ``cfg.model_name_or_path`` and make it trainable as ``cfg.finetuning_type`` says."""
+    quant = cfg.finetuning_type == "qlora"
+    model = load_model(
+        cfg.model_name_or_path,
+        dtype=cfg.dtype,
+        quantize_4bit=quant,
+        adapter_trainable=True,
+        cache=cfg.cache_dir,
+    )
+    if hasattr(model, "peft_config"):  # continuing an adapter: it is already trainable
+        return model
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.finetuning_type in ("lora", "qlora"):
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = wrap_lora(
+            model,
+            cfg.lora_rank,
+            cfg.lora_alpha,
+            cfg.lora_dropout,
+            cfg.lora_target,
+            quantized=quant,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+        )
+    return model
+
+
+def save_final(model, tokenizer, out_dir: Path, acc) -> Path:
+    """Save the trained model (a PEFT adapter dir or a full HF model) with its tokenizer."""
+    final = out_dir / "final"
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        acc.unwrap_model(model).save_pretrained(final, safe_serialization=True)
+        tokenizer.save_pretrained(final)
+    acc.wait_for_everyone()
+    return final
+
+
+def trainable_params(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return train, total
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.time()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.time() - self.start
+
+
+def write_summary(out_dir: Path, summary: dict) -> None:
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

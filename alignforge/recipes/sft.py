@@ -1,0 +1,152 @@
+"""Supervised fine-tuning (``stage: sft``): full, LoRA or QLoRA, with packing.
+
+    alignforge train examples/sft_default.yaml
+    alignforge train examples/sft_default.yaml finetuning_type=qlora max_steps=20
+
+Recipe, top to bottom: check the run dir, tokenize the data with loss masks (counting what was
+truncated or dropped), pack it, build the model, train on the shared loop, save the model, the
+metrics, a loss curve and a summary.
+
+Loss: token-mean cross-entropy over the completion tokens of the whole global batch. Only the
+positions whose next token is a label go through the LM head, which skips the prompt tokens'
+share of the (large) vocabulary projection.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from alignforge.config.stages import SFTConfig
+from alignforge.data import IGNORE, collate_packed, collate_padded, pack, prepare_sft
+from alignforge.models import load_tokenizer
+from alignforge.recipes.common import (
+    Timer,
+    build_trainable_model,
+    load_splits,
+    peak_memory_mb,
+    save_final,
+    trainable_params,
+    write_summary,
+)
+from alignforge.training import TrainLoop, make_accelerator
+from alignforge.training.plots import plot_loss_curve
+from alignforge.training.rundir import prepare_output_dir
+
+CONFIG = SFTConfig
+
+
+class CausalLMObjective:
+    """Summed next-token cross-entropy over label tokens; ``count`` is the number of label tokens."""
+
+    def count(self, batch: dict) -> float:
+        return float((batch["labels"][:, 1:] != IGNORE).sum())
+
+    def tokens(self, batch: dict) -> int:
+        if "position_ids" in batch:  # packed: padding sits where the row's segments end
+            return int((batch["labels"] != IGNORE).sum() + (batch["position_ids"] == 0).sum())
+        return int(batch["attention_mask"].sum())
+
+    def __call__(self, model, batch: dict):
+        target = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+        keep = (target != IGNORE).any(0).nonzero().squeeze(1)  # positions some row learns from
+        kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+        logits = model(
+            input_ids=batch["input_ids"], logits_to_keep=keep, use_cache=False, **kwargs
+        ).logits
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            target[:, keep].flatten(),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
+        return loss, {}
+
+
+def make_units(examples, cfg, pad_id):
+    """Training units and their collate function: packed rows, or single examples padded per batch."""
+    if cfg.packing:
+        rows = [[examples[i] for i in row] for row in pack(examples, cfg.max_length)]
+        return rows, lambda batch: collate_packed(batch, pad_id)
+    return examples, lambda batch: collate_padded(batch, pad_id)
+
+
+def run(cfg: SFTConfig) -> dict:
+    acc = make_accelerator(cfg.seed)
+    out = prepare_output_dir(cfg) if acc.is_main_process else None
+    acc.wait_for_everyone()
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir)
+
+    train_rows, eval_rows = load_splits(
+        cfg.dataset, cfg.eval_dataset, cfg.val_size, cfg.seed, cfg.max_samples
+    )
+    prep = dict(
+        max_length=cfg.max_length,
+        truncation=cfg.truncation,
+        formatting=cfg.formatting,
+        columns=cfg.columns,
+        skip_bad_rows=cfg.skip_bad_rows,
+    )
+    train_ex, train_stats = prepare_sft(train_rows, tokenizer, source=cfg.dataset, **prep)
+    eval_ex, eval_stats = (
+        prepare_sft(eval_rows, tokenizer, source=cfg.eval_dataset or "held-out split", **prep)
+        if eval_rows
+        else ([], None)
+    )
+    train_units, collate = make_units(train_ex, cfg, tokenizer.pad_token_id)
+    eval_units, _ = make_units(eval_ex, cfg, tokenizer.pad_token_id) if eval_ex else ([], None)
+
+    model = build_trainable_model(cfg)
+    n_train, n_total = trainable_params(model)
+    loop = TrainLoop(
+        model,
+        CausalLMObjective(),
+        train_units,
+        collate,
+        cfg,
+        eval_units=eval_units,
+        accelerator=acc,
+    )
+    with Timer() as t:
+        result = loop.fit()
+    final = save_final(loop.model, tokenizer, loop.out, acc)
+
+    summary = {
+        "stage": "sft",
+        "model": cfg.model_name_or_path,
+        "finetuning_type": cfg.finetuning_type,
+        "trainable_params": n_train,
+        "total_params": n_total,
+        "final_model": str(final),
+        "data": train_stats.as_dict(),
+        "eval_data": eval_stats.as_dict() if eval_stats else None,
+        "packing": cfg.packing,
+        "train_units": len(train_units),
+        **result,
+        "seconds": t.seconds,
+        "tokens_per_s": result["tokens_trained"] / max(result["train_seconds"], 1e-9),
+        "peak_memory_mb": peak_memory_mb(),
+    }
+    if acc.is_main_process:
+        plot_loss_curve(
+            loop.logger.rows(), loop.out / "loss_curve.png", title=f"SFT {cfg.model_name_or_path}"
+        )
+        write_summary(loop.out, summary)
+        print_summary(summary)
+    loop.logger.close()
+    return summary
+
+
+def print_summary(s: dict) -> None:
+    d = s["data"]
+    lines = [
+        f"SFT finished in {s['seconds']:.0f}s: {s['steps']}/{s['total_steps']} steps"
+        + (" (stopped early)" if s["stopped_early"] else ""),
+        f"  examples: {d['used']} used of {d['rows']} rows; {d['truncated']} truncated, "
+        f"{d['dropped_too_long']} dropped too long, {d['dropped_no_labels']} dropped without labels, {d['bad_rows']} bad rows skipped",
+        f"  tokens trained: {s['tokens_trained']} ({s['tokens_per_s']:.0f} tokens/s)",
+        f"  trainable parameters: {s['trainable_params']:,} of {s['total_params']:,}",
+    ]
+    if s.get("final_eval"):
+        lines.append(f"  eval loss: {s['final_eval']['loss']:.4f} (best {s['best_eval_loss']:.4f})")
+    lines.append(f"  model: {s['final_model']}")
+    print("\n".join(lines))

@@ -77,6 +77,57 @@ def train(
     run_stage(config, overrides or [])
 
 
+@app.command()
+def merge(
+    adapter: str = typer.Argument(..., help="A PEFT adapter directory (e.g. runs/sft/final)."),
+    output: str = typer.Option(
+        ..., "--output", "-o", help="Where to write the merged full-precision HF model."
+    ),
+    dtype: str = typer.Option(
+        "float32", help="Precision of the merged weights: float32, bfloat16 or float16."
+    ),
+) -> None:
+    """Merge a LoRA adapter into its base and save a plain HF model (loads in transformers and vLLM)."""
+    from alignforge.models import merge_adapter
+
+    path = merge_adapter(adapter, output, dtype=dtype)
+    typer.echo(f"merged model written to {path}")
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(
+        ..., help="`default`, an HF model dir, an adapter dir, a .gguf file or a hub id."
+    ),
+    prompt: list[str] = typer.Option(
+        None,
+        "--prompt",
+        "-p",
+        help="A prompt (repeatable). Without prompts or --input, starts an interactive chat.",
+    ),
+    input: str = typer.Option(
+        None,
+        "--input",
+        "-i",
+        help="Batch mode: a JSONL/JSON file with `prompt` or `messages` per row.",
+    ),
+    output: str = typer.Option(
+        None, "--output", "-o", help="Batch mode: JSONL file to write (default: stdout)."
+    ),
+    max_new_tokens: int = typer.Option(256, help="Tokens to generate per answer."),
+    temperature: float = typer.Option(0.0, help="0 means greedy decoding."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
+    system: str = typer.Option(None, help="Optional system message."),
+    batch_size: int = typer.Option(8, help="Prompts generated together in batch mode."),
+) -> None:
+    """Chat with, or batch-generate from, a model or adapter."""
+    from alignforge.generate import run_generate
+
+    run_generate(
+        model, prompt or [], input, output, max_new_tokens, temperature, top_p, system, batch_size
+    )
+
+
 _register()
 
 

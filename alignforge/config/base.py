@@ -42,6 +42,8 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str):
+            value = _as_number(value)
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -50,6 +52,14 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
                 raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
         node[parts[-1]] = value
     return out
+
+
+def _as_number(text: str):
+    """YAML 1.1 reads ``1e-4`` as a string; numbers written that way are meant as floats."""
+    try:
+        return float(text) if any(c in text for c in "eE.") else int(text)
+    except ValueError:
+        return text
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

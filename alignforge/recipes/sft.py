@@ -70,9 +70,10 @@ def make_units(examples, cfg, pad_id):
     return examples, lambda batch: collate_padded(batch, pad_id)
 
 
-def run(cfg: SFTConfig) -> dict:
+def run(cfg: SFTConfig, callbacks=()) -> dict:
     acc = make_accelerator(cfg.seed)
-    out = prepare_output_dir(cfg) if acc.is_main_process else None
+    if acc.is_main_process:
+        prepare_output_dir(cfg)
     acc.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir)
 
@@ -105,6 +106,7 @@ def run(cfg: SFTConfig) -> dict:
         cfg,
         eval_units=eval_units,
         accelerator=acc,
+        callbacks=callbacks,
     )
     with Timer() as t:
         result = loop.fit()

@@ -94,7 +94,9 @@ class TrainLoop:
         )
         warm = warmup_steps(self.total_steps, args.warmup_steps, args.warmup_ratio)
         scheduler = build_scheduler(optimizer, args.lr_scheduler_type, warm, self.total_steps)
-        self.model, self.optimizer, self.scheduler = self.acc.prepare(model, optimizer, scheduler)
+        # the scheduler stays unwrapped: accelerate's wrapper steps it once per process
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.scheduler = scheduler
 
     # -- data order: a fixed permutation per epoch, so resuming replays the same batches --
     def step_batches(self, step: int) -> list[dict]:

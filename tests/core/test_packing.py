@@ -1,0 +1,62 @@
+import torch
+from transformers import AutoModelForCausalLM
+
+from alignforge.data import Tokenized, collate_packed, collate_padded, pack
+from alignforge.data.templating import IGNORE
+
+
+def examples(lengths, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        out.append(Tokenized(ids, [IGNORE] * 2 + ids[2:]))
+    return out
+
+
+def test_pack_places_every_example_once_within_budget():
+    ex = examples([5, 9, 3, 12, 7, 1, 16], 50)
+    rows = pack(ex, 16)
+    flat = sorted(i for row in rows for i in row)
+    assert flat == list(range(len(ex)))
+    assert all(sum(len(ex[i]) for i in row) <= 16 for row in rows)
+    assert len(rows) == 4  # 53 tokens need at least 4 rows of 16
+
+
+def test_packed_logits_equal_each_example_alone(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    ex = examples([7, 11, 4], model.config.vocab_size)
+    batch = collate_packed([ex[:2], ex[2:]], pad_id=0)  # two rows: [7+11], [4 + padding]
+    with torch.no_grad():
+        packed = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+        ).logits
+        alone = [model(input_ids=torch.tensor([e.input_ids])).logits[0] for e in ex]
+    torch.testing.assert_close(packed[0, :7], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[0, 7:18], alone[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[1, :4], alone[2], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(packed).all()  # padding rows stay finite
+
+
+def test_position_ids_alone_do_not_isolate_examples(tiny_model_dir):
+    """Why the 4-D mask exists: with SDPA, restarting position_ids leaks attention across examples."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    ex = examples([7, 11], model.config.vocab_size)
+    batch = collate_packed([ex], pad_id=0)
+    with torch.no_grad():
+        leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        alone = model(input_ids=torch.tensor([ex[1].input_ids])).logits[0]
+    assert (leaky[0, 7:18] - alone).abs().max() > 1e-3
+
+
+def test_packed_labels_never_cross_a_boundary():
+    ex = examples([4, 4], 50)
+    ex = [Tokenized(e.input_ids, list(e.input_ids)) for e in ex]  # every token a label
+    batch = collate_packed([ex], pad_id=0)
+    assert (
+        batch["labels"][0, 0] == IGNORE and batch["labels"][0, 4] == IGNORE
+    )  # first token of each
+    padded = collate_padded(ex, pad_id=0)
+    assert (padded["labels"][:, 0] == IGNORE).all()

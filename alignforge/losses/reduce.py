@@ -41,7 +41,9 @@ def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return selected.sum() if dim is None else selected.sum(dim)
 
 
-def masked_count(mask: Tensor, dim: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+def masked_count(
+    mask: Tensor, dim: int | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """Number of elements where ``mask`` is set (as ``dtype``), over ``dim`` or everything."""
     m = mask.bool().to(dtype)
     return m.sum() if dim is None else m.sum(dim)

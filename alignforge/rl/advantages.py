@@ -157,9 +157,7 @@ def _group_estimator(fn: Callable[[Tensor, int], Tensor], name: str):
         if group_size is None:
             raise ValueError(f"advantage estimator {name!r} needs group_size")
         scores = masked_sum(token_rewards.float(), mask, dim=-1)
-        return AdvantageOutput(
-            _broadcast(fn(scores, group_size), mask), _broadcast(scores, mask)
-        )
+        return AdvantageOutput(_broadcast(fn(scores, group_size), mask), _broadcast(scores, mask))
 
     estimator.__doc__ = f"Sequence-level {name} advantage broadcast to every valid token."
     return estimator

@@ -144,7 +144,9 @@ class RewardDriftMonitor:
         if not 0.0 <= low_q < high_q <= 1.0:
             raise ValueError(f"need 0 <= low_q < high_q <= 1; got low_q={low_q}, high_q={high_q}")
         if window < 1 or min_samples < 1 or n_bins < 2:
-            raise ValueError(f"window={window}, min_samples={min_samples} >= 1, n_bins={n_bins} >= 2")
+            raise ValueError(
+                f"window={window}, min_samples={min_samples} >= 1, n_bins={n_bins} >= 2"
+            )
         self.reference = np.sort(reference)
         self.low, self.high = np.quantile(self.reference, [low_q, high_q])
         self.edges = psi_bin_edges(self.reference, n_bins)

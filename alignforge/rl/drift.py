@@ -8,7 +8,7 @@ scores on its own evaluation data, using three signals:
 
 * **outlier share**: fraction of window scores below the reference's ``low_q`` quantile or above
   its ``high_q`` quantile. Without drift it is about ``low_q + (1 - high_q)`` (0.02 by default).
-* **PSI** (population stability index, Karakoulas 2004; Yurdakul 2018): with bins cut at the
+* **PSI** (population stability index; Siddiqi 2006, Yurdakul 2018): with bins cut at the
   reference's quantiles (``n_bins`` equal-mass bins), ``e_i`` the reference share and ``a_i``
   the window share of bin ``i``, ``PSI = sum_i (a_i - e_i) ln(a_i / e_i)`` (shares floored at
   ``1e-4`` so an empty bin stays finite). Rule of thumb: < 0.1 stable, 0.1-0.25 moderate shift,

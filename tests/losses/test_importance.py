@@ -162,3 +162,12 @@ def test_huge_sequence_ratio_stays_finite():
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         _iw(**kw)
+
+
+def test_sequence_and_geometric_none():
+    g0, g1 = GEO
+    out = _iw(level="sequence", mode="none")
+    _close(out.weights, [[1.5, 1.5, 1.5, 0.0], [0.75, 0.75, 0.0, 0.0]])
+    out = _iw(level="geometric", mode="none")
+    _close(out.weights, [[g0, g0, g0, 0.0], [g1, g1, 0.0, 0.0]])
+    assert torch.equal(out.mask, MASK)

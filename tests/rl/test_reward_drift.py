@@ -112,3 +112,12 @@ def test_decide(rng):
     assert decide(loud, DriftAction.WARN) is DriftAction.WARN
     with pytest.raises(ValueError, match="warn, restore, stop"):
         decide(loud, "panic")
+
+
+def test_outlier_share_matches_the_quantiles_without_drift(rng):
+    monitor = RewardDriftMonitor(
+        rng.normal(0, 1, 20_000), window=20_000, low_q=0.05, high_q=0.9, max_outlier_frac=0.2
+    )
+    report = monitor.update(rng.normal(0, 1, 20_000))
+    assert report.outlier_frac == pytest.approx(0.05 + 0.1, abs=0.01)
+    assert not report.breached

@@ -9,10 +9,11 @@ One record per item: ``prompt`` (the string, or the chat messages), ``chosen``, 
 (strings, or ``[{"role": "assistant", ...}]`` when the prompt is a chat, which is TRL's
 conversational format), ``margin`` = |mean summed aspect score|, ``aspect_scores`` (oriented so
 that positive favours ``chosen``), ``annotators``, ``agreement`` (share of raters on the
-majority side), ``prompt_id``, ``doc_id``, ``split``, ``policy``, ``pair_id``.
+largest side), ``prompt_id``, ``doc_id``, ``split``, ``policy``, ``pair_id``.
 
-Several raters on one item are combined as follows. ``agreement`` is the share of raters whose
-overall preference (sign of the summed aspects) equals the majority's. With
+Several raters on one item are combined as follows. ``agreement`` is the share of raters on the
+largest side of the overall preference (sign of the summed aspects: a, tie or b); a 1-1 split
+between a and b has no majority and counts as a tie. With
 ``low_agreement="drop"`` an item whose agreement is below ``min_agreement`` is dropped. With
 ``low_agreement="majority"`` only the majority's judgements are kept, whatever the agreement.
 The remaining judgements are averaged. Ties are then handled by ``ties``: ``drop``;
@@ -59,7 +60,7 @@ def aggregate(js: list[Judgement], low_agreement: str, min_agreement: float) -> 
     top = max(counts.values())
     leaders = [s for s, c in counts.items() if c == top]
     majority = leaders[0] if len(leaders) == 1 else 0
-    agreement = counts.get(majority, 0) / len(js)
+    agreement = top / len(js)
     if low_agreement == "drop" and agreement < min_agreement:
         return None
     if low_agreement == "majority" and counts.get(majority, 0) > 0:

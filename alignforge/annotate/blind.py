@@ -110,10 +110,13 @@ def blind_report(store, annotators: str = "humans", n_boot: int = 2000, seed: in
 
 def format_report(r: BlindReport) -> str:
     w = r.result
-    return (
-        f"{r.system_a} vs {r.system_b}: {r.n_items} items, {r.n_judgements} judgements\n"
-        f"  {r.system_a} preferred : {w.win.fmt(pct=True)}\n"
-        f"  no preference       : {w.tie.fmt(pct=True)}\n"
-        f"  {r.system_b} preferred : {w.loss.fmt(pct=True)}\n"
-        f"  win rate (tie = 1/2): {w.win_rate.fmt(pct=True)}"
-    )
+    rows = [
+        (f"{r.system_a} preferred", w.win),
+        ("no preference", w.tie),
+        (f"{r.system_b} preferred", w.loss),
+        ("win rate (tie = 1/2)", w.win_rate),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{r.system_a} vs {r.system_b}: {r.n_items} items, {r.n_judgements} judgements"]
+    lines += [f"  {k:<{width}} : {e.fmt(pct=True)}" for k, e in rows]
+    return "\n".join(lines)

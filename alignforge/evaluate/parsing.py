@@ -6,9 +6,9 @@
 Tried in order, first success wins:
 1. the body of the first fenced code block (```json ... ``` or ``` ... ```), else the whole text;
 2. ``json.loads`` of it;
-3. ``raw_decode`` from each ``{`` / ``[`` in turn (so leading chatter and trailing text are ignored);
-4. the same after repairs: trailing commas removed, Python literals (single quotes,
-   ``True``/``None``) read with ``ast.literal_eval``.
+3. from each ``{`` / ``[`` in turn (so leading chatter and trailing text are ignored):
+   ``raw_decode``, else the bracketed span after repairs: trailing commas removed, Python
+   literals (single quotes, ``True``/``None``) read with ``ast.literal_eval``.
 Never raises: junk gives ``ParseResult(None, "<why>")``.
 """
 
@@ -51,15 +51,13 @@ def _decode(text: str) -> Any:
         pass
     decoder = json.JSONDecoder()
     starts = [i for i, ch in enumerate(text) if ch in "{["][:_MAX_STARTS]
-    for i in starts:
+    for i in starts:  # outermost first: a repaired outer object beats a clean inner one
         try:
             return decoder.raw_decode(text, i)[0]
         except ValueError:
-            pass
-    for i in starts:
-        value = _repair(text[i:])
-        if value is not None:
-            return value
+            value = _repair(text[i:])
+            if value is not None:
+                return value
     return None
 
 

@@ -116,8 +116,7 @@ class TransformersGenerator:
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token_id is None:
+        if self.tokenizer.pad_token_id is None:  # padding needs one; eos is masked out anyway
             self.tokenizer.pad_token = self.tokenizer.eos_token
         eos = model.generation_config.eos_token_id
         eos = eos if eos is not None else tokenizer.eos_token_id
@@ -140,7 +139,9 @@ class TransformersGenerator:
         import torch
 
         texts = [render_chat(self.tokenizer, m) for m in batch]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = self.tokenizer(
+            texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+        )
         enc = enc.to(self.model.device)
         clock = _FirstTokenClock()
         start = time.perf_counter()

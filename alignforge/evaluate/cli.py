@@ -95,9 +95,9 @@ def eval_command(
 ) -> None:
     """Score one or more systems on a task's test split, with bootstrap CIs, latency and failures.
 
-    Systems are a local model (+ adapter), an OpenAI-compatible endpoint, or several of either
-    compared in one table (--system repeated or --systems YAML). Generations are cached in
-    OUTPUT_DIR/<system>/generations.jsonl, so re-running resumes.
+    Systems are a local model (+ adapter), an OpenAI-compatible endpoint, or several of either compared in one table (--system repeated or --systems YAML).
+
+    Writes OUTPUT_DIR/results.json, results.md and failures.jsonl. Generations are cached in OUTPUT_DIR/<system>/generations.jsonl, so re-running resumes.
     """
     from alignforge.config import ConfigError
     from alignforge.evaluate.runner import (
@@ -165,9 +165,7 @@ def report_command(
 ) -> None:
     """Build a self-contained HTML report (plots embedded, no external assets) of a run.
 
-    Shows training curves, reward distributions and drift per round, off-policy diagnostics,
-    annotator agreement, blind-test win rates and eval metrics per round: each section only
-    when its files exist.
+    Shows training curves, reward distributions and drift per round, off-policy diagnostics, annotator agreement, blind-test win rates and eval metrics per round; each section appears only when its files exist.
     """
     from alignforge.config import ConfigError
     from alignforge.evaluate.report import build_report

@@ -162,3 +162,47 @@ def test_read_rows_formats_and_errors(tmp_path):
             '{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n'
         )
         load_examples(task, tmp_path / "bad2.jsonl")
+
+
+def test_endpoint_errors_are_clear(fake_server):
+    from alignforge.evaluate.generation import EndpointError
+
+    with fake_server({}) as srv:
+        gen = OpenAIGenerator(srv.url + "/nope", model="m", retries=0)
+        with pytest.raises(EndpointError, match=r"/nope/chat/completions: HTTP 404"):
+            gen.generate([[{"role": "user", "content": "hi"}]])
+        port = srv.httpd.server_address[1]
+    gen = OpenAIGenerator(f"http://127.0.0.1:{port}/v1", model="m", retries=1)
+    with pytest.raises(EndpointError, match="failed after 2 attempts: ConnectError"):
+        gen.generate([[{"role": "user", "content": "hi"}]])
+
+
+class _ScriptedGenerator:
+    """Answers gold JSON; raises once ``fail_after`` items were produced (an interrupted run)."""
+
+    batch_size = 2
+
+    def __init__(self, answers, fail_after=None):
+        self.answers, self.fail_after, self.calls = answers, fail_after, []
+
+    def generate(self, batch):
+        from alignforge.evaluate.generation import Generation
+
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt
+        self.calls += [m[-1]["content"] for m in batch]
+        return [Generation(self.answers[m[-1]["content"]], 0.01, 5, 0.02) for m in batch]
+
+
+def test_interrupted_eval_resumes_from_cache(tmp_path, examples):
+    task = get_task("extraction")
+    answers = {e.messages[-1]["content"]: json.dumps(e.reference) for e in examples}
+    spec = [SystemSpec(name="s", model="unused")]
+    first = _ScriptedGenerator(answers, fail_after=4)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(task, examples, spec, tmp_path, n_boot=100, generators={"s": first})
+    assert len((tmp_path / "s" / "generations.jsonl").read_text().splitlines()) == 4
+    second = _ScriptedGenerator(answers)
+    res = run_eval(task, examples, spec, tmp_path, n_boot=100, generators={"s": second})
+    assert len(second.calls) == 2  # only the two items the interrupted run had not reached
+    assert res["systems"][0]["metrics"]["f1"]["value"] == 1.0

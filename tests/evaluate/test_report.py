@@ -142,10 +142,15 @@ def _images(html: str) -> list[bytes]:
     return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', html)]
 
 
-def test_report_has_sections_and_valid_embedded_images(tmp_path):
-    run = make_run(tmp_path / "run")
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("report") / "run")
+    return run, build_report(run)
+
+
+def test_report_has_sections_and_valid_embedded_images(full_report):
+    run, path = full_report
     assert {s.round for s in scan_run(run)} == {1, 2, None}
-    path = build_report(run)
     html = path.read_text()
     for sid in ("overview", "eval", "blind", "training", "ppo", "rewards", "agreement"):
         assert f'<section id="{sid}">' in html, sid
@@ -193,7 +198,8 @@ def test_plot_loss_curve_writes_png(tmp_path):
 
 
 def test_cli_report(tmp_path):
-    run = make_run(tmp_path / "run")
+    run = tmp_path / "run"
+    _jsonl(run / "sft" / "metrics.jsonl", [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}])
     app = typer.Typer()
     app.command()(report_command)
     out = tmp_path / "r.html"
@@ -203,8 +209,8 @@ def test_cli_report(tmp_path):
 
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="chromium not installed")
-def test_report_renders_in_headless_chromium(tmp_path):
-    path = build_report(make_run(tmp_path / "run"))
+def test_report_renders_in_headless_chromium(tmp_path, full_report):
+    path = full_report[1]
     shot = tmp_path / "shot.png"
     subprocess.run(
         [

@@ -159,6 +159,8 @@ def test_reward_equals_per_item_metric(task):
         pred = out(*[(names[i], "T") for i in rng.integers(0, 5, rng.integers(0, 4))])
         one = task.evaluate([pred], [gold], n_boot=100)
         assert task.reward(pred, gold) == pytest.approx(one.metrics["f1"].value)
+    batch = [out(("Acme", "T")), "junk"]
+    assert task.rewards(batch, [ents(("Acme", "T"))] * 2) == [1.0, 0.0]
     lenient = get_task("extraction", reward_metric="lenient_f1")
     gold = ents(("Acme Corp", "ORG"))
     assert lenient.reward(out(("acme corp", "ORG")), gold) == 1.0

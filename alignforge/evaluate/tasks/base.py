@@ -164,6 +164,10 @@ class Task:
         """Per-item reward: the ``reward_metric`` value of ``score_item`` (a parse failure is 0)."""
         return float(self.score_item(prediction, reference).values[self.reward_metric])
 
+    def rewards(self, predictions: Sequence[str], references: Sequence[Any]) -> list[float]:
+        """``reward`` over a batch (e.g. a group of RL rollouts)."""
+        return [self.reward(p, r) for p, r in zip(predictions, references, strict=True)]
+
     def evaluate(
         self,
         predictions: Sequence[str],

@@ -248,7 +248,7 @@ class ExtractionTask(Task):
             row = ner_finance_row(row, index)
         ex = super().example(row, index)
         try:
-            return ex._replace(reference=to_reference(ex.reference).model_dump())
+            return ex._replace(reference=to_reference(ex.reference).model_dump(exclude_none=True))
         except (ValueError, ValidationError) as e:
             raise ValueError(f"row {index}: bad reference: {e}") from None
 

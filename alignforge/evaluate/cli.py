@@ -113,7 +113,10 @@ def eval_command(
     if systems_file:
         specs += load_systems(systems_file)
     if model:
-        default = endpoint.split("//")[-1].split("/")[0] if endpoint else Path(model).name
+        # "runs/sft/final" -> "sft-final"; an endpoint -> its served model name
+        default = (
+            model.replace("/", "-") if endpoint else "-".join(model.strip("/").split("/")[-2:])
+        )
         specs.insert(
             0,
             SystemSpec(

@@ -227,7 +227,8 @@ def plot_metric_by_round(
     fig, (ax,) = _figure(1, width=6.0)
     for i, (name, pts) in enumerate(per_system.items()):
         pts = sorted(pts, key=lambda p: p[0])
-        r = np.array([p[0] for p in pts], dtype=float)
+        # a small horizontal offset per system keeps overlapping error bars readable
+        r = np.array([p[0] for p in pts], dtype=float) + 0.04 * (i - (len(per_system) - 1) / 2)
         est = np.array([p[1] for p in pts], dtype=float).reshape(-1, 3)
         yerr = np.vstack([est[:, 0] - est[:, 1], est[:, 2] - est[:, 0]]).clip(min=0)
         ax.errorbar(

@@ -1,0 +1,269 @@
+"""Generation behind one small interface, with latency measured per item.
+
+    from alignforge.evaluate.generation import OpenAIGenerator, TransformersGenerator
+
+    gen = TransformersGenerator.from_path("runs/sft/final", adapter=None, max_new_tokens=256)
+    gen = OpenAIGenerator("http://127.0.0.1:8000/v1", model="my-model")
+    outs = gen.generate([[{"role": "user", "content": "Extract the entities: ..."}]])
+    outs[0].text, outs[0].ttft_s, outs[0].n_tokens, outs[0].seconds
+
+Both are greedy (temperature 0). Time to first token (TTFT) is measured with a first-token
+callback (a transformers streamer; for a batch, the time until the batch's first new token) and,
+for endpoints, from the first content chunk of the streamed (SSE) response.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    ttft_s: float | None  # seconds until the first generated token; None if nothing came
+    n_tokens: int  # generated tokens (the endpoint's count when it reports usage)
+    seconds: float  # wall time of the request (for a batch: of the whole batch)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Generator(Protocol):
+    """Anything that turns chat conversations into completions."""
+
+    batch_size: int
+
+    def generate(self, batch: Sequence[Messages]) -> list[Generation]: ...
+
+
+# ---- local transformers models -------------------------------------------------------------
+
+
+def _load(path: str, adapter: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from a HF model dir, an adapter dir, or a base dir plus an adapter.
+
+    A LoRA adapter is merged into the base weights: same outputs, faster greedy decoding.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = Path(path)
+    if not base.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if adapter is None and (base / "adapter_config.json").exists():
+        adapter = str(base)
+        cfg = json.loads((base / "adapter_config.json").read_text())
+        path = cfg.get("base_model_name_or_path") or ""
+        if not path or not Path(path).exists():
+            raise FileNotFoundError(
+                f"{adapter} is an adapter whose base model {path!r} is not on disk; "
+                "pass the base model path and --adapter"
+            )
+    tok_dir = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else path
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if cuda else torch.float32)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model.to("cuda" if cuda else "cpu").eval()
+    return model, tokenizer
+
+
+def render_chat(tokenizer: Any, messages: Messages) -> str:
+    """The prompt text: the tokenizer's chat template, or a plain ``role: content`` fallback."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    body = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return body + "assistant:"
+
+
+class _FirstTokenClock:
+    """Streamer that notes when ``generate`` emits its first new token (first put = prompt)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.first: float | None = None
+
+    def put(self, value: Any) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+class TransformersGenerator:
+    """Greedy, left-padded batched generation with an in-process transformers model."""
+
+    def __init__(
+        self, model: Any, tokenizer: Any, max_new_tokens: int = 256, batch_size: int = 8
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        if self.tokenizer.pad_token_id is None:  # padding needs one; eos is masked out anyway
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        eos = model.generation_config.eos_token_id
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+
+    @classmethod
+    def from_path(
+        cls, path: str, adapter: str | None = None, **kwargs: Any
+    ) -> TransformersGenerator:
+        model, tokenizer = _load(path, adapter)
+        return cls(model, tokenizer, **kwargs)
+
+    def generate(self, batch: Sequence[Messages]) -> list[Generation]:
+        out: list[Generation] = []
+        for i in range(0, len(batch), self.batch_size):
+            out.extend(self._generate_batch(batch[i : i + self.batch_size]))
+        return out
+
+    def _generate_batch(self, batch: Sequence[Messages]) -> list[Generation]:
+        import torch
+
+        texts = [render_chat(self.tokenizer, m) for m in batch]
+        enc = self.tokenizer(
+            texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+        )
+        enc = enc.to(self.model.device)
+        clock = _FirstTokenClock()
+        start = time.perf_counter()
+        with torch.no_grad():
+            ids = self.model.generate(
+                **enc,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+                streamer=clock,
+            )
+        seconds = time.perf_counter() - start
+        ttft = clock.first - start if clock.first is not None else None
+        new = ids[:, enc["input_ids"].shape[1] :].tolist()
+        gens = []
+        for row in new:
+            n = next((j + 1 for j, t in enumerate(row) if t in self.eos_ids), len(row))
+            text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+            gens.append(Generation(text, ttft if n else None, n, seconds))
+        return gens
+
+
+# ---- OpenAI-compatible endpoints -----------------------------------------------------------
+
+
+class EndpointError(RuntimeError):
+    """The endpoint kept failing after retries; the message names the URL and the reason."""
+
+
+class OpenAIGenerator:
+    """Streaming ``/chat/completions`` client (OpenAI, vLLM, llama.cpp, TGI, ...).
+
+    ``base_url`` is the API root (``http://host:8000/v1``) or the full completions URL. The
+    API key comes from ``api_key`` or the environment variable ``api_key_env``.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        max_tokens: int = 512,
+        concurrency: int = 4,
+        timeout_s: float = 120.0,
+        retries: int = 3,
+    ) -> None:
+        url = base_url.rstrip("/")
+        self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
+        self.model, self.max_tokens = model, max_tokens
+        self.api_key = api_key or os.environ.get(api_key_env)
+        self.batch_size = concurrency
+        self.timeout_s, self.retries = timeout_s, retries
+        self._usage_ok = True
+
+    def generate(self, batch: Sequence[Messages]) -> list[Generation]:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        with httpx.Client(timeout=self.timeout_s, headers=headers) as client:
+            with ThreadPoolExecutor(max_workers=max(1, self.batch_size)) as pool:
+                return list(pool.map(lambda m: self._with_retries(client, m), batch))
+
+    def _with_retries(self, client: Any, messages: Messages) -> Generation:
+        import httpx
+
+        last = ""
+        for attempt in range(self.retries + 1):
+            try:
+                return self._stream(client, messages)
+            except _Retryable as e:
+                last = str(e)
+            except httpx.TransportError as e:
+                last = f"{type(e).__name__}: {e}"
+            if attempt < self.retries:
+                time.sleep(min(8.0, 0.5 * 2**attempt))
+        raise EndpointError(f"{self.url}: failed after {self.retries + 1} attempts: {last}")
+
+    def _stream(self, client: Any, messages: Messages) -> Generation:
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": self.max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+        }
+        if self._usage_ok:
+            payload["stream_options"] = {"include_usage": True}
+        parts: list[str] = []
+        chunks, usage_tokens, first = 0, None, None
+        start = time.perf_counter()
+        with client.stream("POST", self.url, json=payload) as r:
+            if r.status_code >= 400:
+                body = r.read().decode("utf-8", "replace")[:300]
+                if r.status_code == 400 and self._usage_ok and "stream_options" in body:
+                    self._usage_ok = False  # older servers reject it; count chunks instead
+                    raise _Retryable("server rejected stream_options")
+                if r.status_code == 429 or r.status_code >= 500:
+                    raise _Retryable(f"HTTP {r.status_code}: {body}")
+                raise EndpointError(f"{self.url}: HTTP {r.status_code}: {body}")
+            for line in r.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                try:
+                    obj = json.loads(data)
+                except json.JSONDecodeError:
+                    raise EndpointError(f"{self.url}: invalid SSE data {data[:120]!r}") from None
+                if obj.get("usage"):
+                    usage_tokens = obj["usage"].get("completion_tokens")
+                for choice in obj.get("choices") or []:
+                    piece = (choice.get("delta") or {}).get("content") or ""
+                    if piece:
+                        first = first or time.perf_counter()
+                        parts.append(piece)
+                        chunks += 1
+        seconds = time.perf_counter() - start
+        n = usage_tokens if usage_tokens is not None else chunks
+        return Generation("".join(parts), first - start if first else None, int(n), seconds)
+
+
+class _Retryable(Exception):
+    pass

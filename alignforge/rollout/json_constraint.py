@@ -187,7 +187,9 @@ def token_strings(tokenizer) -> list[str]:
         if piece is None:
             out.append("")
         elif sentencepiece:
-            out.append("" if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece) else piece.replace("\u2581", " "))
+            out.append(
+                "" if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece) else piece.replace("\u2581", " ")
+            )
         else:
             out.append(tokenizer.decode([i]))
     return out

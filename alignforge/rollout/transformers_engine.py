@@ -181,13 +181,17 @@ class TransformersEngine:
         new_tokens = gen.sequences[:, width:].cpu()
         step_logps = torch.stack(
             [
-                torch.log_softmax(s.float(), dim=-1).gather(-1, new_tokens[:, t : t + 1]).squeeze(-1)
+                torch.log_softmax(s.float(), dim=-1)
+                .gather(-1, new_tokens[:, t : t + 1])
+                .squeeze(-1)
                 for t, s in enumerate(gen.scores)
             ],
             dim=1,
         ).cpu()
         return [
-            self._to_rollout(batch[i], new_tokens[i].tolist(), step_logps[i].tolist(), temperature, top_p, greedy)
+            self._to_rollout(
+                batch[i], new_tokens[i].tolist(), step_logps[i].tolist(), temperature, top_p, greedy
+            )
             for i in range(len(batch))
         ]
 

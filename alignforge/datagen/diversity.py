@@ -207,20 +207,26 @@ def greedy_near_dup_filter(emb: np.ndarray, threshold: float, k: int = 10) -> li
     return [int(i) for i in np.flatnonzero(kept)]
 
 
-def pairs_near_cutoff(
-    result: DiversityResult, texts: list[str] | None, n: int = 10, width: float = 0.03
-):
-    """Example neighbour pairs just above and just below the cutoff, for eyeballing it."""
+def pairs_near_cutoff(result: DiversityResult, texts: list[str] | None, n: int = 10):
+    """The ``n`` neighbour pairs closest to the cutoff on each side, for eyeballing it."""
     t = result.threshold
+    rows, cols = np.nonzero(result.neighbors >= 0)
+    sims = result.sims[rows, cols]
     out = {"above": [], "below": []}
-    for side, lo, hi in (("above", t, t + width), ("below", t - width, t)):
-        rows, cols = np.nonzero((result.sims >= lo) & (result.sims < hi) & (result.neighbors >= 0))
-        for i, j in list(zip(rows, cols, strict=True))[:n]:
-            a, b = int(i), int(result.neighbors[i, j])
-            pair = {"a": a, "b": b, "similarity": round(float(result.sims[i, j]), 4)}
+    for side, mask, order in (("above", sims >= t, 1), ("below", sims < t, -1)):
+        idx = np.flatnonzero(mask)
+        seen = set()
+        for e in idx[np.argsort(order * sims[idx], kind="stable")]:
+            a, b = int(rows[e]), int(result.neighbors[rows[e], cols[e]])
+            if (min(a, b), max(a, b)) in seen:
+                continue
+            seen.add((min(a, b), max(a, b)))
+            pair = {"a": a, "b": b, "similarity": round(float(sims[e]), 4)}
             if texts is not None:
                 pair.update(text_a=texts[a][:300], text_b=texts[b][:300])
             out[side].append(pair)
+            if len(out[side]) == n:
+                break
     return out
 
 

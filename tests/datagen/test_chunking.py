@@ -26,7 +26,7 @@ def test_chunks_cover_every_character_and_respect_sizes():
         parts = by_doc[doc.doc_id]
         assert "".join(doc.text[c.start : c.end] for c in parts) == doc.text
         assert all(c.text == doc.text[c.start : c.end] for c in parts)
-        assert all(a.end == b.start for a, b in zip(parts, parts[1:]))  # contiguous
+        assert all(a.end == b.start for a, b in zip(parts, parts[1:], strict=False))  # contiguous
         assert all(len(c.text) <= 450 for c in parts)
         if len(parts) > 1:  # a short tail was merged unless merging would break max_size
             tail, prev = parts[-1], parts[-2]

@@ -127,7 +127,7 @@ def diversity(
     text_field: str = typer.Option("text", help="Field embedded."),
     k: int = typer.Option(10, help="Neighbours per item in the similarity graph."),
     n_trees: int = typer.Option(16, help="Annoy trees (more: better recall, slower build)."),
-    search_k: int = typer.Option(400, help="Annoy nodes inspected per query (-1: n_trees * k)."),
+    search_k: int = typer.Option(600, help="Annoy nodes inspected per query (-1: n_trees * k)."),
     threshold: float = typer.Option(
         None, help="Fixed similarity cutoff (default: chosen automatically)."
     ),

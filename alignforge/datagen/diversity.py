@@ -2,7 +2,7 @@
 
     from alignforge.datagen.diversity import embed_texts, diversity_sample, write_diagnostics
     emb = embed_texts(texts)                        # all-MiniLM-L6-v2, bundled, offline
-    result = diversity_sample(emb, k=10, n_trees=16, search_k=-1)
+    result = diversity_sample(emb, k=10, n_trees=16, search_k=600)
     keep = [texts[i] for i in result.selected]      # one representative per component
     write_diagnostics(result, texts, "runs/diversity")   # plots + pairs near the cutoff
 
@@ -119,24 +119,52 @@ def exact_knn(emb: np.ndarray, queries: np.ndarray, k: int = 10, block: int = 20
     return out
 
 
-def components(neighbors: np.ndarray, sims: np.ndarray, threshold: float) -> np.ndarray:
-    """Component label of each node in the graph of kNN edges with similarity >= threshold."""
-    from scipy.sparse import coo_matrix
+def _labels(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import connected_components
 
+    graph = csr_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
+    # weak connectivity of the directed kNN graph = components of its undirected version
+    return connected_components(graph, directed=True, connection="weak")[1]
+
+
+def components(neighbors: np.ndarray, sims: np.ndarray, threshold: float) -> np.ndarray:
+    """Component label of each node in the graph of kNN edges with similarity >= threshold."""
     n = len(neighbors)
-    keep = (sims >= threshold) & (neighbors >= 0)
-    rows = np.repeat(np.arange(n), neighbors.shape[1])[keep.ravel()]
-    cols = neighbors.ravel()[keep.ravel()]
-    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
-    return labels
+    keep = ((sims >= threshold) & (neighbors >= 0)).ravel()
+    rows = np.repeat(np.arange(n), neighbors.shape[1])[keep]
+    return _labels(n, rows, neighbors.ravel()[keep])
 
 
 def sweep_cutoffs(neighbors, sims, thresholds) -> list[CutoffStats]:
+    """Components, largest component and isolated items at each threshold.
+
+    Uses the maximum spanning forest of the kNN graph: for every t, the edges of weight >= t of
+    a maximum spanning forest connect exactly the same nodes as all edges of weight >= t
+    (Kruskal), and the forest has fewer than N edges, so each threshold is cheap.
+    """
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import minimum_spanning_tree
+
+    n = len(neighbors)
+    rows = np.repeat(np.arange(n), neighbors.shape[1])
+    cols, edge_sims = neighbors.ravel(), sims.ravel()
+    by_sim = np.argsort(-edge_sims, kind="stable")
+    rows, cols, edge_sims = rows[by_sim], cols[by_sim], edge_sims[by_sim]
+    keep = (cols >= 0) & (cols != rows)
+    # one entry per (i, j), its best similarity (the sparse matrix would sum duplicates)
+    _, first = np.unique(rows[keep] * n + cols[keep], return_index=True)
+    first = np.sort(first)
+    rows, cols, edge_sims = rows[keep][first], cols[keep][first], edge_sims[keep][first]
+    rank = np.arange(1, len(rows) + 1, dtype=np.float64)  # exact weights > 0, best edge first
+    forest = minimum_spanning_tree(csr_matrix((rank, (rows, cols)), shape=(n, n))).tocoo()
+    order = np.argsort(forest.data, kind="stable")
+    f_rows, f_cols = forest.row[order], forest.col[order]
+    f_sims = edge_sims[forest.data[order].astype(np.int64) - 1]  # descending
     stats = []
     for t in thresholds:
-        sizes = np.bincount(components(neighbors, sims, float(t)))
+        m = int(np.searchsorted(-f_sims, -float(t), side="right"))  # forest edges with sim >= t
+        sizes = np.bincount(_labels(n, f_rows[:m], f_cols[:m]), minlength=1)
         stats.append(CutoffStats(float(t), len(sizes), int(sizes.max()), int((sizes == 1).sum())))
     return stats
 
@@ -161,7 +189,7 @@ def representatives(emb: np.ndarray, labels: np.ndarray) -> list[int]:
 
 
 def diversity_sample(
-    emb: np.ndarray, *, k: int = 10, n_trees: int = 16, search_k: int = -1,
+    emb: np.ndarray, *, k: int = 10, n_trees: int = 16, search_k: int = 600,
     thresholds=None, threshold: float | None = None, giant_fraction: float = 0.5,
     workers: int = 2,
 ) -> DiversityResult:  # fmt: skip

@@ -9,7 +9,7 @@
     teacher = OpenAIChatClient("http://127.0.0.1:8000/v1", model="teacher")
     report = generate_instructions(chunks, teacher, "runs/instructions", n_pairs=3)
 
-    alignforge data instructions examples/datagen/instructions.yaml base_url=http://... n_pairs=3
+    alignforge data instructions instructions.yaml base_url=http://... n_pairs=3
 
 For every chunk the teacher writes ``n_pairs`` instructions whose ideal answer is the chunk's
 content (back-translation) and rephrases that content into answers in the author's style. The
@@ -289,25 +289,14 @@ def generate_instructions(
 
 
 def _finalize(chunks, keys, cache, out, n_cached, n_generated, near_dup_threshold, output_format):
-    rows, rejects, seen, n_dup, n_repaired = [], [], set(), 0, 0
-    for chunk in chunks:
+    rows, rejects, n_repaired = [], [], 0
+    for chunk in dict.fromkeys(chunks):  # a chunk listed twice is written once
         rec = cache.get(keys[chunk.chunk_id])
-        if rec is None or (rec["chunk_id"], chunk.chunk_id) in seen:
+        if rec is None:
             continue
-        seen.add((rec["chunk_id"], chunk.chunk_id))
-        prov = {
-            k: rec[k]
-            for k in (
-                "doc_id",
-                "chunk_id",
-                "start",
-                "end",
-                "teacher_model",
-                "prompt_version",
-                "created_at",
-            )
-        }
-        prov["chunk_id"] = chunk.chunk_id
+        # identical chunk texts share one cache record; provenance is always the chunk's own
+        prov = {"doc_id": chunk.doc_id, "chunk_id": chunk.chunk_id, "start": chunk.start, "end": chunk.end,
+                **{k: rec[k] for k in ("teacher_model", "prompt_version", "created_at")}}  # fmt: skip
         if rec["status"] != "ok":
             rejects.append({**prov, "reason": rec["reason"], "errors": rec.get("errors", [])})
             continue

@@ -5,7 +5,7 @@
     rows = sample_preferences(prompts, engine, tokenizer, "runs/prefs", k=4, temperature=0.9,
                               policy_model="runs/sft")
 
-    alignforge data preferences examples/datagen/preferences.yaml model=runs/sft k=4
+    alignforge data preferences preferences.yaml model=runs/sft k=4
 
 The sampling policy: for each prompt a deterministic (greedy) completion and ``k - 1`` samples at
 ``temperature``; each completion records its joint log-prob, per-token log-probs (of the

@@ -304,10 +304,16 @@ class TransformersChatClient:
         schema = schema_from_response_format(response_format)
         prompts = [chat_prompt_ids(self.tokenizer, m) for m in list_of_messages]
         started = time.perf_counter()
-        groups = self.engine.generate(
-            prompts, n=n, temperature=temperature, top_p=top_p or 1.0,
-            max_new_tokens=max_tokens, greedy=temperature <= 0, seed=seed, json_schema=schema,
-        )  # fmt: skip
+        try:
+            groups = self.engine.generate(
+                prompts, n=n, temperature=temperature, top_p=top_p or 1.0,
+                max_new_tokens=max_tokens, greedy=temperature <= 0, seed=seed, json_schema=schema,
+            )  # fmt: skip
+        except (RuntimeError, ValueError) as e:
+            if not return_exceptions:
+                raise
+            error = EndpointError(self.url, None, f"{type(e).__name__}: {e}")
+            return [error for _ in prompts]
         latency = (time.perf_counter() - started) / max(len(prompts), 1)
         return [
             [

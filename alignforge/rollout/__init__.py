@@ -1,1 +1,30 @@
+"""Generation engines behind one interface, each returning token ids, behaviour log-probs and
+the policy version: :class:`TransformersEngine` (in process), :class:`OpenAIChatClient` (any
+OpenAI-compatible endpoint) and the server in :mod:`alignforge.rollout.server`.
 
+Heavy modules are imported on first attribute access so ``import alignforge.rollout`` is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Rollout": "alignforge.rollout.base",
+    "RolloutEngine": "alignforge.rollout.base",
+    "TransformersEngine": "alignforge.rollout.transformers_engine",
+    "chat_prompt_ids": "alignforge.rollout.transformers_engine",
+    "OpenAIChatClient": "alignforge.rollout.openai_client",
+    "TransformersChatClient": "alignforge.rollout.openai_client",
+    "ChatResult": "alignforge.rollout.openai_client",
+    "EndpointError": "alignforge.rollout.openai_client",
+    "JsonSchemaConstraint": "alignforge.rollout.json_constraint",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'alignforge.rollout' has no attribute {name!r}")

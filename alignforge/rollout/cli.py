@@ -1,0 +1,28 @@
+"""``alignforge serve``: an OpenAI-compatible HTTP server over a local model."""
+
+from __future__ import annotations
+
+import typer
+
+
+def serve_command(
+    model: str = typer.Argument(..., help="Model directory (Hugging Face format) to serve."),
+    host: str = typer.Option(
+        "127.0.0.1", help="Interface to bind; 0.0.0.0 exposes it to the network."
+    ),
+    port: int = typer.Option(8000, help="TCP port."),
+    model_name: str = typer.Option(None, help="Name reported by /v1/models (default: the path)."),
+    policy_version: str = typer.Option(
+        None, help="Policy identity recorded with generations (default: the path)."
+    ),
+    batch_size: int = typer.Option(8, help="Rows generated together (prompts x n)."),
+) -> None:
+    """Serve MODEL over an OpenAI-compatible API: /v1/models, /v1/chat/completions (n, seed,
+    logprobs, json_schema response_format with constrained decoding, stream) and /v1/completions.
+
+    Example: alignforge serve runs/sft-merged --port 8000
+    """
+    from alignforge.rollout.server import serve
+
+    serve(model, host=host, port=port, model_name=model_name, policy_version=policy_version,
+          batch_size=batch_size)  # fmt: skip

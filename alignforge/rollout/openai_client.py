@@ -1,0 +1,329 @@
+"""Chat clients with one surface: any OpenAI-compatible HTTP endpoint, or a local model.
+
+    from alignforge.rollout import OpenAIChatClient, TransformersChatClient
+    client = OpenAIChatClient("http://127.0.0.1:8000/v1", model="teacher")
+    [result] = client.chat([{"role": "user", "content": "Hi"}], temperature=0.0, max_tokens=64)
+    many = client.chat_many([msgs1, msgs2], temperature=0.7, return_exceptions=True)
+    for delta in client.stream_chat(msgs1, max_tokens=32):
+        print(delta, end="")
+
+    local = TransformersChatClient(model, tokenizer)   # same chat/chat_many surface, in process
+
+``chat_many`` keeps at most ``max_concurrency`` requests in flight and retries each request
+alone on 429, 5xx, timeouts and connection errors with exponential backoff
+(``backoff * 2**attempt`` seconds, or the server's ``Retry-After``). With
+``return_exceptions=True`` a request that still fails becomes an :class:`EndpointError` in its
+slot, so one bad item never sinks the batch. ``response_format`` takes the OpenAI form
+``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}``; local models then
+decode under the schema's constraint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+RETRY_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+@dataclass
+class ChatResult:
+    text: str
+    finish_reason: str
+    logprobs: list[float] | None
+    latency_s: float
+    tokens: list[str] | None = None
+
+
+class EndpointError(RuntimeError):
+    """A request that failed for good; the message names the URL, the status and the reply."""
+
+    def __init__(self, url: str, status: int | None, detail: str, attempts: int = 1):
+        self.url, self.status, self.detail, self.attempts = url, status, detail, attempts
+        where = f"HTTP {status}" if status is not None else "no response"
+        super().__init__(f"{url}: {where} after {attempts} attempt(s): {detail[:300]}")
+
+
+def schema_from_response_format(response_format: dict | None) -> dict | None:
+    """The JSON schema inside an OpenAI ``response_format`` (``None`` if there is none)."""
+    if not response_format:
+        return None
+    if response_format.get("type") == "json_schema":
+        inner = response_format.get("json_schema") or {}
+        schema = inner.get("schema")
+        if not isinstance(schema, dict):
+            raise ValueError("response_format.json_schema.schema must be a JSON schema object")
+        return schema
+    return None
+
+
+def _run_sync(coro):
+    """``asyncio.run`` that also works when called from inside a running loop (notebooks)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+class OpenAIChatClient:
+    """Client for ``/v1/chat/completions`` of vLLM, llama.cpp server, OpenAI or ours."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        max_concurrency: int = 8,
+        timeout: float = 60.0,
+        max_retries: int = 4,
+        backoff: float = 0.5,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.api_key = (
+            api_key or os.environ.get("OPENAI_API_KEY") or os.environ.get("ALIGNFORGE_API_KEY")
+        )
+        self.max_concurrency = int(max_concurrency)
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
+        self.backoff = float(backoff)
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/chat/completions"
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def _body(self, messages, *, temperature, max_tokens, response_format, n, logprobs, **extra):
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+            "n": n,
+        }
+        if response_format:
+            body["response_format"] = response_format
+        if logprobs:
+            body["logprobs"] = True
+        body.update({k: v for k, v in extra.items() if v is not None})
+        return body
+
+    async def achat(
+        self,
+        messages: list[dict],
+        *,
+        temperature: float = 1.0,
+        max_tokens: int = 256,
+        response_format: dict | None = None,
+        n: int = 1,
+        logprobs: bool = False,
+        top_p: float | None = None,
+        seed: int | None = None,
+        client=None,
+    ) -> list[ChatResult]:
+        import httpx
+
+        body = self._body(
+            messages, temperature=temperature, max_tokens=max_tokens,
+            response_format=response_format, n=n, logprobs=logprobs, top_p=top_p, seed=seed,
+        )  # fmt: skip
+        owns = client is None
+        client = client or httpx.AsyncClient(timeout=self.timeout)
+        try:
+            return await self._post_with_retries(client, body)
+        finally:
+            if owns:
+                await client.aclose()
+
+    async def _post_with_retries(self, client, body: dict) -> list[ChatResult]:
+        import httpx
+
+        status, detail = None, ""
+        for attempt in range(self.max_retries + 1):
+            started = time.perf_counter()
+            retry_after = None
+            try:
+                resp = await client.post(self.url, json=body, headers=self._headers())
+            except httpx.TimeoutException as e:
+                status, detail = None, f"timed out after {self.timeout:.1f}s ({type(e).__name__})"
+            except httpx.TransportError as e:
+                status, detail = None, f"connection failed: {type(e).__name__}: {e}"
+            else:
+                if resp.status_code == 200:
+                    return _parse_chat(resp, self.url, time.perf_counter() - started)
+                status, detail = resp.status_code, resp.text
+                if status not in RETRY_STATUSES:
+                    raise EndpointError(self.url, status, detail, attempt + 1)
+                retry_after = _retry_after(resp)
+            if attempt < self.max_retries:
+                delay = retry_after if retry_after is not None else self.backoff * 2**attempt
+                await asyncio.sleep(delay * (1 + 0.1 * random.random()))
+        raise EndpointError(self.url, status, detail, self.max_retries + 1)
+
+    def chat(self, messages: list[dict], **kwargs) -> list[ChatResult]:
+        """One request (``n`` choices). Keyword arguments as in :meth:`achat`."""
+        return _run_sync(self.achat(messages, **kwargs))
+
+    def chat_many(
+        self, list_of_messages: list[list[dict]], *, return_exceptions: bool = False,
+        progress: bool = False, **kwargs,
+    ) -> list:  # fmt: skip
+        """Many requests with bounded concurrency; results keep the input order."""
+        return _run_sync(self._chat_many(list_of_messages, return_exceptions, progress, kwargs))
+
+    async def _chat_many(self, list_of_messages, return_exceptions, progress, kwargs):
+        import httpx
+        from tqdm.auto import tqdm
+
+        sem = asyncio.Semaphore(self.max_concurrency)
+        bar = tqdm(total=len(list_of_messages), disable=not progress, desc="chat")
+        limits = httpx.Limits(max_connections=self.max_concurrency)
+        async with httpx.AsyncClient(timeout=self.timeout, limits=limits) as client:
+
+            async def one(messages):
+                async with sem:
+                    try:
+                        return await self.achat(messages, client=client, **kwargs)
+                    finally:
+                        bar.update(1)
+
+            results = await asyncio.gather(
+                *(one(m) for m in list_of_messages), return_exceptions=return_exceptions
+            )
+        bar.close()
+        return list(results)
+
+    def stream_chat(
+        self, messages: list[dict], *, temperature: float = 1.0, max_tokens: int = 256,
+        top_p: float | None = None, seed: int | None = None,
+    ) -> Iterator[str]:  # fmt: skip
+        """Yield text deltas as the server sends them (server-sent events)."""
+        import httpx
+
+        body = self._body(
+            messages, temperature=temperature, max_tokens=max_tokens, response_format=None,
+            n=1, logprobs=False, top_p=top_p, seed=seed, stream=True,
+        )  # fmt: skip
+        with httpx.Client(timeout=self.timeout) as client:
+            with client.stream("POST", self.url, json=body, headers=self._headers()) as resp:
+                if resp.status_code != 200:
+                    raise EndpointError(
+                        self.url, resp.status_code, resp.read().decode(errors="replace")
+                    )
+                for line in resp.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        return
+                    delta = json.loads(data)["choices"][0].get("delta", {}).get("content")
+                    if delta:
+                        yield delta
+
+
+def _retry_after(resp) -> float | None:
+    try:
+        return float(resp.headers["retry-after"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _parse_chat(resp, url: str, latency: float) -> list[ChatResult]:
+    try:
+        payload = resp.json()
+        choices = payload["choices"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise EndpointError(
+            url, resp.status_code, f"reply is not a chat completion: {e}: {resp.text[:200]}"
+        ) from None
+    out = []
+    for choice in choices:
+        message = choice.get("message") or {}
+        lp = choice.get("logprobs") or {}
+        content = lp.get("content") if isinstance(lp, dict) else None
+        out.append(
+            ChatResult(
+                text=message.get("content") or "",
+                finish_reason=choice.get("finish_reason") or "stop",
+                logprobs=[float(t["logprob"]) for t in content] if content else None,
+                latency_s=latency,
+                tokens=[t.get("token", "") for t in content] if content else None,
+            )
+        )
+    return out
+
+
+class TransformersChatClient:
+    """The chat client surface over an in-process model (constrained JSON when asked)."""
+
+    def __init__(self, model, tokenizer, *, policy_version: str = "0", batch_size: int = 8,
+                 model_name: str = "local"):  # fmt: skip
+        from alignforge.rollout.transformers_engine import TransformersEngine
+
+        self.engine = TransformersEngine(model, tokenizer, policy_version, batch_size)
+        self.tokenizer = tokenizer
+        self.model = model_name
+        self.url = f"local:{model_name}"
+
+    def chat(self, messages: list[dict], **kwargs) -> list[ChatResult]:
+        return self.chat_many([messages], **kwargs)[0]
+
+    def chat_many(
+        self, list_of_messages: list[list[dict]], *, temperature: float = 1.0,
+        max_tokens: int = 256, response_format: dict | None = None, n: int = 1,
+        logprobs: bool = False, top_p: float | None = None, seed: int | None = None,
+        return_exceptions: bool = False, progress: bool = False,
+    ) -> list:  # fmt: skip
+        from alignforge.rollout.transformers_engine import chat_prompt_ids
+
+        schema = schema_from_response_format(response_format)
+        prompts = [chat_prompt_ids(self.tokenizer, m) for m in list_of_messages]
+        started = time.perf_counter()
+        try:
+            groups = self.engine.generate(
+                prompts, n=n, temperature=temperature, top_p=top_p or 1.0,
+                max_new_tokens=max_tokens, greedy=temperature <= 0, seed=seed, json_schema=schema,
+            )  # fmt: skip
+        except (RuntimeError, ValueError) as e:
+            if not return_exceptions:
+                raise
+            error = EndpointError(self.url, None, f"{type(e).__name__}: {e}")
+            return [error for _ in prompts]
+        latency = (time.perf_counter() - started) / max(len(prompts), 1)
+        return [
+            [
+                ChatResult(
+                    text=r.text,
+                    finish_reason=r.finish_reason,
+                    logprobs=list(r.logps) if logprobs else None,
+                    latency_s=latency,
+                )  # fmt: skip
+                for r in group
+            ]
+            for group in groups
+        ]

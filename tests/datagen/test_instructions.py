@@ -1,0 +1,235 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignforge.datagen.cache import JsonlCache, read_jsonl
+from alignforge.datagen.chunking import Chunk, chunk_documents, read_documents, write_chunks
+from alignforge.datagen.instructions import (
+    ParseError,
+    generate_instructions,
+    instruction_set_schema,
+    parse_pairs,
+    prompt_version,
+)
+from alignforge.rollout import OpenAIChatClient, TransformersEngine
+from alignforge.rollout.server import create_app, start_server
+
+
+def test_parse_pairs_accepts_and_repairs():
+    clean = '{"pairs": [{"instruction": "What is X?", "answer": "X is Y."}]}'
+    assert parse_pairs(clean, 3) == ([parse_pairs(clean, 3)[0][0]], False)
+    fenced = 'Sure! Here you go:\n```json\n{"pairs": [{"question": "Q1", "response": "A1"},]}\n```'
+    pairs, repaired = parse_pairs(fenced, 3)
+    assert repaired and [(p.instruction, p.answer) for p in pairs] == [("Q1", "A1")]
+    truncated = (
+        '{"pairs": [{"instruction": "Q1", "answer": "A1"}, {"instruction": "Q2", "answer": "A'
+    )
+    pairs, repaired = parse_pairs(truncated, 3)
+    assert repaired and [p.instruction for p in pairs] == ["Q1", "Q2"]
+    bare_list = '[{"instruction": "Q", "answer": "A"}, {"instruction": "", "answer": "A"}]'
+    assert len(parse_pairs(bare_list, 3)[0]) == 1
+    with pytest.raises(ParseError, match="no JSON object"):
+        parse_pairs("I cannot help with that.", 3)
+    with pytest.raises(ParseError, match="0 usable pairs, need 1"):
+        parse_pairs('{"pairs": [{"instruction": "", "answer": ""}]}', 3)
+    with pytest.raises(ParseError, match="need 2"):
+        parse_pairs(clean, 3, min_pairs=2)
+
+
+def _chunks(n: int) -> list[Chunk]:
+    docs, _ = read_documents("examples/data/wikipedia_paragraphs.jsonl")
+    return chunk_documents(docs[:n], target_size=600)
+
+
+def test_end_to_end_through_a_real_model_server(tiny_model, tokenizer, tmp_path):
+    engine = TransformersEngine(tiny_model, tokenizer, batch_size=4)
+    server = start_server(create_app(engine, model_name="tiny-teacher"))
+    try:
+        client = OpenAIChatClient(server.base_url, model="tiny-teacher", max_concurrency=2)
+        chunks = _chunks(3)[:4]
+        kw = dict(n_pairs=2, temperature=1.0, max_tokens=160, max_instruction_chars=30,
+                  max_answer_chars=40, progress=False)  # fmt: skip
+        report = generate_instructions(chunks, client, tmp_path, **kw)
+        assert (
+            report.n_chunks == len(chunks)
+            and report.n_rejected == 0
+            and report.n_generated == len(chunks)
+        )
+        rows = read_jsonl(tmp_path / "sft.jsonl")
+        assert len(rows) == report.n_pairs == 2 * len(chunks) - report.n_duplicates
+        for row in rows:
+            assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+            assert 0 < len(row["messages"][0]["content"]) <= 30
+            chunk = next(c for c in chunks if c.chunk_id == row["chunk_id"])
+            assert (row["doc_id"], row["start"], row["end"]) == (
+                chunk.doc_id,
+                chunk.start,
+                chunk.end,
+            )
+            assert (
+                row["teacher_model"] == "tiny-teacher" and row["prompt_version"] == prompt_version()
+            )
+            assert row["created_at"].startswith("20")
+        again = generate_instructions(chunks, client, tmp_path, **kw)
+        assert again.n_cached == len(chunks) and again.n_generated == 0
+        assert read_jsonl(tmp_path / "sft.jsonl") == rows
+    finally:
+        server.stop()
+
+
+def scripted_teacher(delay: float = 0.0):
+    """A real HTTP teacher whose reply depends on a tag in the passage."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI()
+    calls: Counter = Counter()
+    lock = threading.Lock()
+
+    def reply(content: str, finish: str = "stop"):
+        return {
+            "choices": [
+                {"message": {"role": "assistant", "content": content}, "finish_reason": finish}
+            ]
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        import asyncio
+
+        body = await request.json()
+        passage = body["messages"][-1]["content"].split('"""')[1].strip()
+        with lock:
+            calls[passage] += 1
+            n = calls[passage]
+        await asyncio.sleep(delay)
+        good = json.dumps({"pairs": [{"instruction": f"Explain: {passage[:40]}", "answer": passage},
+                                     {"instruction": "Summarise the text.", "answer": passage[:20]}]})  # fmt: skip
+        if "JUNK" in passage:
+            return reply("lorem ipsum, no json here")
+        if "FENCED" in passage:
+            return reply("Here it is:\n```json\n" + good[:-2] + ",]}\n```")
+        if "FLAKY" in passage and n == 1:
+            return JSONResponse({"error": "overloaded"}, status_code=500)
+        if "BADFIRST" in passage and n == 1:
+            return reply('{"pairs": [{"instruction": 3}]}')
+        if "CUT" in passage:
+            return reply(good[:30], "length")
+        if "SLOW" in passage:
+            await asyncio.sleep(3)
+        return reply(good)
+
+    return app, calls
+
+
+def test_bad_teacher_items_are_repaired_retried_or_rejected_alone(tmp_path):
+    tags = ["plain one", "JUNK two", "FENCED three", "FLAKY four", "BADFIRST five", "SLOW six",
+            "CUT seven", "plain eight"]  # fmt: skip
+    chunks = [Chunk(f"doc{i}", f"doc{i}:0", 0, len(t), t) for i, t in enumerate(tags)]
+    app, calls = scripted_teacher()
+    server = start_server(app)
+    try:
+        client = OpenAIChatClient(
+            server.base_url, model="scripted", timeout=0.5, max_retries=1, backoff=0.01
+        )
+        report = generate_instructions(
+            chunks, client, tmp_path, max_attempts=2, batch_size=8, progress=False
+        )
+    finally:
+        server.stop()
+    rejects = {r["chunk_id"]: r for r in read_jsonl(tmp_path / "rejects.jsonl")}
+    assert set(rejects) == {"doc1:0", "doc5:0", "doc6:0"}
+    assert "no JSON object" in rejects["doc1:0"]["reason"]
+    assert (
+        "timed out" in rejects["doc5:0"]["reason"]
+        and "/chat/completions" in rejects["doc5:0"]["reason"]
+    )
+    assert "cut at max_tokens" in rejects["doc6:0"]["reason"]
+    assert [e["attempt"] for e in rejects["doc1:0"]["errors"]] == [1, 2]
+    rows = read_jsonl(tmp_path / "sft.jsonl")
+    assert {r["chunk_id"] for r in rows} == {"doc0:0", "doc2:0", "doc3:0", "doc4:0", "doc7:0"}
+    # good items were asked once; the bad ones were retried on their own
+    assert calls["plain one"] == 1 and calls["plain eight"] == 1
+    assert calls["BADFIRST five"] == 2 and calls["FLAKY four"] == 2 and calls["JUNK two"] == 2
+    assert all(r["repaired"] for r in rows if r["chunk_id"] == "doc2:0")
+    cache = JsonlCache(tmp_path / "cache.jsonl")
+    attempts = {r["chunk_id"]: r.get("attempts") for r in cache.records.values()}
+    assert attempts["doc4:0"] == 2 and attempts["doc0:0"] == 1
+    # "Summarise the text." repeats for every chunk: kept once
+    assert sum(r["messages"][0]["content"] == "Summarise the text." for r in rows) == 1
+    assert report.n_duplicates == 4 and report.n_rejected == 3 and report.n_repaired == 1
+
+
+def test_schema_is_sent_and_bounds_lengths():
+    schema = instruction_set_schema(3, 100, 500)
+    pairs = schema["properties"]["pairs"]
+    assert pairs["minItems"] == pairs["maxItems"] == 3
+    assert pairs["items"]["properties"]["answer"]["maxLength"] == 500
+
+
+def test_torn_cache_line_is_dropped_and_truncated(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    cache = JsonlCache(path)
+    cache.append("a", {"v": 1})
+    cache.append("b", {"v": 2})
+    with open(path, "ab") as fh:
+        fh.write(b'{"key": "c", "v"')  # a write cut by a crash
+    reopened = JsonlCache(path)
+    assert set(reopened.records) == {"a", "b"} and reopened.torn_lines == 1
+    reopened.append("c", {"v": 3})
+    assert [json.loads(x)["key"] for x in path.read_text().splitlines()] == ["a", "b", "c"]
+
+
+def test_kill_and_resume_keeps_every_item_exactly_once(tmp_path):
+    app, calls = scripted_teacher(delay=0.05)
+    server = start_server(app)
+    try:
+        chunks = _chunks(40)
+        write_chunks(chunks, tmp_path / "chunks.jsonl")
+        out = tmp_path / "run"
+        cfg = {"input": str(tmp_path / "chunks.jsonl"), "input_is_chunks": True, "output_dir": str(out),
+               "base_url": server.base_url, "model": "scripted", "max_concurrency": 1, "batch_size": 2}  # fmt: skip
+        (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+        cmd = [
+            sys.executable,
+            "-m",
+            "alignforge.cli",
+            "data",
+            "instructions",
+            str(tmp_path / "cfg.yaml"),
+        ]
+        env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            cache_file = out / "cache.jsonl"
+            if cache_file.exists() and len(cache_file.read_bytes().splitlines()) >= 6:
+                break
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        done_before = len(JsonlCache(out / "cache.jsonl"))
+        assert 6 <= done_before < len(chunks), "the run must be interrupted mid-way"
+        assert not (out / "sft.jsonl").exists()
+        rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    finally:
+        server.stop()
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_cached"] >= done_before and report["n_chunks"] == len(chunks)
+    rows = read_jsonl(out / "sft.jsonl")
+    explain = [r["chunk_id"] for r in rows if r["messages"][0]["content"].startswith("Explain")]
+    assert sorted(explain) == sorted(c.chunk_id for c in chunks)  # every chunk exactly once
+    keys = [json.loads(x)["key"] for x in (out / "cache.jsonl").read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == len(chunks)
+    # at most the request in flight at the kill was asked twice
+    assert sum(v - 1 for v in calls.values()) <= 2

@@ -1,0 +1,153 @@
+import json
+
+import pytest
+import torch
+
+from alignforge.rollout import Rollout, RolloutEngine, TransformersEngine, chat_prompt_ids
+from alignforge.rollout.json_constraint import JsonSchemaConstraint, feed_text, is_complete
+
+
+def teacher_forced(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    ids = torch.tensor([rollout.prompt_ids + rollout.completion_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(rollout.prompt_ids) - 1 : -1].float()
+    target = torch.tensor(rollout.completion_ids)[:, None]
+    return torch.log_softmax(logits / temperature, -1).gather(-1, target).squeeze(-1)
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    return [
+        chat_prompt_ids(tokenizer, "Hi"),
+        chat_prompt_ids(
+            tokenizer, "Extract the entities from: Apple bought Beats for $3bn in 2014."
+        ),
+    ]
+
+
+def test_chat_prompt_ids_uses_the_chat_template(tokenizer):
+    ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": "Hello"}])
+    text = tokenizer.decode(ids)
+    assert text.endswith("<|im_start|>assistant\n")
+    assert "Hello" in text
+    assert chat_prompt_ids(tokenizer, "Hello") == ids
+
+
+def test_sampled_logps_equal_teacher_forced_logps(tiny_model, tokenizer, prompts):
+    engine = TransformersEngine(tiny_model, tokenizer, policy_version="v1", batch_size=3)
+    assert isinstance(engine, RolloutEngine)
+    groups = engine.generate(prompts, n=2, temperature=1.0, max_new_tokens=12, seed=0)
+    assert [len(g) for g in groups] == [2, 2]
+    for prompt, group in zip(prompts, groups, strict=True):
+        for r in group:
+            assert r.prompt_ids == prompt and r.policy_version == "v1" and not r.greedy
+            assert len(r.logps) == len(r.completion_ids) > 0
+            expected = teacher_forced(tiny_model, r)
+            assert torch.allclose(torch.tensor(r.logps), expected, atol=1e-4)
+            assert r.logp == pytest.approx(float(expected.sum()), abs=1e-3)
+
+
+def test_temperature_logps_are_those_of_the_tempered_distribution(tiny_model, tokenizer, prompts):
+    engine = TransformersEngine(tiny_model, tokenizer)
+    [group] = engine.generate(prompts[1:], n=3, temperature=0.6, max_new_tokens=10, seed=1)
+    for r in group:
+        assert r.temperature == 0.6
+        assert torch.allclose(torch.tensor(r.logps), teacher_forced(tiny_model, r, 0.6), atol=1e-4)
+        # and not those of the untempered model
+        assert not torch.allclose(torch.tensor(r.logps), teacher_forced(tiny_model, r), atol=1e-3)
+
+
+def test_top_p_renormalises_the_kept_tokens(tiny_model, tokenizer, prompts):
+    engine = TransformersEngine(tiny_model, tokenizer)
+    [[r]] = engine.generate(prompts[:1], temperature=1.0, top_p=0.5, max_new_tokens=8, seed=2)
+    # the nucleus holds at most the top-p mass, so every behaviour logp is >= the model's own
+    assert all(
+        b >= m - 1e-5 for b, m in zip(r.logps, teacher_forced(tiny_model, r).tolist(), strict=True)
+    )
+
+
+def test_greedy_is_argmax_and_deterministic(tiny_model, tokenizer, prompts):
+    engine = TransformersEngine(tiny_model, tokenizer)
+    a = engine.generate(prompts, greedy=True, max_new_tokens=8)
+    b = engine.generate(prompts, greedy=True, max_new_tokens=8, seed=123)
+    assert [g[0].completion_ids for g in a] == [g[0].completion_ids for g in b]
+    for [r] in a:
+        assert r.greedy and r.temperature == 0.0
+        ids = torch.tensor([r.prompt_ids + r.completion_ids])
+        with torch.no_grad():
+            logits = tiny_model(ids).logits[0, len(r.prompt_ids) - 1 : -1]
+        assert logits.argmax(-1).tolist() == r.completion_ids
+        assert torch.allclose(torch.tensor(r.logps), teacher_forced(tiny_model, r), atol=1e-4)
+        assert r.finish_reason == "length" and len(r.completion_ids) == 8
+
+
+def test_seed_makes_sampling_reproducible(tiny_model, tokenizer, prompts):
+    engine = TransformersEngine(tiny_model, tokenizer)
+    a = engine.generate(prompts, n=2, max_new_tokens=6, seed=7)
+    b = engine.generate(prompts, n=2, max_new_tokens=6, seed=7)
+    assert [[r.completion_ids for r in g] for g in a] == [[r.completion_ids for r in g] for g in b]
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "label": {"enum": ["PER", "ORG", "LOC"]},
+        "items": {
+            "type": "array", "minItems": 1, "maxItems": 3,
+            "items": {"type": "object", "properties": {
+                "name": {"type": "string", "maxLength": 12},
+                "score": {"type": "integer"}, "ok": {"type": "boolean"}}},
+        },
+    },
+}  # fmt: skip
+
+
+def test_constrained_decoding_yields_schema_valid_json(tiny_model, tokenizer, prompts):
+    engine = TransformersEngine(tiny_model, tokenizer, batch_size=4)
+    groups = engine.generate(prompts, n=3, max_new_tokens=200, seed=0, json_schema=SCHEMA)
+    for group in groups:
+        for r in group:
+            assert r.finish_reason == "stop", r.text
+            obj = json.loads(r.text)
+            assert obj["label"] in {"PER", "ORG", "LOC"}
+            assert 1 <= len(obj["items"]) <= 3
+            for item in obj["items"]:
+                assert len(item["name"]) <= 12
+                assert isinstance(item["score"], int) and isinstance(item["ok"], bool)
+            # the constraint changes the distribution: logps are those of the masked scores
+            assert all(lp <= 1e-6 for lp in r.logps)
+
+
+def test_constraint_automaton_accepts_and_rejects(tokenizer):
+    c = JsonSchemaConstraint(tokenizer, SCHEMA)
+    s0 = c.initial_state()
+    good = '{"label":"ORG","items":[{"name":"a\\"b","score":-12,"ok":false}]}'
+    assert is_complete(feed_text(s0, good))
+    for bad in [
+        '{"label":"ORX"',  # not an enum prefix
+        '{"label":"ORG","items":[]}',  # minItems
+        '{"label":"ORG","items":[{"name":"aaaaaaaaaaaaa"',  # maxLength 12
+        '{"label":"ORG","items":[{"name":"a","score":1.5',  # integer
+        '{ "label"',  # compact output only
+    ]:
+        state = feed_text(s0, bad)
+        assert state is None or not is_complete(state), bad
+    assert feed_text(s0, '{"label":"ORX"') is None
+    # after a complete object only EOS may follow
+    assert c.allowed(feed_text(s0, good)).tolist() == c.eos_ids
+
+
+def test_constraint_resolves_pydantic_refs(tokenizer):
+    from pydantic import BaseModel, Field
+
+    class Pair(BaseModel):
+        instruction: str = Field(max_length=30)
+        answer: str | None = None
+
+    class PairSet(BaseModel):
+        pairs: list[Pair] = Field(min_length=2, max_length=2)
+
+    c = JsonSchemaConstraint(tokenizer, PairSet.model_json_schema())
+    text = '{"pairs":[{"instruction":"x","answer":"y"},{"instruction":"z","answer":"w"}]}'
+    assert is_complete(feed_text(c.initial_state(), text))
+    PairSet.model_validate_json(text)

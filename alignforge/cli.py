@@ -37,8 +37,9 @@ _SUBAPPS = [
 _COMMANDS = [
     ("alignforge.evaluate.cli", "eval_command", "eval"),
     ("alignforge.evaluate.cli", "report_command", "report"),
-    ("alignforge.workflow", "iterate_command", "iterate"),
-    ("alignforge.workflow", "demo_command", "demo"),
+    ("alignforge.rollout.cli", "serve_command", "serve"),
+    ("alignforge.workflow.cli", "iterate_command", "iterate"),
+    ("alignforge.workflow.cli", "demo_command", "demo"),
 ]
 
 

@@ -35,38 +35,12 @@ from typing import NamedTuple
 from alignforge.datagen.cache import JsonlCache, write_jsonl_atomic
 from alignforge.datagen.splits import assign_split
 
-_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model"}
-_FULL_HASH_LIMIT = 64 * 2**20
-
 
 def policy_fingerprint(path: str | Path) -> str:
-    """``sha256:<16 hex>`` over a checkpoint's weight and config files (names, sizes, content).
+    """The checkpoint identity recorded with every sample (see ``alignforge.models.fingerprint``)."""
+    from alignforge.models import fingerprint
 
-    Files up to 64 MiB are hashed whole; larger ones by size plus their first and last 4 MiB,
-    which changes whenever training touches the weights while staying fast on big models.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"policy checkpoint {path} does not exist")
-    files = (
-        [path]
-        if path.is_file()
-        else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
-    )
-    if not files:
-        raise ValueError(f"no model or adapter files under {path}")
-    h = hashlib.sha256()
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            if size <= _FULL_HASH_LIMIT:
-                h.update(fh.read())
-            else:
-                h.update(fh.read(4 * 2**20))
-                fh.seek(size - 4 * 2**20)
-                h.update(fh.read())
-    return "sha256:" + h.hexdigest()[:16]
+    return fingerprint(path)
 
 
 def _completion(prompt_id: str, j: int, r) -> dict:

@@ -53,34 +53,23 @@ class Generator(Protocol):
 
 
 def _load(path: str, adapter: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) from a HF model dir, an adapter dir, or a base dir plus an adapter.
+    """(model, tokenizer) from ``default``, an HF model dir, an adapter dir, or a base plus an adapter.
 
     A LoRA adapter is merged into the base weights: same outputs, faster greedy decoding.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = Path(path)
-    if not base.exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
-    if adapter is None and (base / "adapter_config.json").exists():
-        adapter = str(base)
-        cfg = json.loads((base / "adapter_config.json").read_text())
-        path = cfg.get("base_model_name_or_path") or ""
-        if not path or not Path(path).exists():
-            raise FileNotFoundError(
-                f"{adapter} is an adapter whose base model {path!r} is not on disk; "
-                "pass the base model path and --adapter"
-            )
-    tok_dir = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else path
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if cuda else torch.float32)
+    from alignforge.models import load_model, load_tokenizer
+
+    model = load_model(path)
     if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model.to("cuda" if cuda else "cpu").eval()
+        model = PeftModel.from_pretrained(model, adapter)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    tokenizer = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else path)
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     return model, tokenizer
 
 

@@ -105,44 +105,11 @@ def build_generator(
 
 
 def read_rows(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
-    """Rows of a JSONL / JSON list file, a directory with ``<split>.jsonl``, or a HF
-    ``save_to_disk`` directory (a DatasetDict's ``split``, default ``test``)."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"dataset {p} does not exist")
-    if p.is_dir():
-        if (p / "dataset_dict.json").exists() or (p / "dataset_info.json").exists():
-            return _read_hf(p, split)
-        cand = p / f"{split or 'test'}.jsonl"
-        if not cand.exists():
-            raise FileNotFoundError(f"{p}: no {cand.name} and not a HF datasets directory")
-        p = cand
-    if p.suffix == ".json":
-        data = json.loads(p.read_text(encoding="utf-8"))
-        if not isinstance(data, list):
-            raise ValueError(f"{p}: expected a JSON list of rows")
-        return data
-    rows = []
-    with p.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}:{i}: invalid JSON: {e}") from None
-    return rows
+    """Rows of a test split: a file, a directory with ``<split>.jsonl`` or a HF ``save_to_disk``
+    directory (default split ``test``)."""
+    from alignforge.data import read_rows as _read
 
-
-def _read_hf(p: Path, split: str | None) -> list[dict[str, Any]]:
-    from datasets import DatasetDict, load_from_disk
-
-    ds = load_from_disk(str(p))
-    if isinstance(ds, DatasetDict):
-        name = split or "test"
-        if name not in ds:
-            raise ValueError(f"{p}: no split {name!r}; splits: {', '.join(ds)}")
-        ds = ds[name]
-    return [dict(r) for r in ds]
+    return _read(path, split=split or "test")
 
 
 def load_examples(

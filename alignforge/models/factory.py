@@ -154,32 +154,35 @@ def merge_adapter(
     return out
 
 
-def fingerprint(path: str | Path) -> str:
-    """A short, stable identity of a checkpoint directory: hashes of its weight and config files.
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model"}
+_FULL_HASH_LIMIT = 64 * 2**20
 
-    Large weight files are hashed by size plus their first and last MiB, which changes with any
-    real retraining while staying fast on multi-GB checkpoints.
+
+def fingerprint(path: str | Path) -> str:
+    """``sha256:<16 hex>`` over a checkpoint's weight and config files (names, sizes, content).
+
+    Files up to 64 MiB are hashed whole; larger ones by size plus their first and last 4 MiB,
+    which changes whenever training touches the weights while staying fast on big models.
     """
-    p = Path(path)
-    h = hashlib.sha256()
-    names = (
-        sorted(
-            f
-            for f in p.iterdir()
-            if f.suffix in {".safetensors", ".bin", ".json"} and f.name != "alignforge_source.json"
-        )
-        if p.is_dir()
-        else []
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"policy checkpoint {path} does not exist")
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
     )
-    if not names:
-        h.update(str(path).encode())
-    for f in names:
-        h.update(f.name.encode())
+    if not files:
+        raise ValueError(f"no model or adapter files under {path}")
+    h = hashlib.sha256()
+    for f in files:
         size = f.stat().st_size
-        h.update(str(size).encode())
+        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}\0{size}\0".encode())
         with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(-(1 << 20), 2)
+            if size <= _FULL_HASH_LIMIT:
                 h.update(fh.read())
-    return h.hexdigest()[:16]
+            else:
+                h.update(fh.read(4 * 2**20))
+                fh.seek(size - 4 * 2**20)
+                h.update(fh.read())
+    return "sha256:" + h.hexdigest()[:16]

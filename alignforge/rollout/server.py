@@ -32,13 +32,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 def _load_model(path: str):
-    """Load ``(model, tokenizer)`` from a Hugging Face model directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load ``(model, tokenizer)``: ``default``, an HF dir, an adapter dir or a .gguf file."""
+    from alignforge.models import load_model, load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    model.eval()
-    return model, tokenizer
+    return load_model(path).eval(), load_tokenizer(path)
 
 
 class ChatRequest(BaseModel):

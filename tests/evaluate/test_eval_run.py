@@ -148,13 +148,13 @@ def test_read_rows_formats_and_errors(tmp_path):
     rows = [{"instruction": "say hi", "output": "hi"}, {"instruction": "say yo", "output": "yo"}]
     DatasetDict({"test": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "hf"))
     assert read_rows(tmp_path / "hf") == rows
-    with pytest.raises(ValueError, match="no split 'dev'; splits: test"):
+    with pytest.raises(ValueError, match="no split 'dev'; has test"):
         read_rows(tmp_path / "hf", "dev")
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "test.jsonl").write_text('{"a": 1}\n\n{"a": 2}\n')
     assert read_rows(tmp_path / "d") == [{"a": 1}, {"a": 2}]
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{"a": \n')
-    with pytest.raises(ValueError, match="bad.jsonl:2: invalid JSON"):
+    with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
         read_rows(tmp_path / "bad.jsonl")
     task = get_task("instruction")
     with pytest.raises(ValueError, match=r"bad2.jsonl: row 1: no reference"):

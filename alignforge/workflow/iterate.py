@@ -1,0 +1,146 @@
+"""Iterative RLHF (seed lesson 6): every round samples from the *current* policy, judges the pairs,
+trains the reward model, runs PPO with the drift monitor, merges the policy and evaluates it.
+
+    alignforge iterate examples/iterate.yaml rounds=3
+
+Each step writes ``round_<k>/<step>/`` and, when it finished, ``round_<k>/<step>.done.json``.
+Re-running the same command skips finished steps and resumes unfinished ones (the training
+recipes resume from their own checkpoints), so an interrupted run loses at most one step's
+partial work.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+from alignforge.config import save_config
+from alignforge.workflow import steps
+from alignforge.workflow.config import IterateConfig
+
+
+class Round:
+    """Markers of one round's finished steps."""
+
+    def __init__(self, root: Path, k: int):
+        self.dir = root / f"round_{k}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def done(self, step: str) -> dict | None:
+        p = self.dir / f"{step}.done.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def finish(self, step: str, info: dict) -> dict:
+        tmp = self.dir / f".{step}.done.json"
+        tmp.write_text(json.dumps({**info, "finished_at": time.time()}, indent=1, default=str))
+        tmp.replace(self.dir / f"{step}.done.json")
+        return info
+
+
+def _step(rnd: Round, name: str, fn, log) -> dict:
+    if (info := rnd.done(name)) is not None:
+        log(f"  {name}: done earlier, skipped")
+        return info
+    log(f"  {name} ...")
+    return rnd.finish(name, fn())
+
+
+def run_iterate(cfg: IterateConfig, log=print) -> list[dict]:
+    from alignforge.evaluate.tasks import get_task
+
+    root = Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, root / "iterate_config.yaml")
+    task = get_task(cfg.task)
+    rows = _rows(cfg.prompts)
+    policy, rm_prev, history = cfg.policy, None, []
+    for k in range(1, cfg.rounds + 1):
+        log(f"round {k}/{cfg.rounds} (policy: {policy})")
+        rnd = Round(root, k)
+        info = _run_round(cfg, task, rows, rnd, k, policy, rm_prev, log)
+        policy, rm_prev = info["policy"], info.get("rm") or rm_prev
+        history.append(info)
+    (root / "iterate_summary.json").write_text(json.dumps(history, indent=1, default=str))
+    return history
+
+
+def _rows(path: str) -> list[dict]:
+    from alignforge.data import read_rows
+
+    return read_rows(path)
+
+
+def _run_round(cfg, task, rows, rnd: Round, k: int, policy: str, rm_prev, log) -> dict:
+    chosen = random.Random(cfg.seed + k).sample(range(len(rows)), min(cfg.prompts_per_round, len(rows)))
+    prompts, by_pid = steps.task_prompt_rows(task, rows, chosen)
+    sample_dir, judge_dir = rnd.dir / "sample", rnd.dir / "judge"
+
+    def do_sample():
+        rows_ = steps.sample(policy, prompts, sample_dir, cfg.samples_per_prompt, cfg.temperature,
+                             cfg.max_new_tokens, cfg.split_ratios, cfg.seed + k)
+        return {"prompts": len(rows_), "completions": sum(len(r["completions"]) for r in rows_)}
+
+    _step(rnd, "sample", do_sample, log)
+    samples = steps.read_jsonl(sample_dir / "samples.jsonl")
+    steps.check_provenance(samples, policy, cfg.allow_offpolicy, cfg.ppo.get("offpolicy_correction", "none"))
+    _step(rnd, "judge", lambda: steps.judge(sample_dir / "samples.jsonl", judge_dir, cfg.judge, cfg.judge_model,
+                                            cfg.judge_endpoint, task, by_pid), log)
+    train_prefs, val_prefs = steps.pref_files(judge_dir / "prefs")
+    n_pairs = steps.count_rows(train_prefs)
+    rm_path = _step(rnd, "rm", lambda: _train_rm(cfg, policy, rm_prev, train_prefs, val_prefs, rnd, n_pairs, log), log).get("rm")
+    ppo = _step(rnd, "ppo", lambda: _train_ppo(cfg, policy, rm_path, rnd), log)
+    new_policy = ppo["policy"]
+    ev = _step(rnd, "eval", lambda: _evaluate(cfg, task, new_policy, rnd, k), log) if cfg.eval_dataset else {}
+    return {"round": k, "policy": new_policy, "rm": rm_path, "pairs": n_pairs, "eval": ev}
+
+
+def _train_rm(cfg, policy, rm_prev, train_prefs, val_prefs, rnd, n_pairs, log) -> dict:
+    if n_pairs < cfg.min_pairs:
+        log(f"  only {n_pairs} decisive pairs (< min_pairs={cfg.min_pairs}): no reward model this round")
+        return {"rm": None, "pairs": n_pairs, "skipped": True}
+    from alignforge.recipes import reward
+
+    base = rm_prev if (cfg.continue_rm and rm_prev) else policy
+    data = {"stage": "rm", "model_name_or_path": base, "dataset": str(train_prefs),
+            "output_dir": str(rnd.dir / "rm"), "progress": False, **cfg.rm}
+    if val_prefs:
+        data["eval_dataset"] = str(val_prefs)
+    from alignforge.config import build_config
+
+    summary = reward.run(build_config(reward.CONFIG, data, "iterate.rm"))
+    return {"rm": str(rnd.dir / "rm" / "final"), "pairs": n_pairs, "summary": _small(summary)}
+
+
+def _train_ppo(cfg, policy, rm_path, rnd) -> dict:
+    from alignforge.config import build_config
+    from alignforge.models import merge_adapter
+    from alignforge.recipes import ppo
+
+    data = {"stage": "ppo", "model_name_or_path": policy, "dataset": cfg.prompts, "output_dir": str(rnd.dir / "ppo"),
+            "progress": False, **cfg.ppo}
+    if rm_path:
+        data["reward_model"] = rm_path
+    if cfg.task_reward_weight > 0 or not rm_path:
+        data.update(reward_fn="alignforge.workflow.rewards:task_reward", reward_fn_weight=cfg.task_reward_weight or 1.0,
+                    reward_fn_kwargs={"task": cfg.task, "references_file": cfg.prompts})
+    summary = ppo.run(build_config(ppo.CONFIG, data, "iterate.ppo"))
+    merged = merge_adapter(str(rnd.dir / "ppo" / "final"), str(rnd.dir / "policy"))
+    return {"policy": str(merged), "summary": _small(summary)}
+
+
+def _evaluate(cfg, task, policy, rnd, k) -> dict:
+    from alignforge.evaluate.runner import SystemSpec, load_examples, run_eval
+
+    examples = load_examples(task, cfg.eval_dataset, limit=cfg.eval_limit)
+    res = run_eval(task, examples, [SystemSpec(name=f"round_{k}", model=policy)], rnd.dir / "eval",
+                   max_new_tokens=cfg.max_new_tokens)
+    return {"results": str(rnd.dir / "eval" / "results.json"), "summary": _small(res)}
+
+
+def _small(d) -> dict:
+    """Keep the JSON-friendly scalar parts of a summary for the round's marker file."""
+    if not isinstance(d, dict):
+        return {}
+    return {k: v for k, v in d.items() if isinstance(v, int | float | str | bool) or v is None}

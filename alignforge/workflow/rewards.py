@@ -1,0 +1,33 @@
+"""The task metric as a PPO reward: ``reward_fn: alignforge.workflow.rewards:task_reward``.
+
+The reward *is* the eval metric (one definition in the task). References are looked up by the
+prompt's document text, read from ``references_file`` (JSONL rows of the task's format).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+
+@lru_cache(maxsize=8)
+def _references(task_name: str, references_file: str) -> tuple:
+    from alignforge.evaluate.runner import load_examples
+    from alignforge.evaluate.tasks import get_task
+
+    task = get_task(task_name)
+    examples = load_examples(task, references_file, split="train")
+    keys = [(ex.messages[-1]["content"], ex.reference) for ex in examples]
+    return task, tuple(keys)
+
+
+def _reference_for(prompt: str, keys: tuple):
+    for text, ref in keys:
+        if text and text in prompt:
+            return ref
+    raise KeyError(f"no reference found for prompt {prompt[:80]!r}")
+
+
+def task_reward(prompts, completions, task: str = "extraction", references_file: str = "", **_):
+    """One reward per completion: the task's per-item metric against the prompt's reference."""
+    task_obj, keys = _references(task, references_file)
+    return [float(task_obj.reward(c, _reference_for(p, keys))) for p, c in zip(prompts, completions, strict=True)]

@@ -22,10 +22,10 @@ from alignforge.workflow.config import IterateConfig
 
 
 class Round:
-    """Markers of one round's finished steps."""
+    """Markers of the finished steps of a round (or of any directory of steps)."""
 
-    def __init__(self, root: Path, k: int):
-        self.dir = root / f"round_{k}"
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def done(self, step: str) -> dict | None:
@@ -58,7 +58,7 @@ def run_iterate(cfg: IterateConfig, log=print) -> list[dict]:
     policy, rm_prev, history = cfg.policy, None, []
     for k in range(1, cfg.rounds + 1):
         log(f"round {k}/{cfg.rounds} (policy: {policy})")
-        rnd = Round(root, k)
+        rnd = Round(root / f"round_{k}")
         info = _run_round(cfg, task, rows, rnd, k, policy, rm_prev, log)
         policy, rm_prev = info["policy"], info.get("rm") or rm_prev
         history.append(info)

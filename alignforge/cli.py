@@ -132,8 +132,20 @@ def generate(
 _register()
 
 
+def _quiet_libraries() -> None:
+    """Library chatter that says nothing to a user: transformers' info logs, and bitsandbytes
+    announcing an optional CPU kernel package it did not find."""
+    import logging
+    import os
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def main() -> None:
     from alignforge.config import ConfigError
+
+    _quiet_libraries()
 
     try:
         app()

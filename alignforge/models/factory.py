@@ -45,7 +45,9 @@ def load_tokenizer(name_or_path: str, cache: str | None = None):
 
 def _from_pretrained(path: str, dtype: torch.dtype, quantization_config=None, attn: str = "sdpa"):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar per weight file says nothing for small models
     kwargs = {"dtype": dtype, "attn_implementation": attn}
     if quantization_config is not None:
         kwargs.update(

@@ -13,7 +13,7 @@ setup-test: setup
 	bash scripts/install_browser.sh
 
 demo: setup
-	alignforge demo
+	alignforge demo --output-dir runs/demo
 
 test: setup-test
 	$(PY) -m pytest -q

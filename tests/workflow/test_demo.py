@@ -1,0 +1,26 @@
+"""The README's main command, end to end on the embedded default model (the quick profile)."""
+
+import json
+import subprocess
+import sys
+
+
+def test_demo_quick_runs_end_to_end_and_resumes(tmp_path, default_model_dir):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "alignforge.cli", "demo", "--quick", "--output-dir", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "What improved" in proc.stdout
+    summary = json.loads((out / "demo_summary.json").read_text())
+    for stage in ("base", "sft", "final"):
+        f1 = summary[stage]["metrics"]["f1"]
+        assert 0.0 <= f1["low"] <= f1["value"] <= f1["high"] <= 1.0
+    # SFT on the gold extractions teaches the output format: fewer unparseable answers than the base model
+    assert summary["sft"]["parse_failure_rate"] < summary["base"]["parse_failure_rate"]
+    blind = summary["blind"]
+    assert blind["n"] > 0 and abs(blind["win"]["value"] + blind["tie"]["value"] + blind["loss"]["value"] - 1) < 1e-9
+    html = (out / "report.html").read_text()
+    assert "<img" in html and "data:image/png;base64," in html
+    # a second run finds every step done and only re-renders the summary
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "done earlier, skipped" in again.stdout

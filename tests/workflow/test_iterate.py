@@ -1,0 +1,69 @@
+import json
+import os
+
+import pytest
+
+from alignforge.workflow import iterate as it
+from alignforge.workflow.config import IterateConfig
+from alignforge.workflow.steps import ProvenanceError, check_provenance
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+
+
+def samples_from(fp):
+    return [{"prompt_id": "p", "policy": {"model": "m", "fingerprint": fp}, "completions": []}]
+
+
+def test_provenance_refuses_samples_from_another_checkpoint(tiny_model_dir):
+    from alignforge.models import fingerprint
+
+    check_provenance(samples_from(fingerprint(tiny_model_dir)), tiny_model_dir, False, "none")
+    with pytest.raises(ProvenanceError, match="off-policy data"):
+        check_provenance(samples_from("sha256:older"), tiny_model_dir, False, "none")
+    with pytest.raises(ProvenanceError):  # allowed only with an importance correction on
+        check_provenance(samples_from("sha256:older"), tiny_model_dir, True, "none")
+    check_provenance(samples_from("sha256:older"), tiny_model_dir, True, "truncate")
+
+
+@pytest.fixture()
+def prompts_file(tmp_path):
+    rows = json.load(open(os.path.join(ROOT, "examples/data/alpaca_en_demo.json")))
+    rows = [r for r in rows if len(r["output"]) < 200][:24]
+    p = tmp_path / "prompts.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(p)
+
+
+def config(tmp_path, model, prompts, **kw):
+    base = dict(output_dir=str(tmp_path / "run"), policy=model, task="instruction", prompts=prompts, eval_dataset=prompts,
+                eval_limit=4, rounds=1, prompts_per_round=8, samples_per_prompt=3, max_new_tokens=12, judge="metric",
+                min_pairs=2, rm={"max_steps": 2, "per_device_train_batch_size": 4, "finetuning_type": "lora"},
+                ppo={"max_steps": 2, "rollout_batch_size": 4, "mini_batch_size": 4, "max_new_tokens": 12, "save_steps": 1})
+    return IterateConfig(**{**base, **kw})
+
+
+def test_interrupted_iterate_resumes_at_the_right_step(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
+    cfg = config(tmp_path, tiny_model_dir, prompts_file)
+    real_ppo = it._train_ppo
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(it, "_train_ppo", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        it.run_iterate(cfg, log=lambda m: None)
+    rnd = tmp_path / "run" / "round_1"
+    done = {p.name for p in rnd.glob("*.done.json")}
+    assert done == {"sample.done.json", "judge.done.json", "rm.done.json"}
+    before = {n: json.loads((rnd / n).read_text())["finished_at"] for n in done}
+
+    calls = []
+    monkeypatch.setattr(it, "_train_ppo", lambda *a, **k: calls.append(1) or real_ppo(*a, **k))
+    logs = []
+    history = it.run_iterate(cfg, log=logs.append)
+    assert calls == [1]  # only PPO (and what follows) ran again
+    assert {n: json.loads((rnd / n).read_text())["finished_at"] for n in done} == before
+    assert any("sample: done earlier, skipped" in m for m in logs)
+    assert (rnd / "ppo.done.json").exists() and (rnd / "eval.done.json").exists()
+    assert history[0]["policy"].endswith("round_1/policy")
+    assert json.loads((rnd / "judge.done.json").read_text())["n_records"] >= 2

@@ -163,6 +163,11 @@ class PPOConfig(ModelArgs, DataArgs, TrainArgs):
             )
         if self.offpolicy_correction == "truncate" and self.offpolicy_upper is None:
             raise ValueError("offpolicy_upper: truncate needs the truncation level (e.g. 2.0)")
+        if self.offpolicy_old_logps == "bypass" and self.offpolicy_correction != "none":
+            raise ValueError(
+                "offpolicy_correction: bypass mode already uses the behaviour log-probs as old_logps "
+                "(PPO's clip is the only correction); set offpolicy_correction: none or offpolicy_old_logps: decoupled"
+            )
         no_reference = self.reward_model is None and self.drift_reference is None
         if "drift_action" in self.model_fields_set and self.drift_action != "none" and no_reference:
             raise ValueError(

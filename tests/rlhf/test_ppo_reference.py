@@ -55,7 +55,9 @@ def test_reference_logits_equal_the_merged_sft_checkpoint(sft_dirs, tiny_model_d
         base = load_model(tiny_model_dir)(input_ids=ids).logits
         moved = policy(input_ids=ids).logits
     torch.testing.assert_close(ref, sft, atol=1e-5, rtol=1e-5)
-    assert (ref - base).abs().max() > 1e-2  # the SFT adapter is in the reference, not the base model
+    assert (
+        ref - base
+    ).abs().max() > 1e-2  # the SFT adapter is in the reference, not the base model
     assert (moved - ref).abs().max() > 1e-2
     # the critic adapter is off for the reference too
     ppo.use_adapter(policy, ppo.VALUE)
@@ -78,7 +80,9 @@ def test_config_errors_name_the_field(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="reward_model / reward_fn"):
         _cfg(tiny_model_dir, tmp_path, reward_fn=None)
     with pytest.raises(ConfigError, match="offpolicy_correction: bypass"):
-        _cfg(tiny_model_dir, tmp_path, offpolicy_old_logps="bypass", offpolicy_correction="truncate")
+        _cfg(
+            tiny_model_dir, tmp_path, offpolicy_old_logps="bypass", offpolicy_correction="truncate"
+        )
     with pytest.raises(ConfigError, match="drift_action"):
         _cfg(tiny_model_dir, tmp_path, drift_action="stop")
     with pytest.raises(ConfigError, match="reward_fn: cannot load"):

@@ -10,7 +10,13 @@ from alignforge.config import build_config
 from alignforge.config.rlhf import RMConfig
 from alignforge.data import DataError
 from alignforge.models import load_model, load_tokenizer
-from alignforge.models.heads import RewardModel, ScalarHead, load_reward_model, pad_left, score_index
+from alignforge.models.heads import (
+    RewardModel,
+    ScalarHead,
+    load_reward_model,
+    pad_left,
+    score_index,
+)
 from alignforge.recipes import reward
 
 
@@ -36,7 +42,9 @@ def test_reward_is_read_at_the_last_token_and_ignores_padding_side(tiny_model_di
         h = lm.model(input_ids=torch.tensor([[11, 12, 13]])).last_hidden_state[0, -1]
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a[1], alone[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(alone[0], rm.head(h), atol=1e-5, rtol=1e-5)  # last token's hidden state
+    torch.testing.assert_close(
+        alone[0], rm.head(h), atol=1e-5, rtol=1e-5
+    )  # last token's hidden state
 
 
 @pytest.fixture(scope="module")
@@ -91,18 +99,34 @@ def test_saved_rm_loads_and_scores_like_the_trained_one(trained_rm):
 def test_bad_rows_are_named(tiny_model_dir, tmp_path):
     tok = load_tokenizer(tiny_model_dir)
     with pytest.raises(DataError, match=r"f.jsonl row 1: column 'rejected' is missing"):
-        reward.prepare_pairs([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}], tok, 32, "f.jsonl")
+        reward.prepare_pairs(
+            [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}],
+            tok,
+            32,
+            "f.jsonl",
+        )
     with pytest.raises(DataError, match="row 0: 'margin' must be a finite number"):
-        reward.prepare_pairs([{"prompt": "a", "chosen": "b", "rejected": "c", "margin": "x"}], tok, 32, "f.jsonl")
+        reward.prepare_pairs(
+            [{"prompt": "a", "chosen": "b", "rejected": "c", "margin": "x"}], tok, 32, "f.jsonl"
+        )
     pairs, bad = reward.prepare_pairs(
-        [{"prompt": "a", "chosen": "", "rejected": "c"}, {"prompt": "a", "chosen": "b", "rejected": "c"}],
-        tok, 32, "f.jsonl", skip_bad_rows=True,
+        [
+            {"prompt": "a", "chosen": "", "rejected": "c"},
+            {"prompt": "a", "chosen": "b", "rejected": "c"},
+        ],
+        tok,
+        32,
+        "f.jsonl",
+        skip_bad_rows=True,
     )
     assert len(pairs) == 1 and bad == 1
 
 
 def test_rm_needs_held_out_pairs(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "p.jsonl", preference_rows(8))
-    cfg = build_config(RMConfig, dict(model_name_or_path=tiny_model_dir, dataset=data, output_dir=str(tmp_path / "o")))
+    cfg = build_config(
+        RMConfig,
+        dict(model_name_or_path=tiny_model_dir, dataset=data, output_dir=str(tmp_path / "o")),
+    )
     with pytest.raises(DataError, match="eval_dataset / val_size"):
         reward.run(cfg)

@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-import torch
 from helpers import prompt_rows, write_jsonl
 
 from alignforge.config import build_config

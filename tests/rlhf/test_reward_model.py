@@ -91,7 +91,7 @@ def test_saved_rm_loads_and_scores_like_the_trained_one(trained_rm):
     chosen = [r["chosen"] for r in rows[:6]]
     rejected = [r["rejected"] for r in rows[:6]]
     sc, sr = rm.score(prompts, chosen), rm.score(prompts, rejected)
-    assert sum(c > r for c, r in zip(sc, sr)) >= 5
+    assert sum(c > r for c, r in zip(sc, sr, strict=True)) >= 5
     # batch composition does not change a score (left padding + rebuilt positions)
     assert rm.score(prompts[:1], chosen[:1])[0] == pytest.approx(sc[0], abs=1e-4)
 

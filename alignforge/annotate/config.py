@@ -1,0 +1,110 @@
+"""Annotation project settings: the aspect questions, the answer scale, overlap and limits.
+
+    from alignforge.annotate.config import AnnotateConfig, load_project_config
+    cfg = load_project_config("ann/")            # reads ann/annotate.yaml
+    cfg.aspects[0].question                       # 'Which has more complete and accurate entities?'
+
+A project's ``annotate.yaml`` is written by ``alignforge annotate init`` with every default made
+explicit; edit it (or pass ``--config aspects.yaml`` to ``init``) to change the questions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+from pydantic import Field, field_validator
+
+from alignforge.config import StrictModel, load_config
+
+CONFIG_NAME = "annotate.yaml"
+
+
+class Aspect(StrictModel):
+    """One question the annotator answers for every pair."""
+
+    key: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$", description="short id used in exports")
+    question: str = Field(min_length=3, max_length=300)
+    help: str = Field("", max_length=2000, description="shown under the question")
+
+
+DEFAULT_ASPECTS = [
+    Aspect(
+        key="entities",
+        question="Which has more complete and accurate entities?",
+        help="Significant entities present, none invented, types and descriptions right.",
+    ),
+    Aspect(
+        key="relations",
+        question="Which infers the key relationships better?",
+        help="Explicit and implied relationships between the entities, correctly typed.",
+    ),
+    Aspect(
+        key="summary",
+        question="Which has more concise, accurate summaries?",
+        help="Short, faithful to the document, nothing missing that matters.",
+    ),
+]
+
+
+class Choice(NamedTuple):
+    key: str  # keyboard key shown on screen
+    label: str
+    score: int  # from the left-hand (displayed A) side's point of view: + means A is better
+
+
+SCALES: dict[str, list[Choice]] = {
+    "ab": [Choice("1", "A", 1), Choice("2", "Tie", 0), Choice("3", "B", -1)],
+    "likert5": [
+        Choice("1", "A much better", 2),
+        Choice("2", "A better", 1),
+        Choice("3", "Tie", 0),
+        Choice("4", "B better", -1),
+        Choice("5", "B much better", -2),
+    ],
+}
+
+
+class AnnotateConfig(StrictModel):
+    """Every field of an annotation project (``annotate.yaml``)."""
+
+    title: str = Field("Which extraction is better?", max_length=200)
+    instructions: str = Field(
+        "Read the document, compare the two extractions aspect by aspect, answer with the "
+        "number keys, Enter to save, Backspace to skip.",
+        max_length=20000,
+    )
+    aspects: list[Aspect] = Field(default_factory=lambda: list(DEFAULT_ASPECTS), min_length=1)
+    scale: Literal["ab", "likert5"] = Field("ab", description="A/tie/B or a 5-point scale")
+    overlap: float = Field(0.2, ge=0.0, le=1.0, description="share of a batch every member sees")
+    alert_margin: float = Field(
+        0.1, ge=0.0, le=2.0, description="alert when alpha < trial baseline - margin"
+    )
+    max_text_chars: int = Field(100_000, ge=100, description="longest prompt/completion kept")
+    max_comment_chars: int = Field(2000, ge=0, le=100_000)
+    max_body_bytes: int = Field(65_536, ge=1024, description="largest request body accepted")
+    session_hours: float = Field(12.0, gt=0)
+    idle_cap_seconds: float = Field(
+        600.0, gt=0, description="time on one item counted at most this long in rates"
+    )
+    seed: int = 0
+
+    @field_validator("aspects")
+    @classmethod
+    def _unique_keys(cls, v: list[Aspect]) -> list[Aspect]:
+        keys = [a.key for a in v]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"aspect keys must be unique; repeated: {', '.join(dup)}")
+        if len(v) > 9:
+            raise ValueError("at most 9 aspects (one screen, one key each)")
+        return v
+
+    @property
+    def choices(self) -> list[Choice]:
+        return SCALES[self.scale]
+
+
+def load_project_config(project_dir: str | Path, overrides: list[str] | None = None):
+    path = Path(project_dir) / CONFIG_NAME
+    return load_config(AnnotateConfig, path if path.exists() else None, overrides)

@@ -1,0 +1,201 @@
+"""Export judgements as a preference dataset that DPO and reward-model trainers read.
+
+    from alignforge.annotate.export import export_dataset
+    report = export_dataset("ann/", "data/prefs", ties="drop", low_agreement="drop",
+                            min_agreement=0.6)
+    # data/prefs/train.jsonl, validation.jsonl, test.jsonl (+ .parquet with fmt="both")
+
+One record per item: ``prompt`` (the string, or the chat messages), ``chosen``, ``rejected``
+(strings, or ``[{"role": "assistant", ...}]`` when the prompt is a chat, which is TRL's
+conversational format), ``margin`` = |mean summed aspect score|, ``aspect_scores`` (oriented so
+that positive favours ``chosen``), ``annotators``, ``agreement`` (share of raters on the
+largest side), ``prompt_id``, ``doc_id``, ``split``, ``policy``, ``pair_id``.
+
+Several raters on one item are combined as follows. ``agreement`` is the share of raters on the
+largest side of the overall preference (sign of the summed aspects: a, tie or b); a 1-1 split
+between a and b has no majority and counts as a tie. With
+``low_agreement="drop"`` an item whose agreement is below ``min_agreement`` is dropped. With
+``low_agreement="majority"`` only the majority's judgements are kept, whatever the agreement.
+The remaining judgements are averaged. Ties are then handled by ``ties``: ``drop``;
+``margin0``, which keeps them once with margin 0 and ``tie: true``; or ``both``, which keeps
+them in both orders with margin 0. Pairs without a split go to ``train``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from alignforge.annotate.store import Judgement, Store
+
+TIE_POLICIES = ("drop", "margin0", "both")
+LOW_AGREEMENT_POLICIES = ("drop", "majority")
+
+
+class Aggregate(NamedTuple):
+    score: float  # mean overall score, + means item.a is better
+    aspects: dict[str, float]
+    raters: list[str]
+    agreement: float
+
+
+class ExportReport(NamedTuple):
+    n_items_judged: int
+    n_records: int
+    n_ties_dropped: int
+    n_low_agreement_dropped: int
+    per_split: dict[str, int]
+    files: list[str]
+
+
+def _sign(x: float) -> int:
+    return (x > 0) - (x < 0)
+
+
+def aggregate(js: list[Judgement], low_agreement: str, min_agreement: float) -> Aggregate | None:
+    """Combine the judgements of one item (see the module docstring); None = dropped."""
+    counts = Counter(_sign(j.overall) for j in js)
+    top = max(counts.values())
+    leaders = [s for s, c in counts.items() if c == top]
+    majority = leaders[0] if len(leaders) == 1 else 0
+    agreement = top / len(js)
+    if low_agreement == "drop" and agreement < min_agreement:
+        return None
+    if low_agreement == "majority" and counts.get(majority, 0) > 0:
+        js = [j for j in js if _sign(j.overall) == majority]
+    keys = sorted({k for j in js for k in j.scores})
+    aspects = {k: sum(j.scores.get(k, 0) for j in js) / len(js) for k in keys}
+    score = sum(j.overall for j in js) / len(js)
+    return Aggregate(score, aspects, [j.user for j in js], agreement)
+
+
+def select(js: list[Judgement], annotators: str) -> list[Judgement]:
+    """'humans' (default), 'judge' (every AI judge), 'all', or one user name."""
+    if annotators == "humans":
+        return [j for j in js if j.role != "judge"]
+    if annotators == "judge":
+        return [j for j in js if j.role == "judge"]
+    if annotators == "all":
+        return js
+    return [j for j in js if j.user == annotators]
+
+
+def _record(it: dict[str, Any], agg: Aggregate, flip: bool, tie: bool) -> dict[str, Any]:
+    sign = -1 if flip else 1
+    chosen, rejected = (it["b_text"], it["a_text"]) if flip else (it["a_text"], it["b_text"])
+    cid, rid = (it["b_id"], it["a_id"]) if flip else (it["a_id"], it["b_id"])
+    chat = isinstance(it["prompt"], list)
+    return {
+        "prompt": it["prompt"],
+        "chosen": [{"role": "assistant", "content": chosen}] if chat else chosen,
+        "rejected": [{"role": "assistant", "content": rejected}] if chat else rejected,
+        "margin": 0.0 if tie else abs(agg.score),
+        "aspect_scores": {k: sign * v for k, v in agg.aspects.items()},
+        "tie": tie,
+        "annotators": agg.raters,
+        "n_annotators": len(agg.raters),
+        "agreement": agg.agreement,
+        "prompt_id": it["prompt_id"],
+        "doc_id": it["doc_id"],
+        "split": it["split"] or "train",
+        "policy": (it["meta"] or {}).get("policy"),
+        "pair_id": it["pair_key"],
+        "chosen_id": cid,
+        "rejected_id": rid,
+        "kind": it["kind"],
+    }
+
+
+def build_records(
+    store: Store, ties: str = "drop", low_agreement: str = "drop", min_agreement: float = 0.0,
+    annotators: str = "humans", kind: str | None = "pair",
+) -> tuple[list[dict[str, Any]], ExportReport]:  # fmt: skip
+    if ties not in TIE_POLICIES:
+        raise ValueError(f"ties must be one of {', '.join(TIE_POLICIES)}, got {ties!r}")
+    if low_agreement not in LOW_AGREEMENT_POLICIES:
+        raise ValueError(
+            f"low_agreement must be one of {', '.join(LOW_AGREEMENT_POLICIES)}, got {low_agreement!r}"
+        )
+    if not 0.0 <= min_agreement <= 1.0:
+        raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}")
+    records, n_ties, n_low = [], 0, 0
+    with store.connect() as conn:
+        by_item: dict[int, list[Judgement]] = defaultdict(list)
+        for j in select(store.judgements(conn), annotators):
+            by_item[j.item_id].append(j)
+        for item_id in sorted(by_item):
+            it = store.item(conn, item_id)
+            if kind is not None and it["kind"] != kind:
+                continue
+            agg = aggregate(by_item[item_id], low_agreement, min_agreement)
+            if agg is None:
+                n_low += 1
+                continue
+            if agg.score == 0:
+                if ties == "drop":
+                    n_ties += 1
+                    continue
+                records.append(_record(it, agg, False, True))
+                if ties == "both":
+                    records.append(_record(it, agg, True, True))
+                continue
+            records.append(_record(it, agg, agg.score < 0, False))
+    per = Counter(r["split"] for r in records)
+    return records, ExportReport(len(by_item), len(records), n_ties, n_low, dict(per), [])
+
+
+def write_records(records: list[dict[str, Any]], out: str | Path, fmt: str = "jsonl") -> list[str]:
+    """``out`` ending in .jsonl/.parquet: one file with a split column; else a directory with one
+    file per split. ``fmt``: jsonl, parquet (needs pyarrow) or both."""
+    out = Path(out)
+    if fmt not in ("jsonl", "parquet", "both"):
+        raise ValueError(f"fmt must be jsonl, parquet or both, got {fmt!r}")
+    if out.suffix in (".jsonl", ".parquet"):
+        groups = {out.with_suffix(""): records}
+        fmt = out.suffix[1:]
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        groups = defaultdict(list)
+        for r in records:
+            groups[out / r["split"]].append(r)
+    files = []
+    for stem, rows in groups.items():
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        if fmt in ("jsonl", "both"):
+            p = stem.with_suffix(".jsonl")
+            tmp = p.with_suffix(".jsonl.tmp")
+            with tmp.open("w", encoding="utf-8") as f:
+                for r in rows:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            tmp.replace(p)
+            files.append(str(p))
+        if fmt in ("parquet", "both"):
+            files.append(_write_parquet(rows, stem.with_suffix(".parquet")))
+    return files
+
+
+def _write_parquet(rows: list[dict[str, Any]], path: Path) -> str:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise RuntimeError("Parquet export needs pyarrow: pip install pyarrow") from None
+    # nested values that vary in shape (prompt str vs messages, policy) are kept as JSON text
+    flat = [
+        {k: (json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) and k not in
+             ("annotators",) else v) for k, v in r.items()}
+        for r in rows
+    ]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(flat), path)
+    return str(path)
+
+
+def export_dataset(
+    project_dir: str | Path, out: str | Path, ties: str = "drop", low_agreement: str = "drop",
+    min_agreement: float = 0.0, annotators: str = "humans", fmt: str = "jsonl",
+) -> ExportReport:  # fmt: skip
+    records, rep = build_records(Store(project_dir), ties, low_agreement, min_agreement, annotators)
+    files = write_records(records, out, fmt)
+    return rep._replace(files=files)

@@ -1,0 +1,317 @@
+"""AI judge: an LLM answers the annotators' aspect questions, debiased by swapping positions.
+
+    from alignforge.annotate.judge import OpenAIChatBackend, judge_pair, run_judge
+    backend = OpenAIChatBackend("http://127.0.0.1:8000/v1", model="qwen2.5-7b-instruct")
+    v = judge_pair(backend, prompt, a_text, b_text, ["entities", "relations", "summary"])
+    v.scores          # {'entities': 1, 'relations': 0, 'summary': -1}; + means a is better
+    run_judge(store, backend, "qwen2.5-7b-instruct", aspects)   # stored as judge:<model>
+
+Position-swap debiasing (Zheng et al. 2023, "Judging LLM-as-a-judge", sec. 3.4): each pair is
+asked twice, (a, b) and (b, a). An aspect keeps its answer only if both orders agree. Otherwise
+it becomes a tie. On the 5-point scale both answers must have the same sign, and the smaller
+magnitude is kept.
+
+Any object with ``chat(messages, **kw) -> str`` is a backend, and so is a plain callable
+``fn(messages, **kw) -> str``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+from alignforge.annotate.agreement import cohen_kappa, label
+from alignforge.annotate.render import extract_json, split_prompt
+
+
+class JudgeError(RuntimeError):
+    """The judge backend failed (HTTP error, bad response, unparseable answer)."""
+
+
+@runtime_checkable
+class ChatBackend(Protocol):
+    def chat(self, messages: list[dict], **kw: Any) -> str: ...
+
+
+class CallableBackend:
+    def __init__(self, fn: Callable[..., str]):
+        self.fn = fn
+
+    def chat(self, messages: list[dict], **kw: Any) -> str:
+        return self.fn(messages, **kw)
+
+
+def as_backend(x: Any) -> ChatBackend:
+    if isinstance(x, ChatBackend):
+        return x
+    if callable(x):
+        return CallableBackend(x)
+    raise TypeError(f"a judge backend needs chat(messages) or to be callable, got {type(x)}")
+
+
+class OpenAIChatBackend:
+    """``POST {base_url}/chat/completions`` of any OpenAI-compatible server, over httpx.
+
+    Asks for ``response_format={"type": "json_object"}``; a server that rejects it (HTTP 400
+    naming response_format) is asked again without it, and never with it again. Connection
+    errors, 429 and 5xx are retried with exponential backoff.
+    """
+
+    def __init__(
+        self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0,
+        max_retries: int = 3, json_mode: bool = True, temperature: float = 0.0,
+        max_tokens: int = 512, backoff: float = 0.5,
+    ):  # fmt: skip
+        import httpx
+
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.json_mode, self.max_retries = model, json_mode, max_retries
+        self.temperature, self.max_tokens, self.backoff = temperature, max_tokens, backoff
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(timeout=timeout, headers=headers)
+
+    def chat(self, messages: list[dict], **kw: Any) -> str:
+        import httpx
+
+        payload = {"model": self.model, "messages": messages, "temperature": self.temperature,
+                   "max_tokens": self.max_tokens, **kw}  # fmt: skip
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            if self.json_mode:
+                payload["response_format"] = {"type": "json_object"}
+            else:
+                payload.pop("response_format", None)
+            try:
+                r = self.client.post(self.url, json=payload)
+            except httpx.TransportError as e:
+                last = f"{type(e).__name__}: {e}"
+            else:
+                if r.status_code == 400 and self.json_mode and "response_format" in r.text:
+                    self.json_mode = False
+                    continue
+                if r.status_code == 200:
+                    return _content(r)
+                last = f"HTTP {r.status_code}: {r.text[:200]}"
+                if r.status_code not in (408, 409, 429) and r.status_code < 500:
+                    break
+            if attempt < self.max_retries:
+                time.sleep(self.backoff * 2**attempt)
+        raise JudgeError(f"{self.url}: {last}")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _content(r) -> str:
+    try:
+        content = r.json()["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise JudgeError(f"response has no choices[0].message.content: {r.text[:200]}") from None
+    if not isinstance(content, str):
+        raise JudgeError(f"choices[0].message.content is {type(content).__name__}, not text")
+    return content
+
+
+JUDGE_SYSTEM = (
+    "You are a meticulous annotator comparing two extractions of entities, relationships and "
+    "summaries from a document. Judge only on the questions asked. Answer with one JSON object "
+    "and nothing else."
+)
+
+
+def judge_messages(
+    prompt: str | list[dict], first: str, second: str, questions: dict[str, str],
+    scale: str = "ab", source_document: str | None = None,
+) -> list[dict]:  # fmt: skip
+    instruction, document = split_prompt(prompt, source_document)
+    if scale == "ab":
+        how = 'each value is "1" (response 1 is better), "2" (response 2 is better) or "tie"'
+    else:
+        how = "each value is an integer from -2 to 2: 2 = response 1 much better, 1 = better, " \
+              "0 = tie, -1 = response 2 better, -2 = response 2 much better"  # fmt: skip
+    qs = "\n".join(f'- "{k}": {q}' for k, q in questions.items())
+    keys = ", ".join(f'"{k}": ...' for k in questions)
+    user = (
+        (f"<instruction>\n{instruction}\n</instruction>\n\n" if instruction else "")
+        + f"<document>\n{document}\n</document>\n\n<response_1>\n{first}\n</response_1>\n\n"
+        + f"<response_2>\n{second}\n</response_2>\n\nQuestions:\n{qs}\n\n"
+        + f"Reply with JSON {{{keys}}} where {how}."
+    )
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+_FIRST = {"1", "a", "first", "response 1", "response_1", "response1", "r1", "+1", "one"}
+_SECOND = {"2", "b", "second", "response 2", "response_2", "response2", "r2", "-1", "two"}
+_TIE = {"tie", "0", "equal", "same", "none", "both", "neither", "draw", "="}
+
+
+def _value(v: Any, scale: str) -> int | None:
+    if scale == "likert5":
+        try:
+            x = int(round(float(v)))
+        except (TypeError, ValueError):
+            return None
+        return x if -2 <= x <= 2 else None
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return {1: 1, 2: -1, 0: 0}.get(int(v)) if float(v).is_integer() else None
+    s = str(v).strip().lower().strip(".\"' ")
+    return 1 if s in _FIRST else -1 if s in _SECOND else 0 if s in _TIE else None
+
+
+def parse_verdict(text: str, keys: list[str], scale: str = "ab") -> dict[str, int]:
+    """Scores from the first response's point of view (+1 = response 1 better) for every key.
+
+    Reads the first JSON object (code fences and prose ignored; keys matched case-insensitively,
+    values like "1", "Response 1", "A", "tie"). Lines such as ``entities: 2`` are a fallback.
+    """
+    obj = extract_json(text)
+    found: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        found = {str(k).strip().lower(): v for k, v in obj.items()}
+        inner = found.get("answers") or found.get("verdict")
+        if isinstance(inner, dict):
+            found.update({str(k).lower(): v for k, v in inner.items()})
+    out = {}
+    for k in keys:
+        raw = found.get(k.lower())
+        if raw is None:
+            m = re.search(rf"{re.escape(k)}\W{{0,3}}\s*[:=]\s*\"?([\w -]+)", text, re.I)
+            raw = m.group(1) if m else None
+        v = _value(raw, scale) if raw is not None else None
+        if v is None:
+            raise JudgeError(f"judge answer has no valid value for {k!r}: {text[:200]!r}")
+        out[k] = v
+    return out
+
+
+class PairVerdict(NamedTuple):
+    scores: dict[str, int]  # canonical: + means a is better
+    consistent: dict[str, bool]  # both orders agreed on this aspect
+    raw: list[str]  # the two answers, (a, b) order first
+
+
+def _ask(backend, msgs, keys, scale, parse_retries):
+    for attempt in range(parse_retries + 1):
+        text = backend.chat(msgs)
+        try:
+            return parse_verdict(text, keys, scale), text
+        except JudgeError:
+            if attempt == parse_retries:
+                raise
+    raise AssertionError("unreachable")
+
+
+def combine(s1: int, s2: int, scale: str) -> int:
+    """Debias: s1 from the (a, b) order, s2 from (b, a) already turned to a's point of view."""
+    if scale == "ab":
+        return s1 if s1 == s2 else 0
+    if s1 * s2 <= 0:
+        return 0
+    return (1 if s1 > 0 else -1) * min(abs(s1), abs(s2))
+
+
+def judge_pair(
+    backend: Any, prompt: str | list[dict], a: str, b: str, questions: dict[str, str],
+    scale: str = "ab", parse_retries: int = 1, source_document: str | None = None,
+) -> PairVerdict:  # fmt: skip
+    be = as_backend(backend)
+    keys = list(questions)
+    m1 = judge_messages(prompt, a, b, questions, scale, source_document)
+    m2 = judge_messages(prompt, b, a, questions, scale, source_document)
+    r1, t1 = _ask(be, m1, keys, scale, parse_retries)
+    r2, t2 = _ask(be, m2, keys, scale, parse_retries)
+    scores = {k: combine(r1[k], -r2[k], scale) for k in keys}
+    consistent = {k: r1[k] == -r2[k] for k in keys}
+    return PairVerdict(scores, consistent, [t1, t2])
+
+
+class JudgeRun(NamedTuple):
+    n_items: int
+    n_judged: int
+    n_already: int
+    n_failed: int
+    n_inconsistent: int  # aspects turned into ties by the position swap
+    errors: list[str]
+
+
+def run_judge(
+    store, backend: Any, model: str, questions: dict[str, str], scale: str = "ab",
+    kind: str | None = None, released_only: bool = False, limit: int | None = None,
+    workers: int = 4, progress: bool = True,
+) -> JudgeRun:  # fmt: skip
+    """Judge every item not yet judged by ``judge:<model>`` and store the verdicts."""
+    from tqdm import tqdm
+
+    be = as_backend(backend)
+    with store.connect() as conn:
+        judge = store.judge_user(conn, model)
+        where = ["NOT EXISTS (SELECT 1 FROM judgements j WHERE j.item_id = i.id AND j.user_id = ?)"]
+        args: list[Any] = [judge.id]
+        if kind:
+            where.append("i.kind = ?")
+            args.append(kind)
+        if released_only:
+            where.append("i.batch_id IS NOT NULL")
+        sql = f"SELECT i.id FROM items i WHERE {' AND '.join(where)} ORDER BY i.id"
+        ids = [r[0] for r in conn.execute(sql, args)][: limit if limit is not None else None]
+        total = conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+
+    def one(item_id: int):
+        with store.connect() as c:
+            it = store.item(c, item_id)
+            v = judge_pair(be, it["prompt"], it["a_text"], it["b_text"], questions, scale,
+                           source_document=it.get("source_document"))  # fmt: skip
+            store.record_judge(c, judge, item_id, v.scores, {"raw": v.raw})
+            return sum(not ok for ok in v.consistent.values())
+
+    judged, failed, incons, errors = 0, 0, 0, []
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        futs = {pool.submit(one, i): i for i in ids}
+        for f in tqdm(futs, desc=f"judge:{model}", disable=not progress):
+            try:
+                incons += f.result()
+                judged += 1
+            except (JudgeError, OSError, ValueError) as e:
+                failed += 1
+                errors.append(f"item {futs[f]}: {e}")
+    return JudgeRun(len(ids), judged, total - len(ids), failed, incons, errors[:20])
+
+
+class JudgeAgreement(NamedTuple):
+    aspect: str
+    n: int  # (judge, human) label pairs
+    kappa: float
+    kappa_no_ties: float
+    accuracy: float  # share of pairs with the same label
+
+
+def judge_human_agreement(judgements, judge_user: str, aspects: list[str]) -> list[JudgeAgreement]:
+    """Cohen's kappa between the judge and the humans, pooled over every human judgement of an
+    item the judge also judged (one pair of labels per human judgement)."""
+    judge = {j.item_id: j for j in judgements if j.user == judge_user}
+    humans = [j for j in judgements if j.role != "judge" and j.item_id in judge]
+    out = []
+    for a in [*aspects, "overall"]:
+        pairs = []
+        for h in humans:
+            jd = judge[h.item_id]
+            if a == "overall":
+                pairs.append((label(jd.overall), label(h.overall)))
+            elif a in h.scores and a in jd.scores:
+                pairs.append((label(jd.scores[a]), label(h.scores[a])))
+        nt = [p for p in pairs if "tie" not in p]
+        k = cohen_kappa([p[0] for p in pairs], [p[1] for p in pairs]) if pairs else float("nan")
+        knt = cohen_kappa([p[0] for p in nt], [p[1] for p in nt]) if nt else float("nan")
+        acc = sum(x == y for x, y in pairs) / len(pairs) if pairs else float("nan")
+        out.append(JudgeAgreement(a, len(pairs), k, knt, acc))
+    return out
+
+
+def dumps_verdict(v: PairVerdict) -> str:
+    return json.dumps(v._asdict())

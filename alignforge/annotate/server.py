@@ -1,0 +1,418 @@
+"""The annotation web app: FastAPI, server-rendered Jinja pages and one small vanilla JS file.
+
+    from alignforge.annotate.server import create_app
+    app = create_app("ann/")                       # then: uvicorn.run(app, port=8000)
+    # or: alignforge annotate serve ann/ --port 8000
+
+Authentication: a login form exchanges an admin-issued token for a session cookie (HttpOnly,
+SameSite=Strict). Every POST made with the cookie carries the session's CSRF token (hidden form
+field, or the ``X-CSRF-Token`` header for the JSON API). Scripts may instead send
+``Authorization: Bearer <token>`` (no cookie, so no CSRF exposure). Annotators reach only their
+own queue; ``/admin`` is for admins.
+
+JSON API (all require auth): ``GET /api/next``, ``POST /api/submit``, ``POST /api/skip``,
+``POST /api/draft``, ``GET /api/me``; admins: ``GET /admin/api/stats``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, ConfigDict, Field
+
+from alignforge.annotate.config import AnnotateConfig, load_project_config
+from alignforge.annotate.render import highlight, mention_classes, parse_completion, split_prompt
+from alignforge.annotate.store import Store, StoreError, User
+
+HERE = Path(__file__).parent
+SESSION_COOKIE = "af_session"
+LOGIN_COOKIE = "af_login"
+SUBMISSION_ID = r"^[A-Za-z0-9_-]{8,64}$"
+MAX_ITEM_ID = 2**62
+
+
+class Auth(NamedTuple):
+    user: User
+    csrf: str | None  # None when authenticated by bearer token (no cookie: no CSRF risk)
+
+
+class SubmitIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    item_id: int = Field(ge=1, le=MAX_ITEM_ID)
+    submission_id: str = Field(pattern=SUBMISSION_ID)
+    answers: dict[str, str] = Field(max_length=9)
+    client_active_ms: int = Field(0, ge=0, le=86_400_000)
+    comment: str = Field("", max_length=100_000)
+
+
+class ItemIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    item_id: int = Field(ge=1, le=MAX_ITEM_ID)
+
+
+class DraftIn(ItemIn):
+    answers: dict[str, str] = Field(max_length=9)
+
+
+class BodyLimit:
+    """Reject request bodies over ``max_bytes`` with 413, declared or streamed."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        cl = dict(scope["headers"]).get(b"content-length")
+        if cl is not None and (not cl.isdigit() or int(cl) > self.max):
+            return await PlainTextResponse("request body too large", 413)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.max:
+                raise _TooLarge
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await PlainTextResponse("request body too large", 413)(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(project_dir: str | Path, cfg: AnnotateConfig | None = None) -> FastAPI:
+    store = Store(project_dir)
+    cfg = cfg or load_project_config(project_dir)
+    app = FastAPI(title="alignforge annotate", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.store, app.state.cfg = store, cfg
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    app.state.templates = templates
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException):
+        if exc.status_code == 401 and not _wants_json(request):
+            return RedirectResponse("/login", 303)
+        if _wants_json(request):
+            return JSONResponse({"error": exc.detail}, exc.status_code)
+        return templates.TemplateResponse(
+            request, "error.html", {"status": exc.status_code, "detail": exc.detail},
+            status_code=exc.status_code,
+        )  # fmt: skip
+
+    _login_routes(app, store, cfg, templates)
+    _task_routes(app, store, cfg, templates)
+    _api_routes(app, store, cfg)
+    _admin_routes(app, store, cfg, templates)
+    return app
+
+
+def _wants_json(request: Request) -> bool:
+    p = request.url.path
+    return (
+        p.startswith("/api/")
+        or p.startswith("/admin/api/")
+        or "bearer" in (request.headers.get("authorization", "").lower())
+    )
+
+
+def auth(request: Request) -> Auth:
+    store: Store = request.app.state.store
+    header = request.headers.get("authorization", "")
+    with store.connect() as conn:
+        if header.lower().startswith("bearer "):
+            tok = header[7:].strip()
+            user = store.user_by_token(conn, tok) if 0 < len(tok) <= 200 else None
+            if user is None:
+                raise HTTPException(401, "unknown token")
+            return Auth(user, None)
+        sid = request.cookies.get(SESSION_COOKIE, "")
+        got = store.session_user(conn, sid) if 0 < len(sid) <= 200 else None
+    if got is None:
+        raise HTTPException(401, "log in first")
+    return Auth(got[0], got[1])
+
+
+def check_csrf(a: Auth, supplied: str | None) -> None:
+    if a.csrf is None:
+        return
+    if not supplied or not secrets.compare_digest(str(supplied), a.csrf):
+        raise HTTPException(403, "missing or wrong CSRF token")
+
+
+def admin_auth(a: Auth = Depends(auth)) -> Auth:
+    if a.user.role != "admin":
+        raise HTTPException(403, "admins only")
+    return a
+
+
+def _set_cookie(resp, name: str, value: str, max_age: int, request: Request) -> None:
+    resp.set_cookie(
+        name, value, max_age=max_age, httponly=True, samesite="strict",
+        secure=request.url.scheme == "https", path="/",
+    )  # fmt: skip
+
+
+def _login_routes(app: FastAPI, store: Store, cfg: AnnotateConfig, templates) -> None:
+    @app.get("/login", response_class=HTMLResponse)
+    def login_page(request: Request, error: str = ""):
+        nonce = secrets.token_urlsafe(24)
+        ctx = {"csrf": nonce, "error": error[:100], "title": cfg.title}
+        resp = templates.TemplateResponse(request, "login.html", ctx)
+        _set_cookie(resp, LOGIN_COOKIE, nonce, 3600, request)
+        return resp
+
+    @app.post("/login")
+    async def login(request: Request):
+        form = await request.form()
+        nonce = request.cookies.get(LOGIN_COOKIE, "")
+        if not nonce or not secrets.compare_digest(str(form.get("csrf", "")), nonce):
+            raise HTTPException(403, "missing or wrong CSRF token; reload the login page")
+        token = str(form.get("token", "")).strip()
+        with store.connect() as conn:
+            user = store.user_by_token(conn, token) if 0 < len(token) <= 200 else None
+            if user is None:
+                return RedirectResponse("/login?error=unknown+token", 303)
+            sid, _ = store.new_session(conn, user.id, cfg.session_hours)
+        resp = RedirectResponse("/", 303)
+        _set_cookie(resp, SESSION_COOKIE, sid, int(cfg.session_hours * 3600), request)
+        resp.delete_cookie(LOGIN_COOKIE, path="/")
+        return resp
+
+    @app.post("/logout")
+    async def logout(request: Request, a: Auth = Depends(auth)):
+        form = await request.form()
+        check_csrf(a, form.get("csrf"))
+        with store.connect() as conn:
+            store.end_session(conn, request.cookies.get(SESSION_COOKIE, ""))
+        resp = RedirectResponse("/login", 303)
+        resp.delete_cookie(SESSION_COOKIE, path="/")
+        return resp
+
+    @app.get("/")
+    def root(a: Auth = Depends(auth)):
+        return RedirectResponse("/admin" if a.user.role == "admin" else "/task", 303)
+
+
+def item_view(store: Store, cfg: AnnotateConfig, conn, user: User, served) -> dict[str, Any]:
+    """Everything the task page (and ``GET /api/next``) shows, in display order."""
+    it = store.item(conn, served.item_id)
+    left, right = (it["b_text"], it["a_text"]) if served.swapped else (it["a_text"], it["b_text"])
+    pa, pb = parse_completion(left), parse_completion(right)
+    instruction, document = split_prompt(it["prompt"], it.get("source_document"))
+    return {
+        "item_id": it["id"],
+        "trial": bool(it["trial"]),
+        "instruction": instruction,
+        "document": document,
+        "segments": highlight(document, mention_classes(pa, pb)),
+        "a": pa,
+        "b": pb,
+        "served_at": served.served_at,
+        "draft": store.draft(conn, user.id, it["id"]),
+        "progress": store.progress(conn, user),
+    }
+
+
+def _task_routes(app: FastAPI, store: Store, cfg: AnnotateConfig, templates) -> None:
+    def page(request: Request, a: Auth, view: dict | None):
+        ctx = {"user": a.user, "csrf": a.csrf or "", "cfg": cfg, "v": view}
+        if view is None:
+            with store.connect() as conn:
+                ctx["progress"] = store.progress(conn, a.user)
+            return templates.TemplateResponse(request, "done.html", ctx)
+        return templates.TemplateResponse(request, "task.html", ctx)
+
+    @app.get("/task", response_class=HTMLResponse)
+    def task(request: Request, a: Auth = Depends(auth)):
+        with store.connect() as conn:
+            served = store.next_item(conn, a.user)
+            view = item_view(store, cfg, conn, a.user, served) if served else None
+        return page(request, a, view)
+
+    @app.get("/task/{item_id}", response_class=HTMLResponse)
+    def task_item(request: Request, item_id: int, a: Auth = Depends(auth)):
+        with store.connect() as conn:
+            got = store.assignment(conn, a.user.id, _item_id(item_id))
+            if got is None or got[1] != "served":
+                raise HTTPException(404, "no such item in your queue")
+            view = item_view(store, cfg, conn, a.user, got[0])
+        return page(request, a, view)
+
+    @app.post("/task/{item_id}/submit")
+    async def task_submit_form(request: Request, item_id: int, a: Auth = Depends(auth)):
+        """Form fallback for browsers without JavaScript."""
+        form = await request.form()
+        check_csrf(a, form.get("csrf"))
+        answers = {k[7:]: str(v) for k, v in form.items() if k.startswith("answer_")}
+        body = {
+            "item_id": item_id, "submission_id": str(form.get("submission_id", "")),
+            "answers": answers, "comment": str(form.get("comment", "")),
+        }  # fmt: skip
+        try:
+            sub = SubmitIn.model_validate(body)
+        except ValueError as e:
+            raise HTTPException(422, f"invalid submission: {e}") from None
+        _do_submit(store, cfg, a.user, sub)
+        return RedirectResponse("/task", 303)
+
+
+def _item_id(item_id: int) -> int:
+    if not 1 <= item_id <= MAX_ITEM_ID:
+        raise HTTPException(404, "no such item in your queue")
+    return item_id
+
+
+def _display_scores(cfg: AnnotateConfig, answers: dict[str, str], partial: bool) -> dict[str, int]:
+    by_key = {c.key: c.score for c in cfg.choices}
+    keys = {a.key for a in cfg.aspects}
+    unknown = sorted(set(answers) - keys)
+    if unknown:
+        raise HTTPException(422, f"unknown aspect(s): {', '.join(k[:40] for k in unknown)}")
+    missing = sorted(keys - set(answers))
+    if missing and not partial:
+        raise HTTPException(422, f"aspect(s) not answered: {', '.join(missing)}")
+    bad = [k for k, v in answers.items() if v not in by_key]
+    if bad:
+        raise HTTPException(422, f"answer to '{bad[0]}' must be one of {', '.join(by_key)}")
+    return {k: by_key[v] for k, v in answers.items()}
+
+
+def _do_submit(store: Store, cfg: AnnotateConfig, user: User, sub: SubmitIn):
+    scores = _display_scores(cfg, sub.answers, partial=False)
+    if len(sub.comment) > cfg.max_comment_chars:
+        raise HTTPException(422, f"comment longer than {cfg.max_comment_chars} characters")
+    try:
+        with store.connect() as conn:
+            return store.submit(
+                conn, user, sub.item_id, sub.submission_id, scores,
+                client_seconds=sub.client_active_ms / 1000.0, comment=sub.comment or None,
+            )  # fmt: skip
+    except StoreError as e:
+        raise HTTPException(e.status, str(e)) from None
+
+
+def _api_routes(app: FastAPI, store: Store, cfg: AnnotateConfig) -> None:
+    def _csrf(request: Request, a: Auth) -> None:
+        check_csrf(a, request.headers.get("x-csrf-token"))
+
+    @app.get("/api/me")
+    def me(a: Auth = Depends(auth)):
+        with store.connect() as conn:
+            prog = store.progress(conn, a.user)
+        return {"name": a.user.name, "role": a.user.role, "group": a.user.group, **prog}
+
+    @app.get("/api/next")
+    def api_next(a: Auth = Depends(auth)):
+        with store.connect() as conn:
+            served = store.next_item(conn, a.user)
+            if served is None:
+                return {"item": None, "progress": store.progress(conn, a.user)}
+            v = item_view(store, cfg, conn, a.user, served)
+        return {
+            "item": {
+                "item_id": v["item_id"], "trial": v["trial"], "instruction": v["instruction"],
+                "document": v["document"], "a": v["a"].text, "b": v["b"].text,
+                "draft": v["draft"],
+            },
+            "aspects": [x.key for x in cfg.aspects],
+            "choices": {c.key: c.label for c in cfg.choices},
+            "progress": v["progress"],
+        }  # fmt: skip
+
+    @app.post("/api/submit")
+    def api_submit(request: Request, sub: SubmitIn, a: Auth = Depends(auth)):
+        _csrf(request, a)
+        r = _do_submit(store, cfg, a.user, sub)
+        return {"ok": True, "saved": True, "judgement_id": r.judgement_id,
+                "duplicate": r.duplicate, "saved_at": time.time()}  # fmt: skip
+
+    @app.post("/api/skip")
+    def api_skip(request: Request, body: ItemIn, a: Auth = Depends(auth)):
+        _csrf(request, a)
+        try:
+            with store.connect() as conn:
+                store.skip(conn, a.user, body.item_id)
+        except StoreError as e:
+            raise HTTPException(e.status, str(e)) from None
+        return {"ok": True}
+
+    @app.post("/api/draft")
+    def api_draft(request: Request, body: DraftIn, a: Auth = Depends(auth)):
+        _csrf(request, a)
+        _display_scores(cfg, body.answers, partial=True)
+        try:
+            with store.connect() as conn:
+                store.save_draft(conn, a.user, body.item_id, body.answers)
+        except StoreError as e:
+            raise HTTPException(e.status, str(e)) from None
+        return {"ok": True}
+
+
+def _admin_routes(app: FastAPI, store: Store, cfg: AnnotateConfig, templates) -> None:
+    from alignforge.annotate import dashboard as db
+
+    aspects = [a.key for a in cfg.aspects]
+
+    def stats():
+        with store.connect() as conn:
+            s = db.project_stats(store, conn, aspects, cfg.alert_margin, cfg.idle_cap_seconds)
+            js = store.judgements(conn)
+        return s, js
+
+    @app.get("/admin", response_class=HTMLResponse)
+    def admin(request: Request, a: Auth = Depends(admin_auth)):
+        s, _ = stats()
+        ctx = {"user": a.user, "csrf": a.csrf or "", "cfg": cfg, "s": s, "now": time.time()}
+        return templates.TemplateResponse(request, "admin.html", ctx)
+
+    @app.get("/admin/api/stats")
+    def admin_stats(a: Auth = Depends(admin_auth)):
+        s, _ = stats()
+        return {
+            "n_items": s.n_items, "n_released": s.n_released, "n_judgements": s.n_judgements,
+            "rates": _clean(s.rates), "agreement": _clean(s.agreement),
+            "annotator_kappa": _clean(s.annotator_kappa), "alerts": s.alerts,
+        }  # fmt: skip
+
+    @app.get("/admin/plot/{name}.png")
+    def plot(name: str, a: Auth = Depends(admin_auth)):
+        from fastapi.responses import Response
+
+        s, js = stats()
+        makers = {
+            "rate": lambda: db.plot_rate(js),
+            "time": lambda: db.plot_time(js, cfg.idle_cap_seconds),
+            "agreement": lambda: db.plot_agreement(s),
+        }
+        if name not in makers:
+            raise HTTPException(404, "no such plot")
+        return Response(makers[name](), media_type="image/png",
+                        headers={"Cache-Control": "no-store"})  # fmt: skip
+
+
+def _clean(x: Any) -> Any:
+    """NamedTuples to dicts and NaN to None, so the stats serialise as strict JSON."""
+    if isinstance(x, tuple) and hasattr(x, "_asdict"):
+        return {k: _clean(v) for k, v in x._asdict().items()}
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, float) and x != x:
+        return None
+    return x

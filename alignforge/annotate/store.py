@@ -1,0 +1,518 @@
+"""SQLite store of an annotation project: users, items (pairs), batches, assignments, judgements.
+
+    from alignforge.annotate.store import Store
+    store = Store.create("ann/")                 # ann/annotate.db, WAL mode
+    token = store.add_user("alice", role="annotator", group="g1")   # shown once, hash kept
+    with store.connect() as conn:
+        item = store.next_item(conn, user_id=1)  # claims one item for alice (random A/B sides)
+
+Every write is one ``BEGIN IMMEDIATE`` transaction. Judgements commit with ``synchronous=FULL``:
+when ``submit`` returns, the judgement is on disk (WAL + fsync), so a server killed (or a
+machine losing power) right after answering "saved" loses nothing.
+
+Scores are stored *canonically*: positive means the item's ``a`` completion is better,
+whatever side the annotator saw it on (``assignments.swapped`` records the display order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+DB_NAME = "annotate.db"
+ROLES = ("annotator", "admin", "judge")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS users (
+  id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL,
+  role TEXT NOT NULL CHECK (role IN ('annotator', 'admin', 'judge')),
+  grp TEXT NOT NULL DEFAULT 'default', token_hash TEXT UNIQUE, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+  sid_hash TEXT PRIMARY KEY, user_id INTEGER NOT NULL REFERENCES users(id),
+  csrf TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+  id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, grp TEXT, trial INTEGER NOT NULL,
+  overlap REAL NOT NULL, released_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+  id INTEGER PRIMARY KEY, pair_key TEXT UNIQUE NOT NULL, kind TEXT NOT NULL DEFAULT 'pair',
+  prompt_id TEXT, doc_id TEXT, split TEXT, prompt_json TEXT NOT NULL, source_document TEXT,
+  a_id TEXT, b_id TEXT, a_text TEXT NOT NULL, b_text TEXT NOT NULL, meta_json TEXT,
+  batch_id INTEGER REFERENCES batches(id), trial INTEGER NOT NULL DEFAULT 0,
+  shared INTEGER NOT NULL DEFAULT 0, claimed_by INTEGER REFERENCES users(id),
+  created_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS items_batch ON items(batch_id, trial, shared, claimed_by);
+CREATE TABLE IF NOT EXISTS assignments (
+  user_id INTEGER NOT NULL REFERENCES users(id), item_id INTEGER NOT NULL REFERENCES items(id),
+  swapped INTEGER NOT NULL, served_at REAL NOT NULL,
+  status TEXT NOT NULL CHECK (status IN ('served', 'done', 'skipped')),
+  PRIMARY KEY (user_id, item_id));
+CREATE INDEX IF NOT EXISTS assignments_item ON assignments(item_id);
+CREATE TABLE IF NOT EXISTS judgements (
+  id INTEGER PRIMARY KEY, user_id INTEGER NOT NULL REFERENCES users(id),
+  item_id INTEGER NOT NULL REFERENCES items(id), submission_id TEXT NOT NULL,
+  swapped INTEGER NOT NULL, scores_json TEXT NOT NULL, overall REAL NOT NULL,
+  answers_json TEXT NOT NULL, server_seconds REAL, client_seconds REAL, comment TEXT,
+  created_at REAL NOT NULL, UNIQUE (user_id, item_id));
+CREATE TABLE IF NOT EXISTS drafts (
+  user_id INTEGER NOT NULL, item_id INTEGER NOT NULL, answers_json TEXT NOT NULL,
+  updated_at REAL NOT NULL, PRIMARY KEY (user_id, item_id));
+"""
+
+
+class StoreError(ValueError):
+    """A request the store refuses; ``status`` is the HTTP code the web app answers with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class User(NamedTuple):
+    id: int
+    name: str
+    role: str
+    group: str
+
+
+class Served(NamedTuple):
+    item_id: int
+    swapped: bool
+    served_at: float
+
+
+class Judgement(NamedTuple):
+    id: int
+    user_id: int
+    user: str
+    role: str
+    item_id: int
+    scores: dict[str, int]
+    overall: float
+    server_seconds: float | None
+    client_seconds: float | None
+    created_at: float
+
+
+class SubmitResult(NamedTuple):
+    judgement_id: int
+    duplicate: bool
+    overall: float
+
+
+class BatchInfo(NamedTuple):
+    id: int
+    name: str
+    n_items: int
+    n_shared: int
+    trial: bool
+
+
+def hash_secret(secret: str) -> str:
+    """SHA-256 of a random 256-bit token (no slow hash needed: tokens are not passwords)."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class Store:
+    """Handle on ``PROJECT_DIR/annotate.db``; open one connection per thread with ``connect``."""
+
+    def __init__(self, project_dir: str | Path):
+        self.dir = Path(project_dir)
+        self.path = self.dir / DB_NAME
+        if not self.path.exists():
+            raise FileNotFoundError(
+                f"{self.path} does not exist; run `alignforge annotate init {self.dir}` first"
+            )
+
+    @classmethod
+    def create(cls, project_dir: str | Path) -> Store:
+        d = Path(project_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(d / DB_NAME)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(SCHEMA)
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', '1')")
+            conn.commit()
+        finally:
+            conn.close()
+        return cls(d)
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=30000")
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    # ---------------------------------------------------------------- users and sessions
+    def add_user(self, name: str, role: str = "annotator", group: str = "default") -> str:
+        """Create a user and return its login token (only the hash is stored)."""
+        if role not in ("annotator", "admin"):
+            raise StoreError(f"role must be annotator or admin, got {role!r}")
+        _check_name(name)
+        token = secrets.token_urlsafe(32)
+        with self.connect() as conn, _tx(conn):
+            if conn.execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone():
+                raise StoreError(f"user {name!r} already exists", 409)
+            conn.execute(
+                "INSERT INTO users (name, role, grp, token_hash, created_at) VALUES (?,?,?,?,?)",
+                (name, role, group, hash_secret(token), time.time()),
+            )
+        return token
+
+    def judge_user(self, conn: sqlite3.Connection, model: str) -> User:
+        """The pseudo-user ``judge:<model>`` under which AI judgements are stored."""
+        name = f"judge:{model}"
+        conn.execute(
+            "INSERT OR IGNORE INTO users (name, role, grp, created_at) VALUES (?, 'judge', '*', ?)",
+            (name, time.time()),
+        )
+        row = conn.execute("SELECT id, name, role, grp FROM users WHERE name=?", (name,)).fetchone()
+        return User(*row)
+
+    def user_by_token(self, conn: sqlite3.Connection, token: str) -> User | None:
+        row = conn.execute(
+            "SELECT id, name, role, grp FROM users WHERE token_hash=? AND role != 'judge'",
+            (hash_secret(token),),
+        ).fetchone()
+        return User(*row) if row else None
+
+    def users(self, conn: sqlite3.Connection) -> list[User]:
+        rows = conn.execute("SELECT id, name, role, grp FROM users ORDER BY id").fetchall()
+        return [User(*r) for r in rows]
+
+    def new_session(self, conn: sqlite3.Connection, user_id: int, hours: float) -> tuple[str, str]:
+        """Return (session id for the cookie, CSRF token for forms and the JSON API)."""
+        sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        now = time.time()
+        with _tx(conn, durable=False):
+            conn.execute("DELETE FROM sessions WHERE expires_at < ?", (now,))
+            conn.execute(
+                "INSERT INTO sessions VALUES (?,?,?,?,?)",
+                (hash_secret(sid), user_id, csrf, now, now + hours * 3600),
+            )
+        return sid, csrf
+
+    def session_user(self, conn: sqlite3.Connection, sid: str) -> tuple[User, str] | None:
+        row = conn.execute(
+            "SELECT u.id, u.name, u.role, u.grp, s.csrf FROM sessions s JOIN users u "
+            "ON u.id = s.user_id WHERE s.sid_hash=? AND s.expires_at > ?",
+            (hash_secret(sid), time.time()),
+        ).fetchone()
+        return (User(*row[:4]), row[4]) if row else None
+
+    def end_session(self, conn: sqlite3.Connection, sid: str) -> None:
+        with _tx(conn, durable=False):
+            conn.execute("DELETE FROM sessions WHERE sid_hash=?", (hash_secret(sid),))
+
+    # ---------------------------------------------------------------- items and batches
+    def insert_items(self, rows: list[dict[str, Any]]) -> tuple[int, int]:
+        """Insert item dicts (see ``importer``); returns (added, already present)."""
+        added = 0
+        now = time.time()
+        with self.connect() as conn, _tx(conn):
+            for r in rows:
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO items (pair_key, kind, prompt_id, doc_id, split, "
+                    "prompt_json, source_document, a_id, b_id, a_text, b_text, meta_json, "
+                    "created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        r["pair_key"], r.get("kind", "pair"), r.get("prompt_id"),
+                        r.get("doc_id"), r.get("split"), json.dumps(r["prompt"]),
+                        r.get("source_document"), r.get("a_id"), r.get("b_id"),
+                        r["a_text"], r["b_text"], json.dumps(r.get("meta") or {}), now,
+                    ),
+                )  # fmt: skip
+                added += cur.rowcount
+        return added, len(rows) - added
+
+    def release(
+        self,
+        name: str,
+        size: int | None,
+        group: str | None = None,
+        overlap: float = 0.2,
+        trial: bool = False,
+        kind: str | None = None,
+        split: str | None = None,
+        seed: int = 0,
+    ) -> BatchInfo:
+        """Release up to ``size`` unreleased items as batch ``name`` for ``group`` (None = all).
+
+        A share ``overlap`` of the batch is *shared*: every annotator of the group sees it, which
+        is what agreement is measured on. A trial batch is shared entirely and served first.
+        """
+        import random
+
+        if not 0.0 <= overlap <= 1.0:
+            raise StoreError(f"overlap must be in [0, 1], got {overlap}")
+        where, args = "batch_id IS NULL", []
+        if kind:
+            where, args = where + " AND kind=?", [*args, kind]
+        if split:
+            where, args = where + " AND split=?", [*args, split]
+        with self.connect() as conn, _tx(conn):
+            if conn.execute("SELECT 1 FROM batches WHERE name=?", (name,)).fetchone():
+                raise StoreError(f"batch {name!r} already exists", 409)
+            limit = -1 if size is None else int(size)
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    f"SELECT id FROM items WHERE {where} ORDER BY id LIMIT ?", (*args, limit)
+                )
+            ]
+            if not ids:
+                raise StoreError("no unreleased items match; import some first", 409)
+            n_shared = len(ids) if trial else round(overlap * len(ids))
+            shared = set(random.Random(seed).sample(ids, n_shared))
+            cur = conn.execute(
+                "INSERT INTO batches (name, grp, trial, overlap, released_at) VALUES (?,?,?,?,?)",
+                (name, group, int(trial), 1.0 if trial else overlap, time.time()),
+            )
+            bid = cur.lastrowid
+            conn.executemany(
+                "UPDATE items SET batch_id=?, trial=?, shared=? WHERE id=?",
+                [(bid, int(trial), int(i in shared), i) for i in ids],
+            )
+        return BatchInfo(bid, name, len(ids), n_shared, trial)
+
+    def item(self, conn: sqlite3.Connection, item_id: int) -> dict[str, Any] | None:
+        row = conn.execute("SELECT * FROM items WHERE id=?", (item_id,)).fetchone()
+        if row is None:
+            return None
+        d = dict(row)
+        d["prompt"] = json.loads(d.pop("prompt_json"))
+        d["meta"] = json.loads(d.pop("meta_json") or "{}")
+        return d
+
+    # ---------------------------------------------------------------- the annotator's queue
+    def next_item(self, conn: sqlite3.Connection, user: User, rng_seed: int | None = None):
+        """The item the user works on now: the one already served, else claim the next one.
+
+        Order: trial items first, then batches in release order. A shared item is served to
+        every member of the batch's group; any other item to exactly one annotator.
+        """
+        import random
+
+        open_q = (
+            "SELECT item_id, swapped, served_at FROM assignments WHERE user_id=? "
+            "AND status='served' ORDER BY served_at LIMIT 1"
+        )
+        row = conn.execute(open_q, (user.id,)).fetchone()  # read-only fast path
+        if row:
+            return Served(row[0], bool(row[1]), row[2])
+        with _tx(conn, durable=False):
+            row = conn.execute(open_q, (user.id,)).fetchone()
+            if row:
+                return Served(row[0], bool(row[1]), row[2])
+            row = conn.execute(
+                "SELECT i.id, i.shared FROM items i JOIN batches b ON b.id = i.batch_id "
+                "WHERE (b.grp IS NULL OR b.grp = ?) AND (i.shared = 1 OR i.claimed_by IS NULL) "
+                "AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = i.id "
+                "AND a.user_id = ?) ORDER BY i.trial DESC, b.id, i.id LIMIT 1",
+                (user.group, user.id),
+            ).fetchone()
+            if row is None:
+                return None
+            item_id, shared = row
+            swapped = random.Random(rng_seed).random() < 0.5
+            now = time.time()
+            conn.execute(
+                "INSERT INTO assignments VALUES (?,?,?,?,'served')",
+                (user.id, item_id, int(swapped), now),
+            )
+            if not shared:
+                conn.execute("UPDATE items SET claimed_by=? WHERE id=?", (user.id, item_id))
+        return Served(item_id, swapped, now)
+
+    def assignment(self, conn: sqlite3.Connection, user_id: int, item_id: int):
+        row = conn.execute(
+            "SELECT item_id, swapped, served_at, status FROM assignments WHERE user_id=? "
+            "AND item_id=?",
+            (user_id, item_id),
+        ).fetchone()
+        return (Served(row[0], bool(row[1]), row[2]), row[3]) if row else None
+
+    def progress(self, conn: sqlite3.Connection, user: User) -> dict[str, int]:
+        done = conn.execute(
+            "SELECT COUNT(*) FROM judgements WHERE user_id=?", (user.id,)
+        ).fetchone()[0]
+        left = conn.execute(
+            "SELECT COUNT(*) FROM items i JOIN batches b ON b.id = i.batch_id "
+            "WHERE (b.grp IS NULL OR b.grp = ?) AND ((i.shared = 1 OR i.claimed_by IS NULL) "
+            "AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = i.id "
+            "AND a.user_id = ?))",
+            (user.group, user.id),
+        ).fetchone()[0]
+        served = conn.execute(
+            "SELECT COUNT(*) FROM assignments WHERE user_id=? AND status='served'", (user.id,)
+        ).fetchone()[0]
+        return {"done": done, "left": left + served}
+
+    def skip(self, conn: sqlite3.Connection, user: User, item_id: int) -> None:
+        with _tx(conn, durable=False):
+            a = self.assignment(conn, user.id, item_id)
+            if a is None:
+                raise StoreError(f"item {item_id} is not in your queue", 404)
+            if a[1] != "served":
+                raise StoreError(f"item {item_id} is already {a[1]}", 409)
+            conn.execute(
+                "UPDATE assignments SET status='skipped' WHERE user_id=? AND item_id=?",
+                (user.id, item_id),
+            )
+            # someone else may take an unshared item this annotator passed on
+            conn.execute(
+                "UPDATE items SET claimed_by=NULL WHERE id=? AND claimed_by=?", (item_id, user.id)
+            )
+            conn.execute("DELETE FROM drafts WHERE user_id=? AND item_id=?", (user.id, item_id))
+
+    def save_draft(self, conn: sqlite3.Connection, user: User, item_id: int, answers: dict):
+        with _tx(conn, durable=False):
+            a = self.assignment(conn, user.id, item_id)
+            if a is None or a[1] != "served":
+                raise StoreError(f"item {item_id} is not open in your queue", 404)
+            conn.execute(
+                "INSERT OR REPLACE INTO drafts VALUES (?,?,?,?)",
+                (user.id, item_id, json.dumps(answers), time.time()),
+            )
+
+    def draft(self, conn: sqlite3.Connection, user_id: int, item_id: int) -> dict:
+        row = conn.execute(
+            "SELECT answers_json FROM drafts WHERE user_id=? AND item_id=?", (user_id, item_id)
+        ).fetchone()
+        return json.loads(row[0]) if row else {}
+
+    # ---------------------------------------------------------------- judgements
+    def submit(
+        self,
+        conn: sqlite3.Connection,
+        user: User,
+        item_id: int,
+        submission_id: str,
+        display_scores: dict[str, int],
+        client_seconds: float | None = None,
+        comment: str | None = None,
+    ) -> SubmitResult:
+        """Record a judgement given in display orientation; idempotent per (user, item, id).
+
+        Re-sending the same ``submission_id`` returns the stored judgement (``duplicate``);
+        a different id for an item already judged is a conflict (409).
+        """
+        with _tx(conn):
+            a = self.assignment(conn, user.id, item_id)
+            if a is None:
+                raise StoreError(f"item {item_id} is not in your queue", 404)
+            old = conn.execute(
+                "SELECT id, submission_id, overall FROM judgements WHERE user_id=? AND item_id=?",
+                (user.id, item_id),
+            ).fetchone()
+            if old is not None:
+                if old[1] == submission_id:
+                    return SubmitResult(old[0], True, old[2])
+                raise StoreError(f"item {item_id} was already judged", 409)
+            if a[1] != "served":
+                raise StoreError(f"item {item_id} was {a[1]}", 409)
+            served = a[0]
+            sign = -1 if served.swapped else 1
+            scores = {k: sign * int(v) for k, v in display_scores.items()}
+            overall = float(sum(scores.values()))
+            now = time.time()
+            cur = conn.execute(
+                "INSERT INTO judgements (user_id, item_id, submission_id, swapped, scores_json, "
+                "overall, answers_json, server_seconds, client_seconds, comment, created_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    user.id, item_id, submission_id, int(served.swapped), json.dumps(scores),
+                    overall, json.dumps(display_scores), now - served.served_at, client_seconds,
+                    comment, now,
+                ),
+            )  # fmt: skip
+            conn.execute(
+                "UPDATE assignments SET status='done' WHERE user_id=? AND item_id=?",
+                (user.id, item_id),
+            )
+            conn.execute("DELETE FROM drafts WHERE user_id=? AND item_id=?", (user.id, item_id))
+        return SubmitResult(cur.lastrowid, False, overall)
+
+    def record_judge(
+        self, conn: sqlite3.Connection, judge: User, item_id: int, scores: dict[str, int], raw: Any
+    ) -> bool:
+        """Store an AI judgement (canonical orientation); False if this judge already did it."""
+        with _tx(conn):
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO judgements (user_id, item_id, submission_id, swapped, "
+                "scores_json, overall, answers_json, created_at) VALUES (?,?,?,0,?,?,?,?)",
+                (
+                    judge.id, item_id, f"judge-{item_id}", json.dumps(scores),
+                    float(sum(scores.values())), json.dumps(raw), time.time(),
+                ),
+            )  # fmt: skip
+        return cur.rowcount == 1
+
+    def judgements(
+        self, conn: sqlite3.Connection, item_ids: list[int] | None = None
+    ) -> list[Judgement]:
+        sql = (
+            "SELECT j.id, j.user_id, u.name, u.role, j.item_id, j.scores_json, j.overall, "
+            "j.server_seconds, j.client_seconds, j.created_at FROM judgements j "
+            "JOIN users u ON u.id = j.user_id"
+        )
+        rows = conn.execute(sql + " ORDER BY j.id").fetchall()
+        keep = set(item_ids) if item_ids is not None else None
+        return [
+            Judgement(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8], r[9])
+            for r in rows
+            if keep is None or r[4] in keep
+        ]
+
+
+# Writers of one process queue on this lock instead of polling SQLite's busy handler, whose
+# sleep-and-retry backoff starves some writers for seconds when 50 annotators submit at once.
+# Other processes (the CLI next to a running server) still wait through busy_timeout.
+_WRITE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _tx(conn: sqlite3.Connection, durable: bool = True) -> Iterator[None]:
+    """One write transaction; nested use joins the outer one.
+
+    ``durable=True`` commits with ``synchronous=FULL`` (the WAL is fsynced before COMMIT
+    returns: judgements, users, imports). ``durable=False`` uses NORMAL, which survives a killed
+    process but not a power cut; it is used for claims, drafts and sessions, whose loss costs
+    nothing (the item is served again), and it halves the fsyncs on the hot path.
+    """
+    if conn.in_transaction:
+        yield
+        return
+    with _WRITE_LOCK:
+        conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+
+def _check_name(name: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", name or ""):
+        raise StoreError(
+            f"user name {name!r} must be 1-64 letters, digits or _.@- (starting alphanumeric)"
+        )

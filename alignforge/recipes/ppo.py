@@ -293,6 +293,20 @@ def token_values(model, head: ScalarHead, batch: dict) -> Tensor:
 def prompt_messages(row: dict, where: str):
     if "prompt" in row and isinstance(row["prompt"], str | list):
         return row["prompt"]
+    if isinstance(row.get("instruction"), str):  # alpaca rows
+        return (row["instruction"] + ("\n" + row["input"] if row.get("input") else "")).strip()
+    if isinstance(
+        row.get("conversations"), list
+    ):  # sharegpt rows: the human turns before the answer
+        conv = row["conversations"]
+        conv = conv[:-1] if conv and conv[-1].get("from") in ("gpt", "assistant") else conv
+        return [
+            {
+                "role": "user" if m.get("from") in ("human", "user") else m.get("from", "user"),
+                "content": m.get("value", ""),
+            }
+            for m in conv
+        ]
     if "messages" in row and isinstance(row["messages"], list):
         msgs = list(row["messages"])
         return msgs[:-1] if msgs and msgs[-1].get("role") == "assistant" else msgs

@@ -62,14 +62,43 @@ def _answer(value, field: str, where: str):
     raise DataError(f"{where}: {field!r} must be a non-empty string or a list of messages")
 
 
+def normalise_pair_row(row: dict, columns: dict[str, str] | None = None) -> dict:
+    """Map a row onto prompt/chosen/rejected/margin.
+
+    Accepts our columns (the annotation export), a ``columns`` renaming, and the LLaMA-Factory
+    ShareGPT layout (``conversations`` + ``chosen``/``rejected`` as ``{from, value}``).
+    """
+    if columns:
+        row = {**row, **{ours: row[theirs] for ours, theirs in columns.items() if theirs in row}}
+    if "prompt" not in row and isinstance(row.get("conversations"), list):
+        from alignforge.data.formats import SHAREGPT_ROLES
+
+        conv = row["conversations"]
+        prompt = [
+            {"role": SHAREGPT_ROLES.get(m.get("from"), "user"), "content": m.get("value", "")}
+            for m in conv
+        ]
+        row = {**row, "prompt": prompt}
+        for key in ("chosen", "rejected"):
+            if isinstance(row.get(key), dict) and "value" in row[key]:
+                row[key] = row[key]["value"]
+    return row
+
+
 def prepare_pairs(
-    rows: list[dict], tokenizer, max_length: int, source: str, skip_bad_rows: bool = False
+    rows: list[dict],
+    tokenizer,
+    max_length: int,
+    source: str,
+    skip_bad_rows: bool = False,
+    columns: dict[str, str] | None = None,
 ):
     """Tokenized pairs and a count of skipped rows; errors name the file, row and column."""
     pairs, bad = [], 0
     for i, row in enumerate(rows):
         where = f"{source} row {i}"
         try:
+            row = normalise_pair_row(row, columns)
             missing = [c for c in ("prompt", "chosen", "rejected") if c not in row]
             if missing:
                 raise DataError(f"{where}: column {missing[0]!r} is missing; row has {sorted(row)}")
@@ -208,7 +237,7 @@ def run(cfg: RMConfig, callbacks=()) -> dict:
             "set eval_dataset or val_size (e.g. 0.1)"
         )
     train_pairs, bad = prepare_pairs(
-        train_rows, tokenizer, cfg.max_length, cfg.dataset, cfg.skip_bad_rows
+        train_rows, tokenizer, cfg.max_length, cfg.dataset, cfg.skip_bad_rows, cfg.columns
     )
     eval_pairs, bad_eval = prepare_pairs(
         eval_rows,
@@ -216,6 +245,7 @@ def run(cfg: RMConfig, callbacks=()) -> dict:
         cfg.max_length,
         cfg.eval_dataset or "held-out split",
         cfg.skip_bad_rows,
+        cfg.columns,
     )
     collate = PairCollator(tokenizer.pad_token_id)
 

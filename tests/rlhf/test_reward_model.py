@@ -130,3 +130,49 @@ def test_rm_needs_held_out_pairs(tiny_model_dir, tmp_path):
     )
     with pytest.raises(DataError, match="eval_dataset / val_size"):
         reward.run(cfg)
+
+
+@pytest.mark.parametrize("finetuning_type", ["full", "lora"])
+def test_saved_rm_reproduces_the_eval_scores(tiny_model_dir, tmp_path, finetuning_type):
+    rows = preference_rows(24, seed=3)
+    train, held = (
+        write_jsonl(tmp_path / "t.jsonl", rows[:18]),
+        write_jsonl(tmp_path / "e.jsonl", rows[18:]),
+    )
+    cfg = build_config(
+        RMConfig,
+        dict(
+            model_name_or_path=tiny_model_dir,
+            dataset=train,
+            eval_dataset=held,
+            output_dir=str(tmp_path / "o"),
+            finetuning_type=finetuning_type,
+            max_steps=2,
+            max_length=48,
+            progress=False,
+            bootstrap_samples=0,
+        ),
+    )
+    reward.run(cfg)
+    final = tmp_path / "o" / "final"
+    assert (
+        final / ("config.json" if finetuning_type == "full" else "adapter_config.json")
+    ).exists()
+    saved = json.loads((tmp_path / "o" / "reward_scores_eval.json").read_text())
+    rm = load_reward_model(final)
+    prompts = [r["prompt"] for r in rows[18:]]
+    again = rm.score(prompts, [r["chosen"] for r in rows[18:]]) + rm.score(
+        prompts, [r["rejected"] for r in rows[18:]]
+    )
+    assert again == pytest.approx(saved, abs=1e-4)
+
+
+def test_sharegpt_pairs_and_column_mapping_are_read(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    demo = json.loads(open("examples/data/dpo_en_demo.json").read())[:3]
+    pairs, bad = reward.prepare_pairs(demo, tok, 64, "dpo_en_demo.json")
+    assert len(pairs) == 3 and bad == 0 and pairs[0].chosen != pairs[0].rejected
+    renamed = [{"question": "q", "good": "yes", "bad": "no", "strength": 2}]
+    cols = {"prompt": "question", "chosen": "good", "rejected": "bad", "margin": "strength"}
+    (pair,), _ = reward.prepare_pairs(renamed, tok, 64, "f", columns=cols)
+    assert pair.margin == 2.0

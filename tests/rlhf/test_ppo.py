@@ -220,3 +220,50 @@ def test_rejection_removes_tokens_from_the_loss_denominator(tiny_model_dir, prom
     assert row["policy/loss_tokens"] == pytest.approx(
         row["response_tokens"] * (1 - row["offpolicy/frac_masked"])
     )
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
+def test_critic_free_estimators_run_without_a_value_model(
+    tiny_model_dir, prompts, tmp_path, estimator
+):
+    s = ppo.run(
+        cfg(
+            tiny_model_dir,
+            prompts,
+            tmp_path / "g",
+            advantage_estimator=estimator,
+            num_generations=2,
+            rollout_batch_size=2,
+            mini_batch_size=2,
+            max_steps=2,
+        )
+    )
+    r = rows(tmp_path / "g")
+    assert s["steps"] == 2 and "value/loss" not in r[0] and "policy/loss" in r[0]
+    assert not (tmp_path / "g/final/value").exists()
+
+
+def bad_reward(prompts, completions, completion_ids):
+    return [float("nan")] * len(prompts)
+
+
+def test_non_finite_rewards_and_losses_stop_with_a_clear_error(
+    tiny_model_dir, prompts, tmp_path, monkeypatch
+):
+    with pytest.raises(ValueError, match="need one finite float per completion"):
+        ppo.run(
+            cfg(
+                tiny_model_dir,
+                prompts,
+                tmp_path / "a",
+                reward_fn="test_ppo:bad_reward",
+                reward_fn_kwargs={},
+            )
+        )
+    run = ppo.PPORun(cfg(tiny_model_dir, prompts, tmp_path / "b"))
+    real = run.minibatch_loss
+    monkeypatch.setattr(run, "minibatch_loss", lambda mb: (real(mb)[0] * float("nan"), {}))
+    with pytest.raises(
+        ppo.NonFiniteLossError, match="loss is nan at PPO step 1.*no checkpoint was written yet"
+    ):
+        run.train_step()

@@ -29,7 +29,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "rlhf")]
 
-KEYS = ("reward/mean", "kl", "offpolicy/kl_k3", "offpolicy/ess", "offpolicy/frac_truncated", "offpolicy/frac_masked")
+KEYS = (
+    "reward/mean",
+    "kl",
+    "offpolicy/kl_k3",
+    "offpolicy/ess",
+    "offpolicy/frac_truncated",
+    "offpolicy/frac_masked",
+)
 
 
 def settings(staleness: int) -> dict[str, dict]:
@@ -110,7 +117,9 @@ def plot(table: dict, prefix: str, path: Path) -> None:
             y = np.asarray(table[n][key])
             if key == "reward/mean":  # 5-step moving average: single batches are noisy
                 y = np.convolve(y, np.ones(5) / 5, mode="valid")
-            ax.plot(np.arange(1, len(y) + 1), y, label=n, lw=1.4, ls="--" if n == "on-policy" else "-")
+            ax.plot(
+                np.arange(1, len(y) + 1), y, label=n, lw=1.4, ls="--" if n == "on-policy" else "-"
+            )
         ax.set_title(key + (" (5-step mean)" if key == "reward/mean" else ""))
         ax.set_xlabel("PPO step")
     axes[0].legend(fontsize=8)
@@ -141,15 +150,22 @@ def main() -> None:
     for name, extra in settings(args.staleness).items():
         for seed in args.seeds:
             out = work / name.replace("/", "_") / f"seed{seed}"
-            runs.setdefault(name, []).append(one_run(str(work / "model"), data, out, seed, args.steps, extra))
-            print(f"{name} seed {seed}: last reward {runs[name][-1][-1]['reward/mean']:.3f}", flush=True)
+            runs.setdefault(name, []).append(
+                one_run(str(work / "model"), data, out, seed, args.steps, extra)
+            )
+            print(
+                f"{name} seed {seed}: last reward {runs[name][-1][-1]['reward/mean']:.3f}",
+                flush=True,
+            )
     table = aggregate(runs)
     plot(table, "int8", ROOT / "docs/img/offpolicy_int8.png")
     plot(table, f"stale-{args.staleness}", ROOT / "docs/img/offpolicy_stale.png")
     res = ROOT / "benchmarks/results/offpolicy.json"
     res.parent.mkdir(parents=True, exist_ok=True)
     res.write_text(json.dumps({"args": vars(args), "runs": table}, indent=1))
-    print(f"\n{'run':<22}{'reward(last q)':>16}{'KL(last q)':>12}{'mismatch k3':>13}{'ESS':>8}{'trunc':>8}{'masked':>8}")
+    print(
+        f"\n{'run':<22}{'reward(last q)':>16}{'KL(last q)':>12}{'mismatch k3':>13}{'ESS':>8}{'trunc':>8}{'masked':>8}"
+    )
     for n, r in table.items():
         print(
             f"{n:<22}{r['reward_last_quarter']:>10.3f} ±{r['reward_last_quarter_seed_std']:.3f}"

@@ -88,8 +88,10 @@ def main() -> None:
     print(f"\none PPO step on {args.model} ({result['machine']}): {total:.2f} s")
     for k, v in result["phases"].items():
         print(f"  {k:<9}{v['seconds']:>8.2f} s {100 * v['share']:>6.1f}%")
-    print(f"  answer tokens/step {tokens:.0f}; {result['tokens_per_s']:.1f} tokens/s overall, "
-          f"{result['generated_tokens_per_s']:.1f} tokens/s in generation")
+    print(
+        f"  answer tokens/step {tokens:.0f}; {result['tokens_per_s']:.1f} tokens/s overall, "
+        f"{result['generated_tokens_per_s']:.1f} tokens/s in generation"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,98 @@
+"""Where the time of one PPO step goes: generation, scoring, preparation, training.
+
+    python benchmarks/ppo_step.py                                   # embedded default model, LoRA
+    python benchmarks/ppo_step.py --steps 4 --rollout-batch-size 8 --max-new-tokens 64 --threads 2
+
+Runs ``stage: ppo`` on ``model_name_or_path: default`` (SmolLM2-135M-Instruct) with a LoRA policy,
+a critic on a second adapter (GAE) and a programmatic reward (answer length toward 32 tokens),
+then reports the mean seconds per phase over the steps after the first (warm-up), and tokens/s
+(generated answer tokens per second of the whole step). Writes
+``benchmarks/results/ppo_step.json``; the figures are recorded in ``docs/benchmarks/ppo.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PHASES = ("time/generate", "time/score", "time/prepare", "time/train")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--rollout-batch-size", type=int, default=8)
+    ap.add_argument("--mini-batch-size", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--ppo-epochs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rollout-precision", default="same", choices=["same", "bfloat16", "int8"])
+    args = ap.parse_args()
+
+    import torch
+
+    from alignforge.config import build_config
+    from alignforge.config.rlhf import PPOConfig
+    from alignforge.recipes import ppo
+
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="ppo-step-"))
+    rows = json.loads((ROOT / "examples/data/alpaca_en_demo.json").read_text())[:64]
+    data = work / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r["instruction"]}) + "\n" for r in rows))
+    cfg = build_config(
+        PPOConfig,
+        dict(
+            model_name_or_path=args.model,
+            dataset=str(data),
+            output_dir=str(work / "run"),
+            reward_fn="alignforge.recipes.ppo:length_reward",
+            reward_fn_kwargs={"target_length": 32},
+            rollout_batch_size=args.rollout_batch_size,
+            mini_batch_size=args.mini_batch_size,
+            max_new_tokens=args.max_new_tokens,
+            ppo_epochs=args.ppo_epochs,
+            rollout_precision=args.rollout_precision,
+            max_steps=args.steps,
+            max_length=256,
+            learning_rate=1e-5,
+            progress=False,
+        ),
+    )
+    ppo.run(cfg)
+    metrics = [json.loads(x) for x in open(work / "run/metrics.jsonl")]
+    steps = [m for m in metrics if m["split"] == "train"][1:] or metrics
+    mean = {k: sum(m[k] for m in steps) / len(steps) for k in PHASES}
+    total = sum(mean.values())
+    tokens = sum(m["response_tokens"] for m in steps) / len(steps)
+    result = {
+        "args": vars(args),
+        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads",
+        "cuda": torch.cuda.is_available(),
+        "seconds_per_step": total,
+        "phases": {k[5:]: {"seconds": v, "share": v / total} for k, v in mean.items()},
+        "answer_tokens_per_step": tokens,
+        "tokens_per_s": tokens / total,
+        "generated_tokens_per_s": tokens / mean["time/generate"],
+    }
+    out = ROOT / "benchmarks/results/ppo_step.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"\none PPO step on {args.model} ({result['machine']}): {total:.2f} s")
+    for k, v in result["phases"].items():
+        print(f"  {k:<9}{v['seconds']:>8.2f} s {100 * v['share']:>6.1f}%")
+    print(
+        f"  answer tokens/step {tokens:.0f}; {result['tokens_per_s']:.1f} tokens/s overall, "
+        f"{result['generated_tokens_per_s']:.1f} tokens/s in generation"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -194,8 +194,8 @@ def test_rejection_removes_tokens_from_the_loss_denominator(tiny_model_dir, prom
         tmp_path / "m",
         rollout_precision="int8",
         offpolicy_correction="mask",
-        offpolicy_lower=0.995,
-        offpolicy_upper=1.005,
+        offpolicy_lower=0.9995,
+        offpolicy_upper=1.0005,
         advantage_estimator="reinforce_pp",
     )
     run = ppo.PPORun(c)

@@ -75,6 +75,16 @@ def instructions(
 ) -> None:
     """Back-translate chunks into instruction/answer pairs with a teacher (resumable).
 
+    Writes sft.jsonl, rejects.jsonl, cache.jsonl and report.json to output_dir; a re-run skips
+    finished chunks.
+
+    Config keys (YAML or key=value): input, output_dir (required); input_is_chunks, text_field,
+    id_field, target_size, max_size; teacher: base_url + model [+ api_key_env, max_concurrency,
+    timeout, max_retries] or model_path (local model); n_pairs (3), min_pairs, temperature
+    (0.7), max_tokens (1024), max_attempts (3), batch_size, use_json_schema (true),
+    max_instruction_chars, max_answer_chars, near_dup_threshold, output_format
+    (messages|prompt_completion).
+
     Example: alignforge data instructions cfg.yaml base_url=http://127.0.0.1:8000/v1 n_pairs=3
     """
     from alignforge.config import load_config
@@ -160,7 +170,16 @@ def preferences(
     config: str = typer.Argument(None, help="YAML config (fields of PreferencesConfig)."),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
-    """Sample 1 greedy + k-1 tempered completions per prompt with log-probs into samples.jsonl."""
+    """Sample 1 greedy + k-1 tempered completions per prompt with log-probs into samples.jsonl.
+
+    Config keys (YAML or key=value): prompts (JSONL with prompt, optional prompt_id, doc_id,
+    split), model (policy checkpoint directory), output_dir (required); prompt_field, k (4),
+    temperature (0.9), top_p, max_new_tokens (256), seed, batch_size, train_ratio,
+    validation_ratio, test_ratio. Completions are shuffled per prompt; splits are assigned per
+    doc_id (else prompt_id) before any pairing.
+
+    Example: alignforge data preferences prefs.yaml model=runs/sft k=4 temperature=1.0
+    """
     from alignforge.config import load_config
     from alignforge.datagen.cache import read_jsonl
     from alignforge.datagen.configs import PreferencesConfig

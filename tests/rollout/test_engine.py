@@ -104,7 +104,7 @@ SCHEMA = {
 
 def test_constrained_decoding_yields_schema_valid_json(tiny_model, tokenizer, prompts):
     engine = TransformersEngine(tiny_model, tokenizer, batch_size=4)
-    groups = engine.generate(prompts, n=3, max_new_tokens=200, seed=0, json_schema=SCHEMA)
+    groups = engine.generate(prompts, n=2, max_new_tokens=200, seed=0, json_schema=SCHEMA)
     for group in groups:
         for r in group:
             assert r.finish_reason == "stop", r.text

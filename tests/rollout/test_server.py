@@ -128,3 +128,19 @@ def test_connection_refused_names_the_url():
     with pytest.raises(EndpointError, match="connection failed") as info:
         client.chat(MSG)
     assert url in str(info.value)
+
+
+def test_local_chat_client_has_the_same_surface(tiny_model, tokenizer):
+    from alignforge.rollout import TransformersChatClient
+
+    client = TransformersChatClient(tiny_model, tokenizer, model_name="tiny")
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 10}}}
+    rf = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    out = client.chat_many([MSG, MSG + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]],
+                           temperature=1.0, max_tokens=40, response_format=rf, n=2, logprobs=True, seed=0)  # fmt: skip
+    assert [len(group) for group in out] == [2, 2]
+    for group in out:
+        for r in group:
+            assert set(json.loads(r.text)) == {"answer"} and len(r.logprobs) > 0
+    [greedy] = client.chat(MSG, temperature=0.0, max_tokens=5)
+    assert greedy.finish_reason in {"stop", "length"}

@@ -12,7 +12,7 @@ from alignforge.config.preference import SPINConfig
 from alignforge.data.preference import collate_pairs, prepare_pairs, render_prompt
 from alignforge.losses.preference import spin_loss
 from alignforge.recipes import spin
-from alignforge.recipes.dpo import PreferenceObjective, pair_logps
+from alignforge.recipes.dpo import pair_logps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 
@@ -106,7 +106,10 @@ def test_generation_uses_the_training_template_and_counts_truncation(tiny, tiny_
     rows, stats = spin.make_pair_rows(items, gens)
     assert stats.dropped_exact == 1 and stats.exact_match_rate == 0.5 and len(rows) == 1
     pair = prepare_pairs(rows, tok, 64)[0][0]
-    assert pair.prompt_ids == tok(render_prompt(tok, prompts[1]), add_special_tokens=False)["input_ids"]
+    assert (
+        pair.prompt_ids
+        == tok(render_prompt(tok, prompts[1]), add_special_tokens=False)["input_ids"]
+    )
 
 
 def spin_cfg(model, data, out, **kw):
@@ -122,7 +125,8 @@ def spin_cfg(model, data, out, **kw):
         generation_batch_size=8,
         max_length=96,
         per_device_train_batch_size=4,
-        max_steps=2,
+        max_steps=1,
+        share_prompt=True,
         lora_rank=8,
         lora_dropout=0.0,
         progress=False,
@@ -131,30 +135,62 @@ def spin_cfg(model, data, out, **kw):
     return build_config(SPINConfig, {**base, **kw})
 
 
-def test_two_iterations_on_the_default_model_advance_the_opponent(default_model_dir, tmp_path):
+def sft_file(tmp_path, n=8):
     rows = json.load(open(os.path.join(ROOT, "examples/data/alpaca_en_demo.json")))
-    rows = sorted(rows, key=lambda r: len(r["instruction"]) + len(r["output"]))[:8]
+    rows = sorted(rows, key=lambda r: len(r["instruction"]) + len(r["input"]) + len(r["output"]))[
+        :n
+    ]
     data = tmp_path / "sft.json"
     data.write_text(json.dumps(rows))
-    out = tmp_path / "spin"
-    s = spin.run(spin_cfg(default_model_dir, str(data), out))
+    return str(data)
+
+
+def no_generation(*a, **k):
+    raise AssertionError("a finished iteration was redone")
+
+
+def test_two_iterations_on_the_default_model_advance_the_opponent(
+    default_model_dir, tmp_path, monkeypatch
+):
+    data, out = sft_file(tmp_path), tmp_path / "spin"
+    s = spin.run(spin_cfg(default_model_dir, data, out))
     it0, it1 = s["iterations"]
-    # iteration 1's opponent is iteration 0's merged model, not the starting model
+    # iteration 1's opponent is iteration 0's merged model, not the starting model ...
     assert it1["opponent_fingerprint"] == it0["model_fingerprint"] != it0["opponent_fingerprint"]
-    gen0 = json.loads((out / "iter_0" / "pairs_train.json").read_text())
-    gen1 = json.loads((out / "iter_1" / "pairs_train.json").read_text())
-    assert [r["rejected"] for r in gen0["rows"]] != [r["rejected"] for r in gen1["rows"]]
-    assert it1["previous_pairs_mixed"] == len(gen0["rows"])  # previous pairs mixed in
+    # ... and it scores the same (mixed-in) pairs differently from iteration 0's opponent
+    old = torch.load(out / "iter_0" / "opponent_logps_train.pt")
+    new = torch.load(out / "iter_1" / "opponent_logps_train.pt")
+    shared = [new["keys"].index(k) for k in old["keys"]]
+    assert it1["previous_pairs_mixed"] == len(old["keys"]) > 0
+    assert (new["values"][shared] - old["values"]).abs().max() > 1e-3
     assert it0["generation"]["n"] == 8 and 0 <= it0["generation"]["truncation_rate"] <= 1
+    assert it0["generation"]["max_tokens"] <= 24
     assert it0["beta"] == 0.1 and it1["learning_rate"] == 1e-3
     assert it0["final"]["rewards/margins"] > 0  # the policy moved away from its opponent
-    for f in ("iter_0/model/config.json", "iter_1/done.json", "summary.json", "spin_iterations.png"):
+    for f in (
+        "iter_0/model/config.json",
+        "iter_1/done.json",
+        "summary.json",
+        "spin_iterations.png",
+    ):
         assert (out / f).exists(), f
-    # resumable per iteration: a rerun with more iterations redoes nothing already finished
-    c3 = spin_cfg(default_model_dir, str(data), out, num_iterations=3, beta=0.1, learning_rate=1e-3,
-                  early_stop_margin=1e9)  # fmt: skip
+    # resumable per iteration: a rerun finds both iterations finished and redoes nothing
     (out / "summary.json").unlink()
-    s3 = spin.run(c3)
-    assert s3["iterations_resumed"] == 2 and s3["iterations_done"] == 3
-    assert s3["iterations"][2]["opponent_fingerprint"] == it1["model_fingerprint"]
-    assert s3["iterations"][2]["stop_reason"].startswith("gain vanished")
+    monkeypatch.setattr(spin, "generate_responses", no_generation)
+    monkeypatch.setattr(spin, "TrainLoop", no_generation)
+    again = spin.run(spin_cfg(default_model_dir, data, out))
+    assert again["iterations_resumed"] == 2 and again["iterations"] == s["iterations"]
+
+
+def test_early_stop_when_the_gain_vanishes_and_resume_after_it(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    data, out = sft_file(tmp_path, n=6), tmp_path / "spin"
+    c = spin_cfg(tiny_model_dir, data, out, num_iterations=3, beta=0.1, learning_rate=1e-3,
+                 max_new_tokens=8, early_stop_margin=1e9)  # fmt: skip
+    s = spin.run(c)
+    assert s["iterations_done"] == 1 and s["stopped_early"]
+    assert s["iterations"][0]["stop_reason"].startswith("gain vanished: rewards/margins")
+    (out / "summary.json").unlink()
+    monkeypatch.setattr(spin, "generate_responses", no_generation)
+    assert spin.run(c)["iterations_done"] == 1  # the stop is remembered, nothing is redone

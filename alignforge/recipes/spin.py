@@ -54,7 +54,6 @@ from alignforge.recipes.dpo import (
     PreferenceObjective,
     attach_ref_logps,
     compute_ref_logps,
-    last_train_stats,
     make_collate,
     model_identity,
     plot_rewards,
@@ -352,7 +351,10 @@ def run_iteration(k, opponent, opponent_id, tokenizer, items, eval_items, prev_r
         plot_loss_curve(loop.logger.rows(), it / "loss_curve.png", title=f"SPIN iteration {k}")
         plot_rewards(loop.logger.rows(), it / "rewards.png")
     acc.wait_for_everyone()
-    final = result["final_eval"] or last_train_stats(loop.logger.rows())
+    final = result["final_eval"]
+    if final is None:  # no held-out prompts: measure the trained policy on its training pairs
+        loop.eval_units = train
+        final = loop.evaluate()
     info = {
         "iteration": k,
         "beta": beta,
@@ -366,7 +368,8 @@ def run_iteration(k, opponent, opponent_id, tokenizer, items, eval_items, prev_r
         "data": tstats.as_dict(),
         "steps": result["steps"],
         "train_seconds": result["train_seconds"],
-        "final": {key: v for key, v in final.items()},
+        "final": final,
+        "final_on": "eval pairs" if evals else "training pairs",
         "stop_reason": iteration_verdict(final, cfg),
     }
     if acc.is_main_process:

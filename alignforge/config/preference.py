@@ -1,0 +1,146 @@
+"""Configs of the preference stages: DPO (`stage: dpo`) and SPIN (`stage: spin`).
+
+Every field is documented once here; errors name the field and never rewrite a value.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from alignforge.config.base import StrictModel
+from alignforge.config.stages import DataArgs, ModelArgs, TrainArgs
+
+
+class PreferenceArgs(StrictModel):
+    """How preference pairs are batched and scored (shared by DPO and SPIN)."""
+
+    padding_free: bool = Field(
+        True,
+        description="Pack chosen and rejected sequences into rows with a block-diagonal mask (no padding waste). "
+        "False gives TRL's layout: 2B right-padded rows.",
+    )
+    share_prompt: bool = Field(
+        False,
+        description="Encode each pair's prompt once: one segment = prompt + chosen + rejected, rejected tokens "
+        "masked from the chosen ones and positioned after the prompt. Needs padding_free.",
+    )
+    pack_length: int | None = Field(
+        None,
+        gt=8,
+        description="Longest packed row in tokens (default 2 * max_length: a pair fits in one row).",
+    )
+    precompute_ref_logps: bool = Field(
+        False,
+        description="Compute reference log-probs once before training and cache them on disk "
+        "(keyed by model fingerprint, data hash, max_length and chat template); later runs reuse them.",
+    )
+
+
+class DPOConfig(ModelArgs, DataArgs, TrainArgs, PreferenceArgs):
+    """Direct preference optimisation (`stage: dpo`; Rafailov et al. 2023) and its variants."""
+
+    stage: Literal["dpo"] = "dpo"
+    formatting: Literal["auto", "sharegpt", "explicit", "implicit"] = Field(
+        "auto",
+        description="Preference row format: sharegpt (conversations + chosen/rejected messages), explicit "
+        "(prompt/chosen/rejected) or implicit (chosen/rejected conversations sharing a prefix); auto detects it.",
+    )
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    beta: float = Field(
+        0.1, gt=0, description="Strength of the KL constraint to the reference (DPO's beta)."
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "conservative"] = Field(
+        "sigmoid",
+        description="sigmoid (DPO), ipo (IPO, on length-averaged log-probs), hinge (SLiC), robust (rDPO), "
+        "conservative (cDPO).",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="Assumed label-flip rate for loss_type robust / conservative.",
+    )
+    use_margin: bool = Field(
+        True, description="Use the data's `margin` column as the offset m in the loss when present."
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.share_prompt and not self.padding_free:
+            raise ValueError(
+                "share_prompt: needs padding_free=true (the shared layout is a packed one)"
+            )
+        if self.label_smoothing and self.loss_type not in ("robust", "conservative"):
+            raise ValueError(
+                f"label_smoothing: only loss_type robust or conservative use it (loss_type is {self.loss_type})"
+            )
+        if self.finetuning_type == "full" and self.dtype == "float16":
+            raise ValueError("dtype: float16 full fine-tuning is unstable without loss scaling")
+        return self
+
+
+class SPINConfig(ModelArgs, DataArgs, TrainArgs, PreferenceArgs):
+    """Self-play fine-tuning (`stage: spin`; Chen et al. 2024) on SFT data."""
+
+    stage: Literal["spin"] = "spin"
+    num_iterations: int = Field(3, gt=0, description="Self-play iterations (the paper runs 3-4).")
+    beta: float | list[float] = Field(
+        0.1,
+        description="SPIN's lambda per iteration: one value, or a list of num_iterations values.",
+    )
+    learning_rate: float | list[float] = Field(
+        5e-5,
+        description="Peak learning rate per iteration: one value, or a list of num_iterations values.",
+    )
+    loss_type: Literal["sigmoid", "hinge"] = Field(
+        "sigmoid", description="Logistic loss (the paper) or hinge, as in the official code."
+    )
+    max_new_tokens: int = Field(
+        256, gt=0, description="Longest generated response of the opponent."
+    )
+    do_sample: bool = Field(False, description="Sample the opponent's responses (else greedy).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature when do_sample.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling when do_sample.")
+    generation_batch_size: int = Field(16, gt=0, description="Prompts per generate() call.")
+    mix_previous: bool = Field(
+        True, description="Also train on the previous iteration's pairs (the official recipe does)."
+    )
+    early_stop_margin: float | None = Field(
+        None,
+        description="Stop after an iteration whose final reward margin (policy vs its opponent, eval split if "
+        "any) is below this; with early_stop_accuracy set too, both must be below.",
+    )
+    early_stop_accuracy: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Stop after an iteration whose final reward accuracy is below this.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        for name in ("beta", "learning_rate"):
+            value = getattr(self, name)
+            values = value if isinstance(value, list) else [value]
+            if isinstance(value, list) and len(value) != self.num_iterations:
+                raise ValueError(
+                    f"{name}: has {len(value)} values but num_iterations is {self.num_iterations}; "
+                    "give one value or exactly one per iteration"
+                )
+            if any(v <= 0 for v in values):
+                raise ValueError(f"{name}: every value must be > 0 (got {value})")
+        if self.share_prompt and not self.padding_free:
+            raise ValueError(
+                "share_prompt: needs padding_free=true (the shared layout is a packed one)"
+            )
+        if self.finetuning_type == "qlora":
+            raise ValueError(
+                "finetuning_type: SPIN merges the adapter after every iteration; use lora or full"
+            )
+        return self
+
+    def per_iteration(self, name: str, k: int) -> float:
+        value = getattr(self, name)
+        return value[k] if isinstance(value, list) else value

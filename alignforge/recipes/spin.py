@@ -1,0 +1,500 @@
+"""Self-play fine-tuning (``stage: spin``; Chen et al. 2024, arXiv:2401.01335) on SFT data.
+
+    alignforge train examples/spin.yaml
+    alignforge train examples/spin.yaml num_iterations=4 beta=[0.1,0.1,5.0,5.0]
+
+Each iteration k, top to bottom:
+
+1. The opponent is the model at the start of the iteration (the SFT model for k = 0, the merged
+   result of iteration k-1 afterwards). It answers every SFT prompt once, rendered with the
+   same chat template call as training (:func:`alignforge.data.preference.render_prompt`),
+   greedy or sampled, left-padded and batched. Answers equal to the ground truth are dropped
+   and counted; lengths, truncation (hit ``max_new_tokens``) and exact matches are logged.
+2. Pairs: chosen = ground truth, rejected = the opponent's answer, plus (``mix_previous``) the
+   previous iteration's pairs, as the official code does.
+3. The opponent scores both sides of every pair once, before any update: its log-probs of the
+   **ground truth** and of its **own answer** are the reference of SPIN's loss (stored in
+   ``iter_k/opponent_logps.pt``).
+4. The policy (a fresh LoRA on the opponent, or the full weights) is trained with
+   :func:`alignforge.losses.preference.spin_loss` on the shared loop.
+5. LoRA is merged, so iteration k+1's opponent really is iteration k's result. The merged model
+   is saved to ``iter_k/model`` with ``iter_k/done.json`` (its statistics).
+
+A finished iteration is never redone: a rerun loads the last finished ``iter_k/model`` and goes
+on; an interrupted iteration resumes from its generations and its training checkpoints.
+Early stop: after an iteration whose final reward margin and accuracy (policy vs its opponent,
+on the held-out prompts when there are any) fall below ``early_stop_margin`` /
+``early_stop_accuracy``: the model can no longer tell the data from its own answers, which is
+SPIN's fixed point.
+
+Bugs of an unofficial implementation that this recipe rules out (tests/prefopt/test_spin.py):
+the opponent term of the real answer is the opponent's log-prob of the ground truth (not of the
+generation twice); the log ratio is policy minus opponent; logits at position t score token t+1;
+prompt tokens carry no loss.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from alignforge.config import ConfigError, save_config
+from alignforge.config.preference import SPINConfig
+from alignforge.data import DataError, to_example
+from alignforge.data.formats import ChatExample
+from alignforge.data.preference import prepare_pairs, render_prompt
+from alignforge.losses.preference import spin_loss
+from alignforge.models import fingerprint, load_model, load_tokenizer, wrap_lora
+from alignforge.recipes.common import Timer, load_splits, peak_memory_mb, write_summary
+from alignforge.recipes.dpo import (
+    PreferenceObjective,
+    attach_ref_logps,
+    compute_ref_logps,
+    make_collate,
+    model_identity,
+    plot_rewards,
+)
+from alignforge.training import TrainLoop, make_accelerator
+from alignforge.training.plots import plot_loss_curve
+
+CONFIG = SPINConfig
+
+
+class SPINObjective(PreferenceObjective):
+    """SPIN's loss: chosen = ground truth, rejected = the opponent's answer, reference = opponent."""
+
+    def loss(self, logps, ref, batch):
+        P = batch["n_pairs"]
+        return spin_loss(
+            policy_real_logps=logps[:P],
+            policy_generated_logps=logps[P:],
+            opponent_real_logps=ref[:P],
+            opponent_generated_logps=ref[P:],
+            beta=self.beta,
+            loss_type=self.loss_type,
+        )
+
+
+class Generation(NamedTuple):
+    text: str
+    n_tokens: int
+    truncated: bool  # hit max_new_tokens without an end-of-sequence token
+
+
+class GenerationStats(NamedTuple):
+    n: int
+    mean_tokens: float
+    max_tokens: int
+    truncation_rate: float
+    exact_match_rate: float
+    dropped_exact: int
+
+
+# ---------------------------------------------------------------- data
+
+
+def sft_prompts(rows, formatting="auto", columns=None, skip_bad_rows=False, source="dataset"):
+    """``[(prompt_messages, ground_truth_answer)]`` from SFT rows: the last trained assistant
+    message is the answer, everything before it the prompt. Bad rows raise with their index
+    unless ``skip_bad_rows`` (then they are counted); returns ``(items, n_bad)``."""
+    out, bad = [], 0
+    for idx, row in enumerate(rows):
+        try:
+            ex = to_example(row, formatting, columns)
+            if not isinstance(ex, ChatExample):
+                raise DataError("SPIN needs conversations (a prompt and an answer), not plain text")
+            j = max(i for i, t in enumerate(ex.trainable) if t)
+            if (
+                j == 0
+                or ex.messages[j]["role"] != "assistant"
+                or not ex.messages[j]["content"].strip()
+            ):
+                raise DataError(
+                    "the last trained message must be a non-empty assistant answer after a prompt"
+                )
+        except DataError as e:
+            if not skip_bad_rows:
+                raise DataError(f"{source} row {idx}: {e}") from None
+            bad += 1
+            continue
+        out.append((ex.messages[:j], ex.messages[j]["content"]))
+    if not out:
+        raise DataError(f"{source}: no usable prompts out of {len(rows)} rows")
+    return out, bad
+
+
+@torch.no_grad()
+def generate_responses(
+    model,
+    tokenizer,
+    prompts,
+    max_new_tokens,
+    do_sample=False,
+    temperature=1.0,
+    top_p=1.0,
+    batch_size=16,
+) -> list[Generation]:
+    """One answer per prompt (list of messages): left-padded batched ``model.generate``."""
+    from tqdm.auto import tqdm
+
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    eos = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) - {None}
+    was_training = model.training
+    model.eval()
+    out: list[Generation] = []
+    for j in tqdm(range(0, len(prompts), batch_size), desc="opponent generates", leave=False):
+        texts = [render_prompt(tokenizer, p) for p in prompts[j : j + batch_size]]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
+            model.device
+        )
+        sampling = (
+            dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=None)
+            if do_sample
+            else {}
+        )
+        ids = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            pad_token_id=tokenizer.pad_token_id,
+            **sampling,
+        )[:, enc["input_ids"].shape[1] :]
+        for row in ids.tolist():
+            ends = [i for i, t in enumerate(row) if t in eos]
+            n = ends[0] + 1 if ends else len(row)
+            text = tokenizer.decode(row[:n], skip_special_tokens=True)
+            out.append(Generation(text, n, not ends and n >= max_new_tokens))
+    tokenizer.padding_side = side
+    model.train(was_training)
+    return out
+
+
+def make_pair_rows(items, generations: list[Generation]) -> tuple[list[dict], GenerationStats]:
+    """Explicit preference rows (chosen = ground truth, rejected = generation), without the
+    generations equal to their ground truth."""
+    rows, exact = [], 0
+    for (prompt, answer), g in zip(items, generations, strict=True):
+        if g.text.strip() == answer.strip():
+            exact += 1
+            continue
+        rows.append({"prompt": prompt, "chosen": answer, "rejected": g.text})
+    n = len(generations)
+    stats = GenerationStats(
+        n=n,
+        mean_tokens=sum(g.n_tokens for g in generations) / max(n, 1),
+        max_tokens=max((g.n_tokens for g in generations), default=0),
+        truncation_rate=sum(g.truncated for g in generations) / max(n, 1),
+        exact_match_rate=exact / max(n, 1),
+        dropped_exact=exact,
+    )
+    return rows, stats
+
+
+# ---------------------------------------------------------------- run directory and models
+
+
+def prepare_spin_dir(cfg: SPINConfig) -> Path:
+    """Like :func:`alignforge.training.rundir.prepare_output_dir`, where resuming means finished
+    or started ``iter_k`` directories."""
+    out = Path(cfg.output_dir)
+    if out.exists() and any(out.iterdir()):
+        started = any(p.name.startswith("iter_") for p in out.iterdir())
+        if cfg.overwrite_output_dir:
+            shutil.rmtree(out)
+        elif (out / "summary.json").exists():
+            raise ConfigError(
+                f"output_dir: {out} already holds a finished run (summary.json); "
+                "pass overwrite_output_dir=true or choose another output_dir"
+            )
+        elif not (started and cfg.resume_from_checkpoint):
+            raise ConfigError(
+                f"output_dir: {out} is not empty and holds no SPIN iteration to resume; "
+                "pass overwrite_output_dir=true or choose another output_dir"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    return out
+
+
+def finished_iterations(out: Path, n: int) -> list[dict]:
+    done = []
+    for k in range(n):
+        f = out / f"iter_{k}" / "done.json"
+        if not f.exists():
+            break
+        done.append(json.loads(f.read_text()))
+    return done
+
+
+def load_opponent(source: str, dtype: str, cache: str | None):
+    """The opponent as a plain model; an adapter directory is merged into its base."""
+    model = load_model(source, dtype=dtype, cache=cache)
+    return model.merge_and_unload() if hasattr(model, "peft_config") else model
+
+
+def make_policy(opponent, cfg: SPINConfig):
+    """A fresh trainable policy starting at the opponent: a new LoRA, or the full weights."""
+    if cfg.gradient_checkpointing:
+        opponent.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        opponent.config.use_cache = False
+    if cfg.finetuning_type == "full":
+        return opponent.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        opponent.enable_input_require_grads()
+    return wrap_lora(
+        opponent, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- one iteration
+
+
+def opponent_pairs(opponent, tokenizer, items, cfg: SPINConfig, path: Path):
+    """The opponent's pair rows for ``items`` and their generation stats, generated once and
+    kept in ``path`` (a rerun reuses them)."""
+    if path.exists():
+        data = json.loads(path.read_text())
+        return data["rows"], GenerationStats(**data["stats"])
+    gens = generate_responses(
+        opponent, tokenizer, [p for p, _ in items], cfg.max_new_tokens, cfg.do_sample,
+        cfg.temperature, cfg.top_p, cfg.generation_batch_size,
+    )  # fmt: skip
+    rows, stats = make_pair_rows(items, gens)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"stats": stats._asdict(), "rows": rows}))
+    tmp.replace(path)
+    return rows, stats
+
+
+def iteration_verdict(final: dict, cfg: SPINConfig) -> str | None:
+    """Why to stop after this iteration (its margin/accuracy gain over the opponent vanished)."""
+    checks = [
+        (cfg.early_stop_margin, "rewards/margins"),
+        (cfg.early_stop_accuracy, "rewards/accuracies"),
+    ]
+    active = [(t, k) for t, k in checks if t is not None]
+    if active and all(final.get(k, float("inf")) < t for t, k in active):
+        return "gain vanished: " + ", ".join(f"{k} {final[k]:.4f} < {t}" for t, k in active)
+    return None
+
+
+def run_iteration(k, opponent, opponent_id, tokenizer, items, eval_items, prev_rows, cfg, acc, out):
+    """Generate, pair, score with the opponent, train, merge, save. Returns (model, info, rows)."""
+    it = out / f"iter_{k}"
+    it.mkdir(exist_ok=True)
+    if not any(it.glob("checkpoint-*")):
+        (it / "metrics.jsonl").unlink(missing_ok=True)  # rows of an attempt that left no checkpoint
+    rows, gstats = opponent_pairs(opponent, tokenizer, items, cfg, it / "pairs_train.json")
+    eval_rows, eval_gstats = (
+        opponent_pairs(opponent, tokenizer, eval_items, cfg, it / "pairs_eval.json")
+        if eval_items
+        else ([], None)
+    )
+    prep = dict(
+        max_length=cfg.max_length,
+        truncation=cfg.truncation,
+        formatting="explicit",
+        skip_bad_rows=True,
+    )
+    mixed = prev_rows if cfg.mix_previous else []
+    train, tstats = prepare_pairs(rows + mixed, tokenizer, source=f"iteration {k} pairs", **prep)
+    evals = (
+        prepare_pairs(eval_rows, tokenizer, source=f"iteration {k} eval pairs", **prep)[0]
+        if eval_rows
+        else []
+    )
+    collate = make_collate(
+        tokenizer.pad_token_id,
+        cfg.padding_free,
+        cfg.share_prompt,
+        cfg.pack_length or 2 * cfg.max_length,
+    )
+    policy = make_policy(opponent, cfg)
+    # the opponent scores ground truth and its own answers once, before any update (a fresh
+    # adapter is switched off for it; with full weights the policy *is* the opponent here)
+    for name, pairs in (("train", train), ("eval", evals)):
+        if pairs:
+            attach_ref_logps(
+                pairs,
+                it / f"opponent_logps_{name}.pt",
+                lambda p=pairs: compute_ref_logps(
+                    policy, None, p, collate, cfg.per_device_eval_batch_size, acc.device
+                ),
+            )
+    beta, lr = cfg.per_iteration("beta", k), cfg.per_iteration("learning_rate", k)
+    args = cfg.model_copy(update={"output_dir": str(it), "learning_rate": lr})
+    loop = TrainLoop(
+        policy,
+        SPINObjective(beta, cfg.loss_type),
+        train,
+        collate,
+        args,
+        eval_units=evals,
+        accelerator=acc,
+    )
+    result = loop.fit()
+    model = acc.unwrap_model(loop.model)
+    model = model.merge_and_unload() if hasattr(model, "peft_config") else model
+    if acc.is_main_process:
+        model.save_pretrained(it / "model", safe_serialization=True)
+        tokenizer.save_pretrained(it / "model")
+        plot_loss_curve(loop.logger.rows(), it / "loss_curve.png", title=f"SPIN iteration {k}")
+        plot_rewards(loop.logger.rows(), it / "rewards.png")
+    acc.wait_for_everyone()
+    final = result["final_eval"]
+    if final is None:  # no held-out prompts: measure the trained policy on its training pairs
+        loop.eval_units = train
+        final = loop.evaluate()
+    info = {
+        "iteration": k,
+        "beta": beta,
+        "learning_rate": lr,
+        "opponent_fingerprint": opponent_id,
+        "model_fingerprint": fingerprint(it / "model"),
+        "generation": gstats._asdict(),
+        "eval_generation": eval_gstats._asdict() if eval_gstats else None,
+        "pairs": len(train),
+        "previous_pairs_mixed": len(mixed),
+        "data": tstats.as_dict(),
+        "steps": result["steps"],
+        "train_seconds": result["train_seconds"],
+        "final": final,
+        "final_on": "eval pairs" if evals else "training pairs",
+        "stop_reason": iteration_verdict(final, cfg),
+    }
+    if acc.is_main_process:
+        (it / "done.json").write_text(json.dumps(info, indent=2, default=str))
+    loop.logger.close()
+    acc.free_memory()
+    return model.eval(), info, rows
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+def run(cfg: SPINConfig, callbacks=()) -> dict:
+    acc = make_accelerator(cfg.seed)
+    out = Path(cfg.output_dir)
+    if acc.is_main_process:
+        prepare_spin_dir(cfg)
+    acc.wait_for_everyone()
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir)
+    train_rows, eval_rows = load_splits(
+        cfg.dataset, cfg.eval_dataset, cfg.val_size, cfg.seed, cfg.max_samples
+    )
+    prep = dict(formatting=cfg.formatting, columns=cfg.columns, skip_bad_rows=cfg.skip_bad_rows)
+    items, bad = sft_prompts(train_rows, source=cfg.dataset, **prep)
+    eval_items = (
+        sft_prompts(eval_rows, source=cfg.eval_dataset or "held-out split", **prep)[0]
+        if eval_rows
+        else []
+    )
+
+    iterations = finished_iterations(out, cfg.num_iterations)
+    resumed = len(iterations)
+    with Timer() as t:
+        if not any(d.get("stop_reason") for d in iterations) and resumed < cfg.num_iterations:
+            last = out / f"iter_{resumed - 1}"
+            source = str(last / "model") if resumed else cfg.model_name_or_path
+            model = load_opponent(source, cfg.dtype, cfg.cache_dir)
+            opponent_id = (
+                fingerprint(last / "model") if resumed else model_identity(source, cfg.cache_dir)
+            )
+            prev_rows = (
+                json.loads((last / "pairs_train.json").read_text())["rows"] if resumed else []
+            )
+            for k in range(resumed, cfg.num_iterations):
+                model, info, prev_rows = run_iteration(
+                    k, model, opponent_id, tokenizer, items, eval_items, prev_rows, cfg, acc, out
+                )
+                iterations.append(info)
+                opponent_id = info["model_fingerprint"]
+                for cb in callbacks:
+                    cb(info)
+                if info["stop_reason"]:
+                    break
+    final = out / f"iter_{iterations[-1]['iteration']}" / "model"
+    summary = {
+        "stage": "spin",
+        "model": cfg.model_name_or_path,
+        "finetuning_type": cfg.finetuning_type,
+        "prompts": len(items),
+        "eval_prompts": len(eval_items),
+        "bad_rows": bad,
+        "iterations_done": len(iterations),
+        "iterations_resumed": resumed,
+        "stopped_early": bool(iterations[-1].get("stop_reason"))
+        and len(iterations) < cfg.num_iterations,
+        "iterations": iterations,
+        "final_model": str(final),
+        "seconds": t.seconds,
+        "peak_memory_mb": peak_memory_mb(),
+    }
+    if acc.is_main_process:
+        plot_iterations(iterations, out / "spin_iterations.png")
+        write_summary(out, summary)
+        print_summary(summary)
+    return summary
+
+
+def plot_iterations(iterations: list[dict], path: Path) -> Path | None:
+    """Per iteration: final reward margin and accuracy, and the opponent's exact-match and
+    truncation rates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not iterations:
+        return None
+    ks = [d["iteration"] for d in iterations]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a.plot(
+        ks,
+        [d["final"].get("rewards/margins", float("nan")) for d in iterations],
+        "o-",
+        label="margin",
+    )
+    a.plot(
+        ks,
+        [d["final"].get("rewards/accuracies", float("nan")) for d in iterations],
+        "s-",
+        label="accuracy",
+    )
+    b.plot(ks, [d["generation"]["exact_match_rate"] for d in iterations], "o-", label="exact match")
+    b.plot(ks, [d["generation"]["truncation_rate"] for d in iterations], "s-", label="truncated")
+    a.set_title("policy vs opponent at the end of the iteration")
+    b.set_title("opponent generations")
+    for ax in (a, b):
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def print_summary(s: dict) -> None:
+    lines = [f"SPIN finished in {s['seconds']:.0f}s: {s['iterations_done']} iterations"
+             + (f" ({s['iterations_resumed']} already done)" if s["iterations_resumed"] else "")]  # fmt: skip
+    for d in s["iterations"]:
+        g, f = d["generation"], d["final"]
+        lines.append(
+            f"  iter {d['iteration']}: {d['pairs']} pairs, gen {g['mean_tokens']:.1f} tokens, "
+            f"{g['truncation_rate']:.0%} truncated, {g['exact_match_rate']:.0%} exact; "
+            f"margin {f.get('rewards/margins', float('nan')):.3f}, accuracy {f.get('rewards/accuracies', float('nan')):.3f}"
+            + (f" — stop: {d['stop_reason']}" if d.get("stop_reason") else "")
+        )
+    lines.append(f"  model: {s['final_model']}")
+    print("\n".join(lines))

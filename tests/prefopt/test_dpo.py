@@ -1,0 +1,182 @@
+"""DPO recipe: accumulation invariance, the reference policy, cached reference log-probs, learning."""
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alignforge.config import build_config
+from alignforge.config.preference import DPOConfig
+from alignforge.data.preference import prepare_pairs
+from alignforge.recipes import dpo
+from alignforge.training import TrainLoop
+
+WORDS = (
+    "river stone cloud apple tiger lamp garden piano rocket forest candle mirror ladder "
+    "violin desert island bridge castle engine pocket marble feather orange silver window "
+    "harbor meadow button ticket pillow jungle canyon glacier compass lantern"
+).split()
+
+
+def style_pairs(words, seed=0):
+    """Chosen answers in one style ("Yes, gladly: ..."), rejected in another ("No way: ...")."""
+    rng = random.Random(seed)
+    rows = []
+    for w in words:
+        other = rng.choice(WORDS)
+        rows.append(
+            {
+                "prompt": f"Tell me about the {w}.",
+                "chosen": f"Yes, gladly: the {w} is near the {other}.",
+                "rejected": f"No way: the {w} is near the {other}.",
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pref")
+    train, held = WORDS[:28], WORDS[28:]
+    for name, words in (("train", train), ("eval", held)):
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in style_pairs(words)))
+    return str(d / "train.jsonl"), str(d / "eval.jsonl")
+
+
+def cfg(model, data, out, **kw):
+    base = dict(
+        stage="dpo",
+        model_name_or_path=model,
+        dataset=data[0],
+        eval_dataset=data[1],
+        output_dir=str(out),
+        max_length=64,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        max_steps=4,
+        lora_dropout=0.0,
+        progress=False,
+        report_to="none",
+    )
+    return build_config(DPOConfig, {**base, **kw})
+
+
+def first_step(c, tiny_model_dir):
+    """Loss, stats and gradients of one optimizer step (the update itself is skipped)."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs, _ = prepare_pairs([json.loads(x) for x in open(c.dataset)], tok, c.max_length)
+    torch.manual_seed(0)  # the same LoRA initialisation for both runs
+    model, ref = dpo.build_policy(c.model_name_or_path, c.finetuning_type, lora_dropout=0.0)
+    for n, p in model.named_parameters():  # a non-zero adapter, so chosen/rejected differ from ref
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    collate = dpo.make_collate(tok.pad_token_id, c.padding_free, c.share_prompt, 2 * c.max_length)
+    loop = TrainLoop(
+        model, dpo.PreferenceObjective(c.beta, c.loss_type, ref_model=ref), pairs, collate, c
+    )
+    grads = {}
+
+    def capture(*a, **k):
+        grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    loop.optimizer.step = capture
+    stats = loop.train_step(loop.step_batches(0))
+    return stats, grads
+
+
+@pytest.mark.parametrize("layout", [dict(padding_free=False), dict(share_prompt=True)])
+def test_dpo_step_is_invariant_to_micro_batching(tiny_model_dir, data, tmp_path, layout):
+    one = cfg(
+        tiny_model_dir,
+        data,
+        tmp_path / "a",
+        per_device_train_batch_size=4,
+        max_grad_norm=None,
+        **layout,
+    )
+    two = cfg(tiny_model_dir, data, tmp_path / "b", per_device_train_batch_size=2,
+              gradient_accumulation_steps=2, max_grad_norm=None, **layout)  # fmt: skip
+    s1, g1 = first_step(one, tiny_model_dir)
+    s2, g2 = first_step(two, tiny_model_dir)
+    assert abs(s1["loss"] - s2["loss"]) < 1e-6 and abs(s1["loss"] - 0.6931) > 1e-3
+    for key in dpo.STATS:
+        assert abs(s1[key] - s2[key]) < 1e-5, key
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], atol=1e-7, rtol=1e-4)
+
+
+def test_adapter_disabled_reference_equals_a_separately_loaded_base(tiny_model_dir, data):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs, _ = prepare_pairs([json.loads(x) for x in open(data[0])][:6], tok, 64)
+    policy, ref = dpo.build_policy(tiny_model_dir, "lora", lora_dropout=0.0)
+    assert ref is None  # no second copy with LoRA
+    for n, p in policy.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+    batch = dpo.make_collate(tok.pad_token_id, True, False, 128)(pairs)
+    objective = dpo.PreferenceObjective(beta=0.1)
+    policy.train()
+    ref_logps = objective.reference(policy, batch)
+    assert policy.training  # the reference pass leaves the mode as it was
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ref_logps, dpo.pair_logps(base, batch)[0], atol=1e-5, rtol=1e-6)
+        policy_logps = dpo.pair_logps(policy.eval(), batch)[0]
+    assert (policy_logps - ref_logps).abs().max() > 1e-2  # the adapter is on outside the context
+    # full fine-tuning: a frozen copy, not the trained module
+    full, frozen = dpo.build_policy(tiny_model_dir, "full")
+    assert frozen is not full and not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_cached_reference_logps_equal_fresh_ones_and_are_reused(
+    tiny_model_dir, data, tmp_path, monkeypatch
+):
+    cache = tmp_path / "cache"
+    fresh = dpo.run(
+        cfg(tiny_model_dir, data, tmp_path / "live", finetuning_type="lora", max_steps=2)
+    )
+    s1 = dpo.run(cfg(tiny_model_dir, data, tmp_path / "r1", max_steps=2, precompute_ref_logps=True,
+                     cache_dir=str(cache)))  # fmt: skip
+    assert s1["ref_logps"] == {"train": "computed", "eval": "computed"}
+    assert len(list((cache / "ref_logps").glob("*.pt"))) == 2
+    # cached reference log-probs give the same training as live reference passes
+    for key in ("loss", "rewards/chosen", "rewards/margins"):
+        assert abs(s1["last_train"][key] - fresh["last_train"][key]) < 1e-5, key
+    assert abs(s1["final_eval"]["loss"] - fresh["final_eval"]["loss"]) < 1e-5
+    # the cached values equal a fresh computation with the adapter-off model
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs, _ = prepare_pairs([json.loads(x) for x in open(data[0])], tok, 64)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    collate = dpo.make_collate(tok.pad_token_id, True, False, 128)
+    want = dpo.compute_ref_logps(base, None, pairs, collate, 8, "cpu")
+    path = dpo.ref_cache_path(
+        cache, dpo.model_identity(tiny_model_dir), pairs, 64, tok.chat_template
+    )
+    torch.testing.assert_close(torch.load(path)["values"], want, atol=1e-5, rtol=1e-6)
+
+    def boom(*a, **k):
+        raise AssertionError("reference log-probs recomputed although cached")
+
+    monkeypatch.setattr(dpo, "compute_ref_logps", boom)
+    s2 = dpo.run(cfg(tiny_model_dir, data, tmp_path / "r2", max_steps=2, precompute_ref_logps=True,
+                     cache_dir=str(cache)))  # fmt: skip
+    assert s2["ref_logps"] == {"train": "cache", "eval": "cache"}
+    assert abs(s2["last_train"]["loss"] - s1["last_train"]["loss"]) < 1e-6
+
+
+def test_tiny_model_learns_held_out_preferences(tiny_model_dir, data, tmp_path):
+    s = dpo.run(
+        cfg(tiny_model_dir, data, tmp_path / "run", finetuning_type="full", max_steps=14,
+            per_device_train_batch_size=8, learning_rate=3e-3, eval_steps=7, beta=0.2)
+    )  # fmt: skip
+    ev = s["final_eval"]
+    assert ev["rewards/accuracies"] >= 0.8, ev
+    assert ev["rewards/margins"] > 0 and ev["loss"] < 0.69
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert all(k in rows[0] for k in dpo.STATS)
+    assert [r["split"] for r in rows].count("eval") == 2
+    for f in ("summary.json", "loss_curve.png", "rewards.png", "final/config.json"):
+        assert (tmp_path / "run" / f).exists(), f

@@ -53,7 +53,8 @@ def collate_padded(batch: list[Tokenized], pad_id: int) -> dict[str, torch.Tenso
 
 def collate_packed(rows: list[list[Tokenized]], pad_id: int) -> dict[str, torch.Tensor]:
     """Packed batch: each row concatenates its examples; returns ``input_ids``, ``labels``,
-    ``position_ids`` (B, T) and a boolean ``attention_mask`` (B, 1, T, T)."""
+    ``position_ids``, ``segment_ids`` (B, T: the example's index in its row, -1 on padding) and a
+    boolean ``attention_mask`` (B, 1, T, T)."""
     width = max(sum(len(t) for t in row) for row in rows)
     B = len(rows)
     ids = torch.full((B, width), pad_id, dtype=torch.long)
@@ -80,5 +81,6 @@ def collate_packed(rows: list[list[Tokenized]], pad_id: int) -> dict[str, torch.
         "input_ids": ids,
         "labels": labels,
         "position_ids": pos,
+        "segment_ids": seg,
         "attention_mask": mask[:, None],
     }

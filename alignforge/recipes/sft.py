@@ -42,8 +42,9 @@ class CausalLMObjective:
         return float((batch["labels"][:, 1:] != IGNORE).sum())
 
     def tokens(self, batch: dict) -> int:
-        if "position_ids" in batch:  # packed: padding sits where the row's segments end
-            return int((batch["labels"] != IGNORE).sum() + (batch["position_ids"] == 0).sum())
+        """Real (non-padding) tokens in the batch, prompt tokens included."""
+        if "segment_ids" in batch:  # packed: padding is segment -1
+            return int((batch["segment_ids"] >= 0).sum())
         return int(batch["attention_mask"].sum())
 
     def __call__(self, model, batch: dict):

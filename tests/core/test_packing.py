@@ -60,3 +60,14 @@ def test_packed_labels_never_cross_a_boundary():
     )  # first token of each
     padded = collate_padded(ex, pad_id=0)
     assert (padded["labels"][:, 0] == IGNORE).all()
+
+
+def test_packed_batch_marks_segments_and_counts_real_tokens_only():
+    from alignforge.recipes.sft import CausalLMObjective
+
+    ex = examples([3, 2, 4], 50)
+    batch = collate_packed([ex[:2], ex[2:]], pad_id=0)  # rows [3+2], [4 + 1 padding]
+    assert batch["segment_ids"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 0, -1]]
+    assert CausalLMObjective().tokens(batch) == 9  # 3 + 2 + 4; the padding slot is not counted
+    padded = collate_padded(ex, pad_id=0)  # 3 rows of width 4
+    assert CausalLMObjective().tokens(padded) == 9

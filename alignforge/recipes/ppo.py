@@ -74,6 +74,7 @@ from alignforge.training.rundir import prepare_output_dir
 from alignforge.training.tracking import MetricsLogger
 
 CONFIG = PPOConfig
+MIN_DRIFT_REFERENCE = 10  # RewardDriftMonitor needs at least this many reference scores
 POLICY, VALUE = "default", "value"  # adapter names: "default" saves the policy at the top of a dir
 
 
@@ -385,6 +386,13 @@ class PPORun:
                 f"drift_reference: {ref} does not exist (the RM stage writes reward_scores_eval.json next to its model)"
             )
         scores = json.loads(Path(ref).read_text())
+        if len(scores) < MIN_DRIFT_REFERENCE:
+            warnings.warn(
+                f"drift monitor off: {ref} holds {len(scores)} reward scores, fewer than "
+                f"{MIN_DRIFT_REFERENCE}; a distribution cannot be compared with so few (give the RM more eval pairs)",
+                stacklevel=2,
+            )
+            return None
         return RewardDriftMonitor(
             scores,
             window=cfg.drift_window,

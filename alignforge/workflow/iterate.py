@@ -107,6 +107,8 @@ def _train_rm(cfg, policy, rm_prev, train_prefs, val_prefs, rnd, n_pairs, log) -
             "output_dir": str(rnd.dir / "rm"), "progress": False, **cfg.rm}
     if val_prefs:
         data["eval_dataset"] = str(val_prefs)
+    else:  # no validation prompts this round: hold out pairs of the training prompts
+        data.setdefault("val_size", 0.2)
     from alignforge.config import build_config
 
     summary = reward.run(build_config(reward.CONFIG, data, "iterate.rm"))

@@ -28,6 +28,7 @@ directory is refused: its reference would silently be its *base* model.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import json
 import math
@@ -36,7 +37,6 @@ import warnings
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -59,7 +59,6 @@ from alignforge.models import (
 from alignforge.models.heads import (
     ScalarHead,
     final_hidden_states,
-    pad_left,
     position_ids_from_mask,
 )
 from alignforge.recipes.common import load_splits, peak_memory_mb, write_summary
@@ -67,6 +66,7 @@ from alignforge.rl.advantages import compute_advantages
 from alignforge.rl.drift import DriftAction, RewardDriftMonitor, decide
 from alignforge.rl.kl import AdaptiveKLController, FixedKLController, kl_penalty
 from alignforge.rl.rewards import shape_rewards
+from alignforge.rollout import Rollout, TransformersEngine, chat_prompt_ids
 from alignforge.training import NonFiniteLossError
 from alignforge.training.checkpoint import CheckpointManager
 from alignforge.training.optim import build_optimizer, build_scheduler, warmup_steps
@@ -80,99 +80,8 @@ POLICY, VALUE = "default", "value"  # adapter names: "default" saves the policy 
 # ---------------------------------------------------------------- rollouts --
 
 
-class Rollout(NamedTuple):
-    """One sampled answer; the same fields as ``alignforge.rollout.Rollout``."""
-
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    logps: list[float]  # behaviour log-probs after temperature / top-p, one per completion token
-    text: str
-    finish_reason: str  # "stop" (EOS sampled) or "length"
-    policy_version: str
-    temperature: float
-    greedy: bool
-
-
-class _InProcessEngine:
-    """Sampling with ``transformers.generate`` behind the rollout-engine interface."""
-
-    def __init__(self, model, tokenizer, policy_version: str = "0", batch_size: int = 8):
-        self.model, self.tokenizer = model, tokenizer
-        self.policy_version, self.batch_size = policy_version, batch_size
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts,
-        *,
-        n=1,
-        temperature=1.0,
-        top_p=1.0,
-        max_new_tokens=128,
-        greedy=False,
-        seed=None,
-    ):
-        if seed is not None:
-            torch.manual_seed(seed)
-        flat = [p for p in prompts for _ in range(n)]
-        out: list[Rollout] = []
-        for i in range(0, len(flat), self.batch_size):
-            out += self._batch(
-                flat[i : i + self.batch_size], temperature, top_p, max_new_tokens, greedy
-            )
-        return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
-
-    def _batch(self, prompts, temperature, top_p, max_new_tokens, greedy):
-        tok, model = self.tokenizer, self.model
-        enc = pad_left(prompts, tok.pad_token_id)
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        sample = (
-            dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-            if not greedy
-            else dict(do_sample=False)
-        )
-        gen = model.generate(
-            input_ids=enc["input_ids"].to(device),
-            attention_mask=enc["attention_mask"].to(device),
-            max_new_tokens=max_new_tokens,
-            output_scores=True,
-            return_dict_in_generate=True,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            **sample,
-        )
-        model.train(was_training)
-        new = gen.sequences[:, enc["input_ids"].shape[1] :].cpu()
-        scores = torch.stack(gen.scores, 1).float().cpu()  # (B, T_new, V) processed logits
-        logps = torch.log_softmax(scores, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
-        rollouts = []
-        for b, prompt in enumerate(prompts):
-            ids = new[b].tolist()
-            stop = tok.eos_token_id in ids
-            length = ids.index(tok.eos_token_id) + 1 if stop else len(ids)
-            rollouts.append(
-                Rollout(
-                    list(prompt),
-                    ids[:length],
-                    logps[b, :length].tolist(),
-                    tok.decode(ids[:length], skip_special_tokens=True),
-                    "stop" if stop else "length",
-                    self.policy_version,
-                    temperature,
-                    greedy,
-                )
-            )
-        return rollouts
-
-
-def _make_engine(model, tokenizer, policy_version: str, batch_size: int):
-    """The rollout engine: ``alignforge.rollout.TransformersEngine`` when installed, else ours."""
-    try:
-        from alignforge.rollout import TransformersEngine
-    except ImportError:
-        return _InProcessEngine(model, tokenizer, policy_version, batch_size)
+def _make_engine(model, tokenizer, policy_version: str, batch_size: int) -> TransformersEngine:
+    """The rollout engine (in process). Another engine only needs the same ``generate``."""
     return TransformersEngine(
         model, tokenizer, policy_version=policy_version, batch_size=batch_size
     )
@@ -316,15 +225,8 @@ def prompt_messages(row: dict, where: str):
 
 
 def encode_prompt(tokenizer, prompt, max_length: int) -> list[int]:
-    """Prompt ids with the chat template's generation prompt (plain text without a template)."""
-    if getattr(tokenizer, "chat_template", None) is not None:
-        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-    else:
-        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-        ids = tokenizer(text)["input_ids"]
-    return list(ids)[-max_length:]
+    """Prompt ids with the chat template's generation prompt; the last ``max_length`` are kept."""
+    return chat_prompt_ids(tokenizer, prompt)[-max_length:]
 
 
 def rollout_batch(rollouts: list[Rollout], pad_id: int) -> dict[str, Tensor]:
@@ -805,7 +707,7 @@ class PPORun:
         extra = {
             "kl": self.kl_ctl.state_dict(),
             "drift": self.monitor.state_dict() if self.monitor else None,
-            "queue": [list(map(tuple, b)) for b in self.queue],
+            "queue": [[(i, dataclasses.asdict(r)) for i, r in b] for b in self.queue],
             "generated": self.generated,
             "lr_scale": self.lr_scale,
             "restores": self.restores,
@@ -819,7 +721,7 @@ class PPORun:
         self.kl_ctl.load_state_dict(extra["kl"])
         if self.monitor and extra["drift"]:
             self.monitor.load_state_dict(extra["drift"])
-        self.queue = deque([[(i, Rollout(*r)) for i, r in b] for b in extra["queue"]])
+        self.queue = deque([[(i, Rollout(**r)) for i, r in b] for b in extra["queue"]])
         self.generated = extra["generated"]
         self.lr_scale, self.restores = extra["lr_scale"], extra["restores"]
         self._apply_lr_scale()

@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--mini-batch-size", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--ppo-epochs", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rollout-precision", default="same", choices=["same", "bfloat16", "int8"])
     args = ap.parse_args()
 

@@ -66,7 +66,7 @@ from alignforge.rl.advantages import compute_advantages
 from alignforge.rl.drift import DriftAction, RewardDriftMonitor, decide
 from alignforge.rl.kl import AdaptiveKLController, FixedKLController, kl_penalty
 from alignforge.rl.rewards import shape_rewards
-from alignforge.rollout import Rollout, TransformersEngine
+from alignforge.rollout import Rollout, TransformersEngine, chat_prompt_ids
 from alignforge.training import NonFiniteLossError
 from alignforge.training.checkpoint import CheckpointManager
 from alignforge.training.optim import build_optimizer, build_scheduler, warmup_steps
@@ -81,9 +81,11 @@ POLICY, VALUE = "default", "value"  # adapter names: "default" saves the policy 
 # ---------------------------------------------------------------- rollouts --
 
 
-def _make_engine(model, tokenizer, policy_version: str, batch_size: int):
-    """The in-process rollout engine (behaviour log-probs after temperature / top-p)."""
-    return TransformersEngine(model, tokenizer, policy_version=policy_version, batch_size=batch_size)
+def _make_engine(model, tokenizer, policy_version: str, batch_size: int) -> TransformersEngine:
+    """The rollout engine (in process). Another engine only needs the same ``generate``."""
+    return TransformersEngine(
+        model, tokenizer, policy_version=policy_version, batch_size=batch_size
+    )
 
 
 def behaviour_model(policy, precision: str):
@@ -224,15 +226,8 @@ def prompt_messages(row: dict, where: str):
 
 
 def encode_prompt(tokenizer, prompt, max_length: int) -> list[int]:
-    """Prompt ids with the chat template's generation prompt (plain text without a template)."""
-    if getattr(tokenizer, "chat_template", None) is not None:
-        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-    else:
-        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-        ids = tokenizer(text)["input_ids"]
-    return list(ids)[-max_length:]
+    """Prompt ids with the chat template's generation prompt; the last ``max_length`` are kept."""
+    return chat_prompt_ids(tokenizer, prompt)[-max_length:]
 
 
 def rollout_batch(rollouts: list[Rollout], pad_id: int) -> dict[str, Tensor]:

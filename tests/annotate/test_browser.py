@@ -39,6 +39,7 @@ def test_keyboard_only_annotation_ends_up_in_the_export(tmp_path, live_server, b
     store, tokens = make_project(tmp_path / "p", annotators=["alice"], n_prompts=1, k=3)
     srv = live_server(store.dir)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)  # a loaded CI machine can be slow to answer
     page.goto(srv.url + "/task")  # not logged in: sent to the login form, token field focused
     assert page.url.endswith("/login")
     page.keyboard.type(tokens["alice"])
@@ -62,7 +63,7 @@ def test_keyboard_only_annotation_ends_up_in_the_export(tmp_path, live_server, b
     # second item: answer one question, reload, the draft survives; then skip with Backspace
     second = int(page.get_attribute("#task", "data-item"))
     page.keyboard.press("3")
-    page.wait_for_timeout(600)  # the server draft is saved after a short debounce
+    page.wait_for_timeout(2500)  # the server draft is saved after a short debounce
     page.reload()
     page.wait_for_selector("#task")
     assert int(page.get_attribute("#task", "data-item")) == second

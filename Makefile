@@ -2,7 +2,7 @@
 PY ?= python3
 PIP = $(PY) -m pip
 
-.PHONY: setup setup-test demo test lint
+.PHONY: setup setup-test demo test test-all lint
 
 setup:
 	$(PIP) install -q "torch==2.13.0"
@@ -16,4 +16,8 @@ demo: setup
 	alignforge demo --output-dir runs/demo
 
 test: setup-test
+	$(PY) -m pytest -q -m "not slow"
+
+# adds the long end-to-end runs on the embedded model (quick demo, 2-iteration SPIN)
+test-all: setup-test
 	$(PY) -m pytest -q

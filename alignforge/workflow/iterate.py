@@ -120,7 +120,13 @@ def _train_ppo(cfg, policy, rm_path, rnd) -> dict:
     from alignforge.models import merge_adapter
     from alignforge.recipes import ppo
 
-    data = {"stage": "ppo", "model_name_or_path": policy, "dataset": cfg.prompts, "output_dir": str(rnd.dir / "ppo"),
+    from alignforge.evaluate.tasks import get_task
+
+    # PPO reads chat prompts; the task turns its own rows (any format it knows) into them
+    task = get_task(cfg.task)
+    prompt_file = steps.write_jsonl([{"prompt": task.example(r, i).messages} for i, r in enumerate(_rows(cfg.prompts))],
+                                    rnd.dir / "ppo_prompts.jsonl")
+    data = {"stage": "ppo", "model_name_or_path": policy, "dataset": str(prompt_file), "output_dir": str(rnd.dir / "ppo"),
             "progress": False, **cfg.ppo}
     if rm_path:
         data["reward_model"] = rm_path

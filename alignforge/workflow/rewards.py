@@ -16,13 +16,21 @@ def _references(task_name: str, references_file: str) -> tuple:
 
     task = get_task(task_name)
     examples = load_examples(task, references_file, split="train")
-    keys = [(ex.messages[-1]["content"], ex.reference) for ex in examples]
+    keys = [(_squash(ex.messages[-1]["content"]), ex.reference) for ex in examples]
     return task, tuple(keys)
 
 
-def _reference_for(prompt: str, keys: tuple):
+def _squash(text: str) -> str:
+    """Whitespace-free text: prompts are matched whatever way their parts were joined."""
+    return "".join(str(text).split())
+
+
+def _reference_for(prompt, keys: tuple):
+    if isinstance(prompt, list):  # chat messages: the document is in the user turns
+        prompt = " ".join(m["content"] for m in prompt if m.get("role") != "system")
+    p = _squash(prompt)
     for text, ref in keys:
-        if text and text in prompt:
+        if text and (text in p or p in text):
             return ref
     raise KeyError(f"no reference found for prompt {prompt[:80]!r}")
 

@@ -4,7 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_demo_quick_runs_end_to_end_and_resumes(tmp_path, default_model_dir):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "alignforge.cli", "demo", "--quick", "--output-dir", str(out)]

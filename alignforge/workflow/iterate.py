@@ -117,10 +117,9 @@ def _train_rm(cfg, policy, rm_prev, train_prefs, val_prefs, rnd, n_pairs, log) -
 
 def _train_ppo(cfg, policy, rm_path, rnd) -> dict:
     from alignforge.config import build_config
+    from alignforge.evaluate.tasks import get_task
     from alignforge.models import merge_adapter
     from alignforge.recipes import ppo
-
-    from alignforge.evaluate.tasks import get_task
 
     # PPO reads chat prompts; the task turns its own rows (any format it knows) into them
     task = get_task(cfg.task)

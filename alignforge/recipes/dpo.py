@@ -44,7 +44,7 @@ from alignforge.models import (
 )
 from alignforge.recipes.common import (
     Timer,
-    load_splits,
+    load_prepared,
     peak_memory_mb,
     save_final,
     trainable_params,
@@ -333,22 +333,7 @@ def attach_ref_logps(pairs, cache_file: Path, compute) -> str:
 
 
 def load_pairs(cfg, tokenizer):
-    train_rows, eval_rows = load_splits(
-        cfg.dataset, cfg.eval_dataset, cfg.val_size, cfg.seed, cfg.max_samples
-    )
-    prep = dict(
-        max_length=cfg.max_length,
-        truncation=cfg.truncation,
-        formatting=cfg.formatting,
-        columns=cfg.columns,
-        skip_bad_rows=cfg.skip_bad_rows,
-    )
-    train, train_stats = prepare_pairs(train_rows, tokenizer, source=cfg.dataset, **prep)
-    evals, eval_stats = (
-        prepare_pairs(eval_rows, tokenizer, source=cfg.eval_dataset or "held-out split", **prep)
-        if eval_rows
-        else ([], None)
-    )
+    train, train_stats, evals, eval_stats = load_prepared(cfg, tokenizer, prepare_pairs)
     if cfg.loss_type == "ipo" and cfg.use_margin and any(p.margin is not None for p in train):
         raise ValueError("use_margin: loss_type=ipo has no margin; set use_margin=false")
     return train, train_stats, evals, eval_stats

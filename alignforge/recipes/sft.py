@@ -22,7 +22,7 @@ from alignforge.models import load_tokenizer
 from alignforge.recipes.common import (
     Timer,
     build_trainable_model,
-    load_splits,
+    load_prepared,
     peak_memory_mb,
     save_final,
     trainable_params,
@@ -78,22 +78,7 @@ def run(cfg: SFTConfig, callbacks=()) -> dict:
     acc.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir)
 
-    train_rows, eval_rows = load_splits(
-        cfg.dataset, cfg.eval_dataset, cfg.val_size, cfg.seed, cfg.max_samples
-    )
-    prep = dict(
-        max_length=cfg.max_length,
-        truncation=cfg.truncation,
-        formatting=cfg.formatting,
-        columns=cfg.columns,
-        skip_bad_rows=cfg.skip_bad_rows,
-    )
-    train_ex, train_stats = prepare_sft(train_rows, tokenizer, source=cfg.dataset, **prep)
-    eval_ex, eval_stats = (
-        prepare_sft(eval_rows, tokenizer, source=cfg.eval_dataset or "held-out split", **prep)
-        if eval_rows
-        else ([], None)
-    )
+    train_ex, train_stats, eval_ex, eval_stats = load_prepared(cfg, tokenizer, prepare_sft)
     train_units, collate = make_units(train_ex, cfg, tokenizer.pad_token_id)
     eval_units, _ = make_units(eval_ex, cfg, tokenizer.pad_token_id) if eval_ex else ([], None)
 

@@ -42,6 +42,8 @@ def test_keyboard_only_annotation_ends_up_in_the_export(tmp_path, live_server, b
     page.set_default_timeout(60_000)  # a loaded CI machine can be slow to answer
     page.goto(srv.url + "/task")  # not logged in: sent to the login form, token field focused
     assert page.url.endswith("/login")
+    # autofocus lands after the load event; typing earlier loses the first keystrokes
+    page.wait_for_function("document.activeElement && document.activeElement.id === 'token'")
     page.keyboard.type(tokens["alice"])
     page.keyboard.press("Enter")
     page.wait_for_selector("#task")

@@ -13,7 +13,9 @@ dataset, so both sides see identical tokens and only the training machinery diff
 
 Variants (each in its own subprocess, so ``ru_maxrss`` is the peak of that side alone):
 
-* ``alignforge``: ``alignforge.recipes.sft.run`` as a user runs it (packing on by default).
+* ``alignforge``: ``alignforge.recipes.sft.run`` as a user runs it: its defaults lay each batch
+  of examples end to end without padding (``padding_free``), no dataset-level packing, so a batch
+  holds the same examples as TRL's.
 * ``trl``: ``SFTTrainer`` with its defaults for padding and packing (no packing, each batch
   padded to its longest example).
 * ``trl-packing``: ``SFTTrainer`` with ``packing=True`` (its default "bfd" strategy, which

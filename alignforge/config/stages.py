@@ -124,8 +124,16 @@ class SFTConfig(ModelArgs, DataArgs, TrainArgs):
 
     stage: Literal["sft"] = "sft"
     packing: bool = Field(
+        False,
+        description="Pack examples into rows of max_length before batching, so a batch is "
+        "per_device_train_batch_size rows (more examples per step, fewer steps). Off: a batch is "
+        "per_device_train_batch_size examples.",
+    )
+    padding_free: bool = Field(
         True,
-        description="Pack several examples per row with a block-diagonal mask (no cross-contamination, no padding waste).",
+        description="Lay each batch's examples end to end (rows of at most max_length, block-diagonal "
+        "mask, no cross-contamination) instead of padding them to the longest: no compute or "
+        "memory is spent on padding. Packed rows are always padding-free.",
     )
 
     @model_validator(mode="after")

@@ -92,3 +92,63 @@ def sequence_logps(token_logps: Tensor, mask: Tensor, average: bool = False) -> 
     if average:
         return masked_mean(token_logps, mask, dim=-1)
     return masked_sum(token_logps, mask, dim=-1)
+
+
+class _FrozenHeadLogps(torch.autograd.Function):
+    """Token log-probs through a frozen linear head, gradient w.r.t. ``hidden`` computed in forward.
+
+    For ``z = h W^T + b`` and ``logp = z_y - logsumexp(z)``:
+    ``d logp / d h = W_y - softmax(z) W``. Each chunk's ``(chunk, V)`` logits are used once and
+    freed; only the ``(N, H)`` gradient is kept, and backward scales its rows by the incoming
+    gradient. No logits are recomputed, and no ``(N, V)`` tensor outlives its chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, chunk):
+        logps, grads = [], []
+        for s in range(0, hidden.shape[0], chunk):
+            h, y = hidden[s : s + chunk], ids[s : s + chunk]
+            z = torch.nn.functional.linear(h, weight, bias).float()
+            lse = torch.logsumexp(z, dim=-1)
+            logps.append(z.gather(-1, y[:, None])[:, 0] - lse)
+            p = torch.exp(z.sub_(lse[:, None])).to(weight.dtype)  # softmax, in place of z
+            grads.append(weight[y] - p @ weight)
+        ctx.save_for_backward(torch.cat(grads) if grads else hidden.new_zeros(hidden.shape))
+        return torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (dlogp_dh,) = ctx.saved_tensors
+        return (grad_out[:, None] * dlogp_dh).to(dlogp_dh.dtype), None, None, None, None
+
+
+def _chunk_logps(hidden, weight, bias, ids):
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    return logits.gather(-1, ids[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
+def linear_token_logps(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, chunk: int = 1024
+) -> Tensor:
+    """``log_softmax(hidden @ weight.T + bias)[i, ids[i]]`` for each row, without ``(N, V)`` logits.
+
+    Shapes: ``hidden (N, H)``, ``weight (V, H)``, ``bias (V,)`` or None, ``ids (N,)`` -> ``(N,)``
+    float32. The head is applied ``chunk`` rows at a time. When the head is frozen (LoRA, tied
+    embeddings) the gradient w.r.t. ``hidden`` is computed in the same pass
+    (``W_y - softmax(z) W``), so backward costs nothing extra; when the head trains, each chunk
+    is recomputed in backward (activation checkpointing). Peak extra memory is one
+    ``(chunk, V)`` block either way.
+    """
+    head_trains = weight.requires_grad or (bias is not None and bias.requires_grad)
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or head_trains):
+        with torch.no_grad():
+            out = [_chunk_logps(hidden[s : s + chunk], weight, bias, ids[s : s + chunk])
+                   for s in range(0, hidden.shape[0], chunk)]  # fmt: skip
+        return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+    if not head_trains:
+        return _FrozenHeadLogps.apply(hidden, weight, bias, ids, chunk)
+    from torch.utils.checkpoint import checkpoint
+
+    out = [checkpoint(_chunk_logps, hidden[s : s + chunk], weight, bias, ids[s : s + chunk],
+                      use_reentrant=False) for s in range(0, hidden.shape[0], chunk)]  # fmt: skip
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)

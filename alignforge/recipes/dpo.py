@@ -42,6 +42,7 @@ from alignforge.models import (
     resolve_model_path,
     wrap_lora,
 )
+from alignforge.models.scoring import target_token_logps
 from alignforge.recipes.common import (
     Timer,
     load_prepared,
@@ -76,73 +77,18 @@ def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     its rejected one. Token ``tgt_id`` is scored with the logits at ``tgt_pred``, the position
     before it (the causal shift), so logits are never compared with their own input token.
 
-    Only the positions that predict a response token go through the LM head, in chunks whose
-    logits are recomputed in backward, so no ``(B, T, V)`` logits tensor is ever held.
+    Only the positions that predict a response token go through the LM head
+    (:func:`alignforge.models.scoring.target_token_logps`), so no ``(B, T, V)`` logits tensor is
+    ever held.
     """
     kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
-    parts = _decoder_and_head(model)
-    if (
-        parts is None
-    ):  # a wrapped or unusual model: through its own forward, logits at kept positions
-        keep = torch.unique(batch["tgt_pred"])
-        logits = model(
-            input_ids=batch["input_ids"], logits_to_keep=keep, use_cache=False, **kwargs
-        ).logits
-        col = torch.searchsorted(keep, batch["tgt_pred"])
-        lse = torch.stack([torch.logsumexp(r.float(), dim=-1) for r in logits])
-        token_logps = (
-            logits[batch["tgt_row"], col, batch["tgt_id"]].float() - lse[batch["tgt_row"], col]
-        )
-    else:
-        decoder, head = parts
-        hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
-        hidden = hidden[batch["tgt_row"], batch["tgt_pred"]]  # (N, H) predictor states
-        token_logps = chunked_token_logps(hidden, head.weight, head.bias, batch["tgt_id"])
+    token_logps = target_token_logps(
+        model, batch["input_ids"], batch["tgt_row"], batch["tgt_pred"], batch["tgt_id"], **kwargs
+    )
     n_seq = 2 * batch["n_pairs"]
     logps = torch.zeros(n_seq, dtype=token_logps.dtype, device=token_logps.device)
     logps = logps.index_add(0, batch["tgt_seq"], token_logps)
     return logps, batch["resp_len"].to(logps.device)
-
-
-def _decoder_and_head(model):
-    """``(decoder, lm_head)`` when the head is a plain linear layer we may apply ourselves."""
-    if hasattr(model, "module"):  # DDP/FSDP wrappers must see their own forward
-        return None
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (
-        None,
-        1.0,
-    ):
-        return None
-    decoder = getattr(lm, getattr(lm, "base_model_prefix", "model"), None)
-    head = lm.get_output_embeddings()
-    if decoder is None or type(head) is not torch.nn.Linear:
-        return None
-    return decoder, head
-
-
-def _chunk_logps(hidden, weight, bias, ids):
-    logits = torch.nn.functional.linear(hidden, weight, bias).float()
-    return logits.gather(-1, ids[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-
-
-def chunked_token_logps(hidden, weight, bias, ids, chunk: int = 512) -> torch.Tensor:
-    """``log softmax(hidden @ W.T + b)[ids]`` for ``hidden (N, H)``, ``ids (N,)`` -> ``(N,)``.
-
-    ``chunk`` rows at a time; with grad, each chunk's logits are recomputed in backward
-    (activation checkpointing), so peak extra memory is one ``(chunk, V)`` block.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    out = []
-    for s in range(0, hidden.shape[0], chunk):
-        args = (hidden[s : s + chunk], weight, bias, ids[s : s + chunk])
-        grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-        out.append(
-            checkpoint(_chunk_logps, *args, use_reentrant=False) if grad else _chunk_logps(*args)
-        )
-    return torch.cat(out) if out else hidden.new_zeros(0)
 
 
 class PreferenceObjective:

@@ -14,11 +14,10 @@ share of the (large) vocabulary projection.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from alignforge.config.stages import SFTConfig
 from alignforge.data import IGNORE, collate_packed, collate_padded, pack, prepare_sft
 from alignforge.models import load_tokenizer
+from alignforge.models.scoring import target_token_logps
 from alignforge.recipes.common import (
     Timer,
     build_trainable_model,
@@ -49,25 +48,24 @@ class CausalLMObjective:
 
     def __call__(self, model, batch: dict):
         target = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-        keep = (target != IGNORE).any(0).nonzero().squeeze(1)  # positions some row learns from
+        rows, preds = (target != IGNORE).nonzero(as_tuple=True)  # the LM head runs only here
         kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
-        logits = model(
-            input_ids=batch["input_ids"], logits_to_keep=keep, use_cache=False, **kwargs
-        ).logits
-        loss = F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            target[:, keep].flatten(),
-            ignore_index=IGNORE,
-            reduction="sum",
+        logps = target_token_logps(
+            model, batch["input_ids"], rows, preds, target[rows, preds], **kwargs
         )
-        return loss, {}
+        return -logps.sum(), {}
 
 
 def make_units(examples, cfg, pad_id):
-    """Training units and their collate function: packed rows, or single examples padded per batch."""
+    """Training units and their collate function: packed rows; single examples laid end to end
+    (padding-free); or single examples padded to the batch's longest."""
     if cfg.packing:
         rows = [[examples[i] for i in row] for row in pack(examples, cfg.max_length)]
         return rows, lambda batch: collate_packed(batch, pad_id)
+    if cfg.padding_free:
+        return examples, lambda batch: collate_packed(
+            [[batch[i] for i in row] for row in pack(batch, cfg.max_length)], pad_id
+        )
     return examples, lambda batch: collate_padded(batch, pad_id)
 
 
@@ -108,6 +106,7 @@ def run(cfg: SFTConfig, callbacks=()) -> dict:
         "data": train_stats.as_dict(),
         "eval_data": eval_stats.as_dict() if eval_stats else None,
         "packing": cfg.packing,
+        "padding_free": cfg.packing or cfg.padding_free,
         "train_units": len(train_units),
         **result,
         "seconds": t.seconds,

@@ -55,7 +55,7 @@ def test_quick_start_config_trains_and_the_adapter_answers(default_model_dir, tm
         "progress=false",
     )
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["packing"] is True
+    assert summary["steps"] == 4 and summary["padding_free"] is True
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r["loss"] for r in rows if r["split"] == "train"]
     evals = [r["loss"] for r in rows if r["split"] == "eval"]

@@ -71,3 +71,33 @@ def test_packed_batch_marks_segments_and_counts_real_tokens_only():
     assert CausalLMObjective().tokens(batch) == 9  # 3 + 2 + 4; the padding slot is not counted
     padded = collate_padded(ex, pad_id=0)  # 3 rows of width 4
     assert CausalLMObjective().tokens(padded) == 9
+
+
+def test_sft_loss_and_gradients_are_the_same_padded_padding_free_and_packed(tiny_model_dir):
+    """The three batch layouts of the SFT recipe compute the same objective on the same examples."""
+    from types import SimpleNamespace
+
+    from alignforge.recipes.sft import CausalLMObjective, make_units
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    ex = examples([7, 11, 4, 9], model.config.vocab_size, seed=3)
+    objective, results = CausalLMObjective(), []
+    for packing, padding_free in [(False, False), (False, True), (True, True)]:
+        cfg = SimpleNamespace(packing=packing, padding_free=padding_free, max_length=16)
+        units, collate = make_units(ex, cfg, pad_id=0)
+        batch = collate(units)
+        model.zero_grad()
+        loss, _ = objective(model, batch)
+        loss.backward()
+        grad = model.get_input_embeddings().weight.grad.clone()
+        results.append((float(loss), objective.count(batch), grad))
+        if padding_free:
+            assert batch["input_ids"].numel() == sum(len(e) for e in ex) + (
+                batch["segment_ids"] < 0
+            ).sum()  # rows of at most max_length, padding only at the end of a short row
+            assert batch["input_ids"].shape[1] <= 16
+    (l0, c0, g0), *rest = results
+    for loss, count, grad in rest:
+        assert count == c0 == sum(len(e) - 2 for e in ex)
+        assert abs(loss - l0) < 1e-4 * abs(l0)
+        torch.testing.assert_close(grad, g0, atol=1e-5, rtol=1e-4)

@@ -73,3 +73,39 @@ def test_sequence_logps_sum_and_average():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     assert sequence_logps(token_logps, mask).tolist() == [-3.0, -4.0]
     assert sequence_logps(token_logps, mask, average=True).tolist() == [-1.5, -4.0]
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+@pytest.mark.parametrize("chunk", [3, 100])
+def test_linear_token_logps_matches_full_log_softmax_values_and_gradients(head_trains, chunk):
+    from alignforge.losses.logprobs import linear_token_logps
+
+    torch.manual_seed(0)
+    h = torch.randn(7, 5, requires_grad=True)
+    w = torch.randn(11, 5, requires_grad=head_trains)
+    b = torch.randn(11, requires_grad=head_trains)
+    ids = torch.randint(0, 11, (7,))
+    got = linear_token_logps(h, w, b, ids, chunk=chunk)
+    want = torch.log_softmax(h @ w.T + b, -1).gather(-1, ids[:, None])[:, 0]
+    torch.testing.assert_close(got, want)
+    upstream = torch.randn(7)  # per-token weights, as DPO's per-sequence gradients give
+    params = (h, w, b) if head_trains else (h,)
+    g1 = torch.autograd.grad((got * upstream).sum(), params)
+    g2 = torch.autograd.grad((want * upstream).sum(), params)
+    for a, e in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, e)
+
+
+def test_linear_token_logps_hand_computed():
+    from alignforge.losses.logprobs import linear_token_logps
+
+    # one row h = [1, 0], head rows [0, 0], [1, 0], [0, 1] -> logits [0, 1, 0]
+    h = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    w = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    got = linear_token_logps(h, w, None, torch.tensor([1]))
+    e = math.e
+    assert abs(float(got) - (1 - math.log(2 + e))) < 1e-6
+    got.sum().backward()
+    # d logp / d h = W_1 - softmax . W = [1, 0] - ([e, 1] / (2 + e))
+    want = torch.tensor([1 - e / (2 + e), -1 / (2 + e)])
+    torch.testing.assert_close(h.grad[0], want)

@@ -1,0 +1,60 @@
+"""Log-probabilities of chosen target tokens, running the LM head only where a target is scored.
+
+    from alignforge.models.scoring import target_token_logps
+    # rows[i], preds[i]: the (row, position) whose hidden state predicts token ids[i]
+    logps = target_token_logps(model, input_ids, rows, preds, ids, attention_mask=mask)  # (N,)
+
+A causal LM's head turns every position's hidden state into ``V`` logits (V = 49k for the
+default model), yet a loss needs one log-prob per *target* token: the completion of SFT, the
+responses of DPO. Here the decoder runs once, the hidden states at the predicting positions are
+gathered, and the head is applied to those rows alone through
+:func:`alignforge.losses.logprobs.linear_token_logps`, which never holds a ``(N, V)`` tensor and,
+for a frozen head, needs no recomputation in backward. Models whose head is not a plain linear
+layer (logit soft-capping, scaling) or that sit inside a DDP/FSDP wrapper go through their own
+forward with ``logits_to_keep`` instead; both paths give the same values.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from alignforge.losses.logprobs import linear_token_logps
+
+
+def decoder_and_head(model):
+    """``(decoder, lm_head)`` when the head is a plain linear layer we may apply ourselves."""
+    if hasattr(model, "module"):  # DDP/FSDP wrappers must see their own forward
+        return None
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (
+        None,
+        1.0,
+    ):
+        return None
+    decoder = getattr(lm, getattr(lm, "base_model_prefix", "model"), None)
+    head = lm.get_output_embeddings()
+    if decoder is None or type(head) is not torch.nn.Linear:
+        return None
+    return decoder, head
+
+
+def target_token_logps(
+    model, input_ids: Tensor, rows: Tensor, preds: Tensor, ids: Tensor, **kwargs
+) -> Tensor:
+    """``log p(ids[i] | hidden state at (rows[i], preds[i]))`` for every target ``i`` -> ``(N,)``.
+
+    ``kwargs`` go to the model (``attention_mask``, ``position_ids``). ``preds`` is the position
+    *before* each target token (the causal shift is the caller's, made explicit).
+    """
+    parts = decoder_and_head(model)
+    if parts is None:
+        keep = torch.unique(preds)
+        logits = model(input_ids=input_ids, logits_to_keep=keep, use_cache=False, **kwargs).logits
+        col = torch.searchsorted(keep, preds)
+        lse = torch.stack([torch.logsumexp(r.float(), dim=-1) for r in logits])
+        return logits[rows, col, ids].float() - lse[rows, col]
+    decoder, head = parts
+    hidden = decoder(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
+    return linear_token_logps(hidden[rows, preds], head.weight, head.bias, ids)

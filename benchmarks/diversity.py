@@ -43,6 +43,7 @@ def synthetic(n: int, dim: int, n_clusters: int, seed: int = 0) -> np.ndarray:
 
 def bench_graph(args) -> dict:
     from alignforge.datagen.diversity import (
+        DEFAULT_THRESHOLDS,
         build_index,
         choose_cutoff,
         components,
@@ -58,7 +59,7 @@ def bench_graph(args) -> dict:
     t1, c1 = time.perf_counter(), time.process_time()
     neighbors, sims = knn_graph(index, len(x), args.k, args.search_k, workers=args.workers)
     t2, c2 = time.perf_counter(), time.process_time()
-    sweep = sweep_cutoffs(neighbors, sims, np.round(np.arange(0.5, 0.99, 0.02), 4))
+    sweep = sweep_cutoffs(neighbors, sims, DEFAULT_THRESHOLDS)
     cut = choose_cutoff(sweep, len(x))
     labels = components(neighbors, sims, cut)
     selected = representatives(x, labels)

@@ -63,9 +63,7 @@ def run_alignforge(args, out: str) -> dict:
         report_to="none", progress=False, seed=42,
     ))  # fmt: skip
     model, ref = dpo.build_policy("default", "lora", lora_rank=16, lora_alpha=32, lora_dropout=0.0)
-    collate = dpo.make_collate(
-        tok.pad_token_id, cfg.padding_free, cfg.share_prompt, 2 * args.max_length
-    )
+    collate = dpo.make_collate(tok.pad_token_id, cfg)
     stamps = []
     loop = TrainLoop(
         model, dpo.PreferenceObjective(0.1, ref_model=ref), pairs, collate, cfg,

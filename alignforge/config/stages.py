@@ -131,7 +131,7 @@ class SFTConfig(ModelArgs, DataArgs, TrainArgs):
     )
     padding_free: bool = Field(
         True,
-        description="Lay each batch's examples end to end (rows of at most max_length, block-diagonal "
+        description="Lay each batch's examples end to end (rows of at most 2 * max_length, block-diagonal "
         "mask, no cross-contamination) instead of padding them to the longest: no compute or "
         "memory is spent on padding. Packed rows are always padding-free.",
     )

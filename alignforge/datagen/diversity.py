@@ -136,6 +136,11 @@ def components(neighbors: np.ndarray, sims: np.ndarray, threshold: float) -> np.
     return _labels(n, rows, neighbors.ravel()[keep])
 
 
+# Cosine cutoffs tried by the sweep: from "about the same topic" up to near-duplicates. Below
+# 0.5 the fewest-singletons rule starts merging distinct clusters that no single one dominates.
+DEFAULT_THRESHOLDS = np.round(np.arange(0.5, 0.99, 0.02), 4)
+
+
 def sweep_cutoffs(neighbors, sims, thresholds) -> list[CutoffStats]:
     """Components, largest component and isolated items at each threshold.
 
@@ -207,7 +212,7 @@ def diversity_sample(
     k = min(k, len(emb) - 1)
     index = build_index(emb, n_trees)
     neighbors, sims = knn_graph(index, len(emb), k, search_k, workers)
-    thresholds = np.round(np.arange(0.5, 0.99, 0.02), 4) if thresholds is None else thresholds
+    thresholds = DEFAULT_THRESHOLDS if thresholds is None else thresholds
     sweep = sweep_cutoffs(neighbors, sims, thresholds)
     cut = threshold if threshold is not None else choose_cutoff(sweep, len(emb), giant_fraction)
     labels = components(neighbors, sims, cut)

@@ -34,13 +34,17 @@ def load_splits(
 def load_prepared(cfg, tokenizer, prepare):
     """Train and eval rows of ``cfg``'s data, each turned into examples by ``prepare``
     (``prepare_sft`` or ``prepare_pairs``); returns (train, train_stats, eval, eval_stats)."""
-    train_rows, eval_rows = load_splits(cfg.dataset, cfg.eval_dataset, cfg.val_size, cfg.seed, cfg.max_samples)
+    train_rows, eval_rows = load_splits(
+        cfg.dataset, cfg.eval_dataset, cfg.val_size, cfg.seed, cfg.max_samples
+    )
     prep = dict(max_length=cfg.max_length, truncation=cfg.truncation, formatting=cfg.formatting,
                 columns=cfg.columns, skip_bad_rows=cfg.skip_bad_rows)  # fmt: skip
     train, train_stats = prepare(train_rows, tokenizer, source=cfg.dataset, **prep)
     if not eval_rows:
         return train, train_stats, [], None
-    evals, eval_stats = prepare(eval_rows, tokenizer, source=cfg.eval_dataset or "held-out split", **prep)
+    evals, eval_stats = prepare(
+        eval_rows, tokenizer, source=cfg.eval_dataset or "held-out split", **prep
+    )
     return train, train_stats, evals, eval_stats
 
 

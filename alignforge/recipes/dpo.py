@@ -158,8 +158,11 @@ class PreferenceObjective:
         return out.losses.sum(), dict(zip(STATS, values, strict=True))
 
 
-def make_collate(pad_id: int, padding_free: bool, share_prompt: bool, pack_length: int):
-    layout = "shared" if share_prompt else ("packed" if padding_free else "padded")
+def make_collate(pad_id: int, cfg):
+    """Batches of pairs in the layout ``cfg`` (DPO or SPIN config) asks for, with a token count."""
+    share_prompt = cfg.share_prompt
+    layout = "shared" if share_prompt else ("packed" if cfg.padding_free else "padded")
+    pack_length = cfg.pack_length or 2 * cfg.max_length
 
     def collate(pairs: list[PreferencePair]) -> dict:
         batch = collate_pairs(pairs, pad_id, layout=layout, pack_length=pack_length)
@@ -292,12 +295,7 @@ def run(cfg: DPOConfig, callbacks=()) -> dict:
     acc.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir)
     train, train_stats, evals, eval_stats = load_pairs(cfg, tokenizer)
-    collate = make_collate(
-        tokenizer.pad_token_id,
-        cfg.padding_free,
-        cfg.share_prompt,
-        cfg.pack_length or 2 * cfg.max_length,
-    )
+    collate = make_collate(tokenizer.pad_token_id, cfg)
     model, ref_model = build_policy(
         cfg.model_name_or_path, cfg.finetuning_type, cfg.dtype, cfg.lora_rank, cfg.lora_alpha,
         cfg.lora_dropout, cfg.lora_target, cfg.gradient_checkpointing, cfg.cache_dir,

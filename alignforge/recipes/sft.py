@@ -62,9 +62,9 @@ def make_units(examples, cfg, pad_id):
     if cfg.packing:
         rows = [[examples[i] for i in row] for row in pack(examples, cfg.max_length)]
         return rows, lambda batch: collate_packed(batch, pad_id)
-    if cfg.padding_free:
+    if cfg.padding_free:  # rows of up to 2 * max_length: little end-of-row padding, bounded attention
         return examples, lambda batch: collate_packed(
-            [[batch[i] for i in row] for row in pack(batch, cfg.max_length)], pad_id
+            [[batch[i] for i in row] for row in pack(batch, 2 * cfg.max_length)], pad_id
         )
     return examples, lambda batch: collate_padded(batch, pad_id)
 

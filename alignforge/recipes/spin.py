@@ -313,12 +313,7 @@ def run_iteration(k, opponent, opponent_id, tokenizer, items, eval_items, prev_r
         if eval_rows
         else []
     )
-    collate = make_collate(
-        tokenizer.pad_token_id,
-        cfg.padding_free,
-        cfg.share_prompt,
-        cfg.pack_length or 2 * cfg.max_length,
-    )
+    collate = make_collate(tokenizer.pad_token_id, cfg)
     policy = make_policy(opponent, cfg)
     # the opponent scores ground truth and its own answers once, before any update (a fresh
     # adapter is switched off for it; with full weights the policy *is* the opponent here)

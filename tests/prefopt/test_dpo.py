@@ -2,6 +2,7 @@
 
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +19,10 @@ WORDS = (
     "violin desert island bridge castle engine pocket marble feather orange silver window "
     "harbor meadow button ticket pillow jungle canyon glacier compass lantern"
 ).split()
+
+LAYOUT_PACKED_128 = SimpleNamespace(
+    share_prompt=False, padding_free=True, pack_length=128, max_length=64
+)
 
 
 def style_pairs(words, seed=0):
@@ -72,7 +77,7 @@ def first_step(c, tiny_model_dir):
     for n, p in model.named_parameters():  # a non-zero adapter, so chosen/rejected differ from ref
         if "lora_B" in n:
             p.data.normal_(0, 0.05)
-    collate = dpo.make_collate(tok.pad_token_id, c.padding_free, c.share_prompt, 2 * c.max_length)
+    collate = dpo.make_collate(tok.pad_token_id, c)
     loop = TrainLoop(
         model, dpo.PreferenceObjective(c.beta, c.loss_type, ref_model=ref), pairs, collate, c
     )
@@ -116,7 +121,7 @@ def test_adapter_disabled_reference_equals_a_separately_loaded_base(tiny_model_d
     for n, p in policy.named_parameters():
         if "lora_B" in n:
             p.data.normal_(0, 0.1)
-    batch = dpo.make_collate(tok.pad_token_id, True, False, 128)(pairs)
+    batch = dpo.make_collate(tok.pad_token_id, LAYOUT_PACKED_128)(pairs)
     objective = dpo.PreferenceObjective(beta=0.1)
     policy.train()
     ref_logps = objective.reference(policy, batch)
@@ -150,7 +155,7 @@ def test_cached_reference_logps_equal_fresh_ones_and_are_reused(
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     pairs, _ = prepare_pairs([json.loads(x) for x in open(data[0])], tok, 64)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    collate = dpo.make_collate(tok.pad_token_id, True, False, 128)
+    collate = dpo.make_collate(tok.pad_token_id, LAYOUT_PACKED_128)
     want = dpo.compute_ref_logps(base, None, pairs, collate, 8, "cpu")
     path = dpo.ref_cache_path(
         cache, dpo.model_identity(tiny_model_dir), pairs, 64, tok.chat_template

@@ -2,6 +2,7 @@
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,10 @@ from alignforge.recipes import spin
 from alignforge.recipes.dpo import pair_logps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+
+LAYOUT_PACKED_128 = SimpleNamespace(
+    share_prompt=False, padding_free=True, pack_length=128, max_length=64
+)
 
 
 def test_per_iteration_lists_must_match_num_iterations():
@@ -50,7 +55,7 @@ def test_opponent_scores_the_ground_truth_not_the_generation_twice(tiny, tiny_mo
     """Unofficial bug #1: the opponent's term of the real answer must be its log-prob of the
     ground truth. The stored reference equals a separate opponent pass on each side."""
     tok, opponent, pairs = tiny
-    collate = spin.make_collate(tok.pad_token_id, True, False, 128)
+    collate = spin.make_collate(tok.pad_token_id, LAYOUT_PACKED_128)
     ref = spin.compute_ref_logps(opponent, None, pairs, collate, 8, "cpu")
     for p, (real, gen) in zip(pairs, ref.tolist(), strict=True):
         assert abs(real - float(naive_logp(opponent, p.prompt_ids, p.chosen_ids))) < 1e-4

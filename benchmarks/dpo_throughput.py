@@ -12,6 +12,11 @@ so both see the same machine; peak memory is that subprocess's max RSS
 (``resource.getrusage``). Time is the wall time of training steps 2..S (model loading,
 tokenization and the first, warm-up step excluded on both sides).
 
+Settings changed from TRL's defaults so both sides train alike: ``bf16=False`` (TRL's DPOConfig
+turns bf16 autocast on, also on CPU; alignforge trains in float32) and
+``gradient_checkpointing=False`` (TRL defaults to True, which trades speed for memory;
+alignforge's default is off).
+
 alignforge runs its padding-free layout with the shared prompt (``share_prompt: true``):
 a pair's prompt is encoded once and no padding is computed. TRL 1.16 pads 2B rows
 (its ``padding_free`` is disabled since its DPO refactor) and encodes each prompt twice.
@@ -110,7 +115,7 @@ def run_trl(args, out: str) -> dict:
         learning_rate=5e-5, beta=0.1, loss_type=["sigmoid"], max_length=args.max_length,
         truncation_mode="keep_start", report_to=[], save_strategy="no", logging_steps=1,
         use_cpu=True, disable_dropout=True, seed=42, lr_scheduler_type="cosine", max_grad_norm=1.0,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, bf16=False, gradient_checkpointing=False,
     )  # fmt: skip
     lora = LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"

@@ -38,11 +38,21 @@ class ChatBackend(Protocol):
 
 
 class CallableBackend:
+    """A plain ``fn(messages, **kw) -> str``; keyword options it does not take are not passed."""
+
     def __init__(self, fn: Callable[..., str]):
+        import inspect
+
         self.fn = fn
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            params = []
+        self.takes = {p.name for p in params}
+        self.takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
 
     def chat(self, messages: list[dict], **kw: Any) -> str:
-        return self.fn(messages, **kw)
+        return self.fn(messages, **{k: v for k, v in kw.items() if self.takes_any or k in self.takes})
 
 
 def as_backend(x: Any) -> ChatBackend:
@@ -56,8 +66,9 @@ def as_backend(x: Any) -> ChatBackend:
 class OpenAIChatBackend:
     """``POST {base_url}/chat/completions`` of any OpenAI-compatible server, over httpx.
 
-    Asks for ``response_format={"type": "json_object"}``; a server that rejects it (HTTP 400
-    naming response_format) is asked again without it, and never with it again. Connection
+    Asks for the ``response_format`` the caller passes (the judge passes a JSON schema of the
+    verdict), else ``{"type": "json_object"}``; a server that rejects it (HTTP 400 naming
+    response_format) is asked again without it, and never with it again. Connection
     errors, 429 and 5xx are retried with exponential backoff.
     """
 
@@ -77,12 +88,13 @@ class OpenAIChatBackend:
     def chat(self, messages: list[dict], **kw: Any) -> str:
         import httpx
 
+        wanted = kw.pop("response_format", None) or {"type": "json_object"}
         payload = {"model": self.model, "messages": messages, "temperature": self.temperature,
                    "max_tokens": self.max_tokens, **kw}  # fmt: skip
         last = ""
         for attempt in range(self.max_retries + 1):
             if self.json_mode:
-                payload["response_format"] = {"type": "json_object"}
+                payload["response_format"] = wanted
             else:
                 payload.pop("response_format", None)
             try:
@@ -196,9 +208,23 @@ class PairVerdict(NamedTuple):
     raw: list[str]  # the two answers, (a, b) order first
 
 
+def verdict_response_format(keys: list[str], scale: str = "ab") -> dict:
+    """OpenAI ``response_format`` whose JSON schema admits exactly a verdict on ``keys``.
+
+    Servers with structured output (and alignforge's local models, through constrained
+    decoding) then cannot answer anything :func:`parse_verdict` rejects.
+    """
+    value = ({"type": "string", "enum": ["1", "2", "tie"]} if scale == "ab"
+             else {"type": "integer", "enum": [-2, -1, 0, 1, 2]})  # fmt: skip
+    schema = {"type": "object", "properties": {k: value for k in keys}, "required": list(keys),
+              "additionalProperties": False}  # fmt: skip
+    return {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}}
+
+
 def _ask(backend, msgs, keys, scale, parse_retries):
+    fmt = verdict_response_format(keys, scale)
     for attempt in range(parse_retries + 1):
-        text = backend.chat(msgs)
+        text = backend.chat(msgs, response_format=fmt)
         try:
             return parse_verdict(text, keys, scale), text
         except JudgeError:

@@ -31,7 +31,7 @@ WIKI = ROOT / "examples" / "data" / "wikipedia_paragraphs.jsonl"
 
 PROFILES = {
     "quick": dict(n_sft=48, sft_steps=12, n_eval=16, rounds=1, prompts_per_round=8, samples_per_prompt=2,
-                  ppo_steps=2, rollout_batch_size=4, max_new_tokens=64, datagen_chunks=0, n_blind=16),
+                  ppo_steps=2, rollout_batch_size=4, max_new_tokens=64, datagen_chunks=0, n_blind=8),
     "full": dict(n_sft=240, sft_steps=60, n_eval=48, rounds=2, prompts_per_round=24, samples_per_prompt=2,
                  ppo_steps=6, rollout_batch_size=8, max_new_tokens=96, datagen_chunks=4, n_blind=48),
 }
@@ -50,7 +50,7 @@ def _split_corpus(out: Path, test_share: float = 0.15) -> dict:
     return {"train": len(train), "test": len(test), "source": str(CORPUS)}
 
 
-def _diverse_subset(data: Path, out: Path, n: int) -> dict:
+def _diverse_subset(task, data: Path, out: Path, n: int) -> dict:
     """The seed's recipe: one representative per connected component of the similarity graph."""
     from alignforge.datagen.diversity import (
         diversity_sample,
@@ -62,10 +62,28 @@ def _diverse_subset(data: Path, out: Path, n: int) -> dict:
     rows = steps.read_jsonl(data / "train.jsonl")
     texts = [r["input"][-1]["content"] for r in rows]
     result = diversity_sample(embed_texts(texts, load_embedder(), progress=False))
-    picked = list(result.selected)[:n]
+    picked = _cap_empty(task, rows, list(result.selected), n)
     write_diagnostics(result, texts, out)
     steps.write_jsonl([rows[i] for i in picked], out / "sft_rows.jsonl")
-    return {"documents": len(rows), "components": len(result.selected), "cutoff": float(result.threshold), "picked": len(picked)}
+    return {"documents": len(rows), "components": len(result.selected), "cutoff": float(result.threshold),
+            "picked": len(picked), "picked_without_entities": sum(not _has_answer(task, rows[i], i) for i in picked)}
+
+
+def _has_answer(task, row: dict, i: int) -> bool:
+    return bool(task.example(row, i).reference.get("entities"))
+
+
+def _cap_empty(task, rows: list[dict], candidates: list[int], n: int, empty_share: float = 0.25) -> list[int]:
+    """``n`` of the representatives, at most ``empty_share`` of them with an empty gold answer.
+
+    Components' representatives over-sample short boilerplate ("The parties agree as follows :"),
+    whose gold answer is empty; trained on mostly empty answers, a small model learns to answer
+    ``{"entities": []}`` to everything.
+    """
+    full = [i for i in candidates if _has_answer(task, rows[i], i)]
+    empty = [i for i in candidates if not _has_answer(task, rows[i], i)]
+    n_empty = max(int(n * empty_share), n - len(full))
+    return sorted(full[: n - min(n_empty, len(empty))] + empty[:n_empty])
 
 
 def _datagen(out: Path, n_chunks: int) -> dict:
@@ -163,7 +181,7 @@ def run_demo(output_dir: str, quick: bool = False, log=print) -> dict:
     rnd = Round(run)  # markers of the demo's own steps
     log(f"alignforge demo ({'quick' if quick else 'full'}) in {run}")
     _step(rnd, "data", lambda: _split_corpus(run / "data"), log)
-    _step(rnd, "diverse", lambda: _diverse_subset(run / "data", run / "diverse", p["n_sft"]), log)
+    _step(rnd, "diverse", lambda: _diverse_subset(task, run / "data", run / "diverse", p["n_sft"]), log)
     if p["datagen_chunks"]:
         _step(rnd, "datagen", lambda: _datagen(run / "datagen", p["datagen_chunks"]), log)
     base = _step(rnd, "eval_base", lambda: _eval(run, task, "base", "default", p["n_eval"], p["max_new_tokens"]), log)
@@ -174,7 +192,7 @@ def run_demo(output_dir: str, quick: bool = False, log=print) -> dict:
         output_dir=str(run / "rlhf"), policy=str(run / "sft_merged"), prompts=str(run / "data" / "train.jsonl"),
         eval_dataset=str(run / "data" / "test.jsonl"), eval_limit=p["n_eval"], rounds=p["rounds"],
         prompts_per_round=p["prompts_per_round"], samples_per_prompt=p["samples_per_prompt"], temperature=1.0,
-        max_new_tokens=p["max_new_tokens"], judge="ai", judge_model="default", min_pairs=8,
+        max_new_tokens=p["max_new_tokens"], judge="ai", judge_model="default", min_pairs=4,
         ppo={"max_steps": p["ppo_steps"], "rollout_batch_size": p["rollout_batch_size"], "mini_batch_size": 4,
              "max_new_tokens": p["max_new_tokens"], "learning_rate": 5e-5, "save_steps": 1, "kl_coef": 0.05,
              "drift_action": "warn"},

@@ -44,7 +44,11 @@ def _step(rnd: Round, name: str, fn, log) -> dict:
         log(f"  {name}: done earlier, skipped")
         return info
     log(f"  {name} ...")
-    return rnd.finish(name, fn())
+    t0 = time.perf_counter()
+    info = fn()
+    seconds = time.perf_counter() - t0
+    log(f"  {name}: done in {seconds:.0f} s")
+    return rnd.finish(name, {**info, "step_seconds": round(seconds, 1)})
 
 
 def run_iterate(cfg: IterateConfig, log=print) -> list[dict]:
@@ -129,6 +133,8 @@ def _train_ppo(cfg, policy, rm_path, rnd) -> dict:
             "progress": False, **cfg.ppo}
     if rm_path:
         data["reward_model"] = rm_path
+    elif not data.get("drift_reference"):  # no RM eval scores to watch the rewards against
+        data["drift_action"] = "none"
     if cfg.task_reward_weight > 0 or not rm_path:
         data.update(reward_fn="alignforge.workflow.rewards:task_reward", reward_fn_weight=cfg.task_reward_weight or 1.0,
                     reward_fn_kwargs={"task": cfg.task, "references_file": cfg.prompts})

@@ -142,7 +142,8 @@ def _ai_backend(judge_model: str, endpoint: str | None):
     client = TransformersChatClient(load_model(judge_model).eval(), load_tokenizer(judge_model))
 
     def chat(messages, **kw):
-        return client.chat(messages, temperature=0.0, max_tokens=kw.get("max_tokens", 96))[0].text
+        return client.chat(messages, temperature=0.0, max_tokens=kw.get("max_tokens", 96),
+                           response_format=kw.get("response_format"))[0].text
 
     return chat
 

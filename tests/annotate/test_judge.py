@@ -36,7 +36,12 @@ def test_fair_judge_over_http_is_consistent_under_swap():
         users = [r["messages"][-1]["content"] for r in srv.requests[:2]]
         assert users[0].index(BIG) < users[0].index(SMALL)
         assert users[1].index(SMALL) < users[1].index(BIG)
-        assert srv.requests[0]["response_format"] == {"type": "json_object"}
+        # structured output: the schema admits only a verdict on the asked aspects
+        fmt = srv.requests[0]["response_format"]
+        assert fmt["type"] == "json_schema"
+        schema = fmt["json_schema"]["schema"]
+        assert set(schema["required"]) == set(schema["properties"]) and schema["additionalProperties"] is False
+        assert all(v["enum"] == ["1", "2", "tie"] for v in schema["properties"].values())
         assert srv.requests[0]["model"] == "rule-judge"
 
 
@@ -152,3 +157,22 @@ def test_blind_test_from_the_ai_judge(tmp_path):
     assert rep.result.win.value == pytest.approx(0.75)
     assert rep.result.loss.value == pytest.approx(0.25)
     assert rep.result.win.low < 0.75 < rep.result.win.high
+
+
+def test_local_judge_answers_within_the_verdict_schema(tiny_model_dir):
+    """A local model under constrained decoding can only emit a parseable verdict."""
+    from alignforge.annotate.judge import judge_pair
+    from alignforge.workflow.steps import _ai_backend
+
+    v = judge_pair(_ai_backend(tiny_model_dir, None), "Name the city.", "Paris", "Lyon",
+                   {"accuracy": "Which is right?", "style": "Which reads better?"})  # fmt: skip
+    assert set(v.scores) == {"accuracy", "style"} and all(s in (-1, 0, 1) for s in v.scores.values())
+
+
+def test_callable_backend_passes_only_the_options_the_function_takes():
+    from alignforge.annotate.judge import as_backend
+
+    seen = []
+    assert as_backend(lambda m: "x").chat([], response_format={"type": "json_object"}) == "x"
+    as_backend(lambda m, **kw: seen.append(kw) or "y").chat([], response_format={"a": 1})
+    assert seen == [{"response_format": {"a": 1}}]

@@ -18,6 +18,6 @@ demo: setup
 test: setup-test
 	$(PY) -m pytest -q -m "not slow"
 
-# adds the long end-to-end runs on the embedded model (quick demo, 2-iteration SPIN)
+# also runs tests marked slow (none at present)
 test-all: setup-test
 	$(PY) -m pytest -q

@@ -93,7 +93,8 @@ def _datagen(out: Path, n_chunks: int) -> dict:
     from alignforge.models import load_model, load_tokenizer
     from alignforge.rollout.openai_client import TransformersChatClient
 
-    docs = [d for d in read_documents([WIKI]) if hasattr(d, "text")][:n_chunks]
+    docs, _ = read_documents(WIKI)
+    docs = docs[:n_chunks]
     chunks = chunk_documents(docs, target_size=600)[:n_chunks]
     client = TransformersChatClient(load_model("default").eval(), load_tokenizer("default"))
     rep = generate_instructions(chunks, client, out, n_pairs=3, max_tokens=384, progress=False)

@@ -27,3 +27,17 @@ def test_demo_quick_runs_end_to_end_and_resumes(tmp_path, default_model_dir):
     # a second run finds every step done and only re-renders the summary
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "done earlier, skipped" in again.stdout
+
+
+def test_sft_picks_cap_the_share_of_empty_answers():
+    from types import SimpleNamespace
+
+    from alignforge.workflow.demo import _cap_empty
+
+    task = SimpleNamespace(example=lambda row, i: SimpleNamespace(reference={"entities": row["e"]}))
+    rows = [{"e": []} for _ in range(30)] + [{"e": ["x"]} for _ in range(10)]
+    picked = _cap_empty(task, rows, list(range(40)), n=12)
+    assert len(picked) == 12 and sum(not rows[i]["e"] for i in picked) == 3  # 25% of 12
+    # too few full answers: the rest is filled with empty ones, still n in all
+    picked = _cap_empty(task, rows, list(range(40)), n=20)
+    assert len(picked) == 20 and sum(bool(rows[i]["e"]) for i in picked) == 10

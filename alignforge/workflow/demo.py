@@ -1,7 +1,7 @@
 """``alignforge demo``: the whole workflow on the embedded model and a real corpus, in one command.
 
-    alignforge demo            # about 15 minutes on 2 CPU cores
-    alignforge demo --quick    # about 3 minutes; what the test suite runs
+    alignforge demo            # about 30 minutes on 2 idle CPU cores (measured: 29)
+    alignforge demo --quick    # about 4 minutes; what the test suite runs
 
 Corpus: 1,164 financial sentences with gold entities (``examples/data/ner_finance.jsonl``, from the
 MIT-licensed ``evals`` wheel). Steps, each resumable (``<step>.done.json`` markers):

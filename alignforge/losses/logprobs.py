@@ -140,15 +140,16 @@ def linear_token_logps(
     ``(chunk, V)`` block either way.
     """
     head_trains = weight.requires_grad or (bias is not None and bias.requires_grad)
-    if not torch.is_grad_enabled() or not (hidden.requires_grad or head_trains):
-        with torch.no_grad():
-            out = [_chunk_logps(hidden[s : s + chunk], weight, bias, ids[s : s + chunk])
-                   for s in range(0, hidden.shape[0], chunk)]  # fmt: skip
-        return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
-    if not head_trains:
+    if torch.is_grad_enabled() and hidden.requires_grad and not head_trains:
         return _FrozenHeadLogps.apply(hidden, weight, bias, ids, chunk)
-    from torch.utils.checkpoint import checkpoint
+    if torch.is_grad_enabled() and (hidden.requires_grad or head_trains):
+        from functools import partial
 
-    out = [checkpoint(_chunk_logps, hidden[s : s + chunk], weight, bias, ids[s : s + chunk],
-                      use_reentrant=False) for s in range(0, hidden.shape[0], chunk)]  # fmt: skip
+        from torch.utils.checkpoint import checkpoint
+
+        score = partial(checkpoint, _chunk_logps, use_reentrant=False)
+    else:
+        score = _chunk_logps
+    out = [score(hidden[s : s + chunk], weight, bias, ids[s : s + chunk])
+           for s in range(0, hidden.shape[0], chunk)]  # fmt: skip
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)

@@ -80,8 +80,8 @@ def _cap_empty(task, rows: list[dict], candidates: list[int], n: int, empty_shar
     whose gold answer is empty; trained on mostly empty answers, a small model learns to answer
     ``{"entities": []}`` to everything.
     """
-    full = [i for i in candidates if _has_answer(task, rows[i], i)]
-    empty = [i for i in candidates if not _has_answer(task, rows[i], i)]
+    has = {i: _has_answer(task, rows[i], i) for i in candidates}
+    full, empty = [i for i in candidates if has[i]], [i for i in candidates if not has[i]]
     n_empty = max(int(n * empty_share), n - len(full))
     return sorted(full[: n - min(n_empty, len(empty))] + empty[:n_empty])
 

@@ -52,7 +52,7 @@ from alignforge.recipes.common import (
     write_summary,
 )
 from alignforge.training import TrainLoop, make_accelerator
-from alignforge.training.plots import plot_loss_curve
+from alignforge.training.plots import plot_loss_curve, save_figure
 from alignforge.training.rundir import prepare_output_dir
 
 CONFIG = DPOConfig
@@ -396,14 +396,7 @@ def plot_rewards(rows: list[dict], path: Path) -> Path | None:
         )
     a.set_title("implicit rewards")
     b.set_title("reward accuracy")
-    for ax in (a, b):
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, (a, b), "step", path)
 
 
 def print_summary(s: dict) -> None:

@@ -59,7 +59,7 @@ from alignforge.recipes.dpo import (
     plot_rewards,
 )
 from alignforge.training import TrainLoop, make_accelerator
-from alignforge.training.plots import plot_loss_curve
+from alignforge.training.plots import plot_loss_curve, save_figure
 
 CONFIG = SPINConfig
 
@@ -470,14 +470,7 @@ def plot_iterations(iterations: list[dict], path: Path) -> Path | None:
     b.plot(ks, [d["generation"]["truncation_rate"] for d in iterations], "s-", label="truncated")
     a.set_title("policy vs opponent at the end of the iteration")
     b.set_title("opponent generations")
-    for ax in (a, b):
-        ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, (a, b), "iteration", path)
 
 
 def print_summary(s: dict) -> None:

@@ -27,11 +27,19 @@ def plot_loss_curve(rows: list[dict], path: str | Path, title: str = "loss") -> 
     ax.plot(*zip(*train, strict=True), label="train", lw=1)
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval")
-    ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    return save_figure(fig, [ax], "step", path)
+
+
+def save_figure(fig, axes, xlabel: str, path: str | Path) -> Path:
+    """Label, grid and legend every axis, save ``fig`` to ``path`` (PNG, 110 dpi) and close it."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

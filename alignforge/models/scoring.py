@@ -41,20 +41,32 @@ def decoder_and_head(model):
 
 
 def target_token_logps(
-    model, input_ids: Tensor, rows: Tensor, preds: Tensor, ids: Tensor, **kwargs
+    model,
+    input_ids: Tensor,
+    rows: Tensor,
+    preds: Tensor,
+    ids: Tensor,
+    temperature: float = 1.0,
+    **kwargs,
 ) -> Tensor:
-    """``log p(ids[i] | hidden state at (rows[i], preds[i]))`` for every target ``i`` -> ``(N,)``.
+    """``log softmax(logits / temperature)[ids[i]]`` at ``(rows[i], preds[i])`` -> ``(N,)``.
 
     ``kwargs`` go to the model (``attention_mask``, ``position_ids``). ``preds`` is the position
-    *before* each target token (the causal shift is the caller's, made explicit).
+    *before* each target token (the causal shift is the caller's, made explicit). The head is
+    linear, so ``(h W^T + b) / T = (h / T) W^T + b / T``: the temperature scales its inputs.
     """
     parts = decoder_and_head(model)
     if parts is None:
         keep = torch.unique(preds)
         logits = model(input_ids=input_ids, logits_to_keep=keep, use_cache=False, **kwargs).logits
+        logits = logits.float() / temperature
         col = torch.searchsorted(keep, preds)
-        lse = torch.stack([torch.logsumexp(r.float(), dim=-1) for r in logits])
-        return logits[rows, col, ids].float() - lse[rows, col]
+        lse = torch.stack([torch.logsumexp(r, dim=-1) for r in logits])
+        return logits[rows, col, ids] - lse[rows, col]
     decoder, head = parts
-    hidden = decoder(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
-    return linear_token_logps(hidden[rows, preds], head.weight, head.bias, ids)
+    hidden = decoder(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state[rows, preds]
+    bias = head.bias
+    if temperature != 1.0:
+        hidden = hidden / temperature
+        bias = None if bias is None else bias / temperature
+    return linear_token_logps(hidden, head.weight, bias, ids)

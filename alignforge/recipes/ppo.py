@@ -61,6 +61,7 @@ from alignforge.models.heads import (
     final_hidden_states,
     position_ids_from_mask,
 )
+from alignforge.models.scoring import target_token_logps
 from alignforge.recipes.common import load_splits, peak_memory_mb, write_summary
 from alignforge.rl.advantages import compute_advantages
 from alignforge.rl.drift import DriftAction, RewardDriftMonitor, decide
@@ -180,14 +181,36 @@ class Trainables(nn.Module):
 
 
 def token_logps(model, batch: dict, temperature: float) -> Tensor:
-    """Log-probs ``(B, L-1)`` of ``input_ids[:, 1:]`` under the active adapter, at ``temperature``."""
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=position_ids_from_mask(batch["attention_mask"]),
-        use_cache=False,
-    ).logits[:, :-1]
-    return selective_log_softmax(logits.float() / temperature, batch["input_ids"][:, 1:])
+    """Log-probs ``(B, L-1)`` of ``input_ids[:, 1:]`` under the active adapter, at ``temperature``.
+
+    With a response ``mask`` in ``batch`` only the masked positions are scored (the LM head runs
+    on response tokens alone, not on the prompt); the others hold 0 and are masked downstream.
+    """
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    kwargs = dict(attention_mask=attn, position_ids=position_ids_from_mask(attn))
+    mask = batch.get("mask")
+    if mask is None:
+        logits = model(input_ids=ids, use_cache=False, **kwargs).logits[:, :-1]
+        return selective_log_softmax(logits.float() / temperature, ids[:, 1:])
+    rows, preds = mask.nonzero(as_tuple=True)
+    logps = target_token_logps(model, ids, rows, preds, ids[rows, preds + 1], temperature, **kwargs)
+    return logps.new_zeros(mask.shape).index_put((rows, preds), logps)
+
+
+def trim_padding(batch: dict) -> dict:
+    """The batch cut to its longest row: right padding past every row's end is dropped.
+
+    Tensors are ``(B, L)`` (ids, attention) or ``(B, L-1)`` (per-token values); others pass.
+    """
+    width = int(batch["attention_mask"].sum(-1).max())
+    L = batch["attention_mask"].shape[1]
+    if width == L:
+        return batch
+    cut = {L: width, L - 1: width - 1}
+    return {
+        k: v[:, : cut[v.shape[1]]] if torch.is_tensor(v) and v.dim() == 2 else v
+        for k, v in batch.items()
+    }
 
 
 def token_values(model, head: ScalarHead, batch: dict) -> Tensor:
@@ -436,16 +459,30 @@ class PPORun:
 
     # -- prepare -------------------------------------------------------------------
     @torch.no_grad()
+    def score_batch(self, batch: dict) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Policy and reference log-probs and values ``(B, L-1)``, ``mini_batch_size`` rows at a
+        time, rows of similar length together, each chunk cut to its own longest row."""
+        model, mask = self.model, batch["mask"]
+        out = [torch.zeros(mask.shape) for _ in range(3 if self.use_critic else 2)]
+        order = batch["attention_mask"].sum(-1).argsort()
+        model.eval()
+        for chunk in order.split(self.cfg.mini_batch_size):
+            mb = trim_padding({k: v[chunk] for k, v in batch.items()})
+            w = mb["mask"].shape[1]
+            out[0][chunk, :w] = token_logps(model, mb, self.cfg.temperature)
+            with disabled_adapter(model):
+                out[1][chunk, :w] = token_logps(model, mb, self.cfg.temperature)
+            if self.use_critic:
+                out[2][chunk, :w] = token_values(model, self.value_head, mb) * mb["mask"]
+        model.train()
+        return out[0], out[1], out[2] if self.use_critic else None
+
+    @torch.no_grad()
     def prepare(self, batch: dict, scores: Tensor) -> tuple[dict, dict]:
         """old/ref log-probs, values, importance weights, shaped rewards and advantages."""
-        cfg, model = self.cfg, self.model
-        model.eval()
+        cfg = self.cfg
         mask = batch["mask"]
-        trainer_old = token_logps(model, batch, cfg.temperature)
-        with disabled_adapter(model):
-            ref = token_logps(model, batch, cfg.temperature)
-        values = token_values(model, self.value_head, batch) * mask if self.use_critic else None
-        model.train()
+        trainer_old, ref, values = self.score_batch(batch)
         if cfg.offpolicy_correction != "none":
             iw = importance_weights(
                 trainer_old,
@@ -557,7 +594,9 @@ class PPORun:
         sums: dict[str, list[float]] = {}
         for epoch in range(cfg.ppo_epochs):
             for chunk in torch.randperm(B, generator=g).split(cfg.mini_batch_size):
-                mb = {k: (v[chunk] if torch.is_tensor(v) else v) for k, v in prepared.items()}
+                mb = trim_padding(
+                    {k: (v[chunk] if torch.is_tensor(v) else v) for k, v in prepared.items()}
+                )
                 loss, stats = self.minibatch_loss(mb)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(self._nan_message(f"loss is {loss.item()}"))

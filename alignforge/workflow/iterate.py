@@ -94,7 +94,7 @@ def _run_round(cfg, task, rows, rnd: Round, k: int, policy: str, rm_prev, log) -
     train_prefs, val_prefs = steps.pref_files(judge_dir / "prefs")
     n_pairs = steps.count_rows(train_prefs)
     rm_path = _step(rnd, "rm", lambda: _train_rm(cfg, policy, rm_prev, train_prefs, val_prefs, rnd, n_pairs, log), log).get("rm")
-    ppo = _step(rnd, "ppo", lambda: _train_ppo(cfg, policy, rm_path, rnd), log)
+    ppo = _step(rnd, "ppo", lambda: _train_ppo(cfg, policy, rm_path, rnd, k), log)
     new_policy = ppo["policy"]
     ev = _step(rnd, "eval", lambda: _evaluate(cfg, task, new_policy, rnd, k), log) if cfg.eval_dataset else {}
     return {"round": k, "policy": new_policy, "rm": rm_path, "pairs": n_pairs, "eval": ev}
@@ -119,18 +119,20 @@ def _train_rm(cfg, policy, rm_prev, train_prefs, val_prefs, rnd, n_pairs, log) -
     return {"rm": str(rnd.dir / "rm" / "final"), "pairs": n_pairs, "summary": _small(summary)}
 
 
-def _train_ppo(cfg, policy, rm_path, rnd) -> dict:
-    from alignforge.config import build_config
+def ppo_data(cfg: IterateConfig, policy: str, rm_path: str | None, rnd: Round, k: int) -> dict:
+    """Round ``k``'s PPO config: ``cfg.ppo`` on the round's policy, reward model and prompts.
+
+    The seed moves with the round (``ppo.seed`` or ``seed``, plus ``k``), so every round draws
+    a different order of prompts rather than replaying round 1's.
+    """
     from alignforge.evaluate.tasks import get_task
-    from alignforge.models import merge_adapter
-    from alignforge.recipes import ppo
 
     # PPO reads chat prompts; the task turns its own rows (any format it knows) into them
     task = get_task(cfg.task)
     prompt_file = steps.write_jsonl([{"prompt": task.example(r, i).messages} for i, r in enumerate(_rows(cfg.prompts))],
                                     rnd.dir / "ppo_prompts.jsonl")
     data = {"stage": "ppo", "model_name_or_path": policy, "dataset": str(prompt_file), "output_dir": str(rnd.dir / "ppo"),
-            "progress": False, **cfg.ppo}
+            "progress": False, **cfg.ppo, "seed": int(cfg.ppo.get("seed", cfg.seed)) + k}
     if rm_path:
         data["reward_model"] = rm_path
     elif not data.get("drift_reference"):  # no RM eval scores to watch the rewards against
@@ -138,7 +140,15 @@ def _train_ppo(cfg, policy, rm_path, rnd) -> dict:
     if cfg.task_reward_weight > 0 or not rm_path:
         data.update(reward_fn="alignforge.workflow.rewards:task_reward", reward_fn_weight=cfg.task_reward_weight or 1.0,
                     reward_fn_kwargs={"task": cfg.task, "references_file": cfg.prompts})
-    summary = ppo.run(build_config(ppo.CONFIG, data, "iterate.ppo"))
+    return data
+
+
+def _train_ppo(cfg, policy, rm_path, rnd, k) -> dict:
+    from alignforge.config import build_config
+    from alignforge.models import merge_adapter
+    from alignforge.recipes import ppo
+
+    summary = ppo.run(build_config(ppo.CONFIG, ppo_data(cfg, policy, rm_path, rnd, k), "iterate.ppo"))
     merged = merge_adapter(str(rnd.dir / "ppo" / "final"), str(rnd.dir / "policy"))
     return {"policy": str(merged), "summary": _small(summary)}
 

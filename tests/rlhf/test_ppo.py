@@ -267,3 +267,35 @@ def test_non_finite_rewards_and_losses_stop_with_a_clear_error(
         ppo.NonFiniteLossError, match="loss is nan at PPO step 1.*no checkpoint was written yet"
     ):
         run.train_step()
+
+
+@pytest.mark.parametrize("target", [TARGET, ["q_proj", "v_proj"]], ids=["lora-head", "frozen-head"])
+def test_masked_token_logps_equal_full_ones_and_trimming_keeps_them(
+    tiny_model_dir, prompts, tmp_path, target
+):
+    """Scoring only the response positions (head on those rows alone, at a temperature) gives the
+    full forward's log-probs there; cutting the right padding changes nothing either."""
+    import torch
+
+    run = ppo.PPORun(
+        cfg(tiny_model_dir, prompts, tmp_path / "m", lora_target=target, temperature=0.7)
+    )
+    rollouts = [r for _, r in run.next_rollouts()]
+    batch = ppo.rollout_batch(rollouts, run.tokenizer.pad_token_id)
+    pad = {k: v for k, v in batch.items()}  # one more padding column than any row needs
+    pad["input_ids"] = torch.cat([batch["input_ids"], batch["input_ids"][:, :1]], 1)
+    pad["attention_mask"] = torch.cat(
+        [batch["attention_mask"], torch.zeros_like(batch["attention_mask"][:, :1])], 1
+    )
+    for k in ("mask", "rollout_logps"):
+        pad[k] = torch.cat([batch[k], torch.zeros_like(batch[k][:, :1])], 1)
+    with torch.no_grad():
+        full = ppo.token_logps(run.model, {k: v for k, v in pad.items() if k != "mask"}, 0.7)
+        masked = ppo.token_logps(run.model, pad, 0.7)
+        trimmed = ppo.token_logps(run.model, ppo.trim_padding(pad), 0.7)
+    m = pad["mask"].bool()
+    assert m.sum() > 0
+    torch.testing.assert_close(masked[m], full[m], rtol=1e-4, atol=1e-5)
+    assert (masked[~m] == 0).all()
+    assert trimmed.shape[1] == masked.shape[1] - 1
+    torch.testing.assert_close(trimmed, masked[:, :-1], rtol=1e-4, atol=1e-5)

@@ -67,3 +67,20 @@ def test_interrupted_iterate_resumes_at_the_right_step(tiny_model_dir, prompts_f
     assert (rnd / "ppo.done.json").exists() and (rnd / "eval.done.json").exists()
     assert history[0]["policy"].endswith("round_1/policy")
     assert json.loads((rnd / "judge.done.json").read_text())["n_records"] >= 2
+
+
+def test_each_round_runs_ppo_with_its_own_seed_and_reward_sources(tiny_model_dir, prompts_file, tmp_path):
+    """Rounds must not replay round 1's prompt order; without a reward model PPO gets the task
+    reward and no drift monitor (it would have no reward-model scores to compare against)."""
+    cfg = config(tmp_path, tiny_model_dir, prompts_file, seed=3, ppo={"max_steps": 2, "drift_action": "warn"})
+    r1 = it.ppo_data(cfg, "pol", None, it.Round(tmp_path / "r1"), 1)
+    r2 = it.ppo_data(cfg, "pol", None, it.Round(tmp_path / "r2"), 2)
+    assert (r1["seed"], r2["seed"]) == (4, 5)
+    assert r1["drift_action"] == "none" and r1["reward_fn"].endswith(":task_reward") and "reward_model" not in r1
+    assert sum(1 for _ in open(r1["dataset"])) == 24  # every prompt row, as chat messages
+    with_rm = it.ppo_data(cfg, "pol", "rm/final", it.Round(tmp_path / "r3"), 3)
+    assert with_rm["reward_model"] == "rm/final" and with_rm["drift_action"] == "warn" and with_rm["reward_fn_weight"] == 1.0
+    rm_only = config(tmp_path, tiny_model_dir, prompts_file, task_reward_weight=0.0)
+    assert "reward_fn" not in it.ppo_data(rm_only, "pol", "rm/final", it.Round(tmp_path / "r5"), 1)
+    pinned = config(tmp_path, tiny_model_dir, prompts_file, ppo={"seed": 10})
+    assert it.ppo_data(pinned, "pol", None, it.Round(tmp_path / "r4"), 2)["seed"] == 12

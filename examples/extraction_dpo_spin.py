@@ -25,9 +25,9 @@ import random
 from pathlib import Path
 
 from alignforge.config import build_config
-from alignforge.evaluate.runner import SystemSpec, load_examples, run_eval
 from alignforge.evaluate.tasks import get_task
 from alignforge.workflow import steps
+from alignforge.workflow.demo import eval_system
 from alignforge.workflow.iterate import Round, _step
 
 
@@ -88,22 +88,13 @@ def train_spin(run: Path, out: Path, max_steps: int) -> dict:
 
 
 def evaluate(run: Path, out: Path, task, name: str, model: str, n_eval: int) -> dict:
-    examples = load_examples(task, run / "data" / "test.jsonl", limit=n_eval)
-    res = run_eval(
-        task, examples, [SystemSpec(name=name, model=model)], out / "eval" / name, max_new_tokens=96
-    )
-    entry = next(e for e in res["systems"] if e["name"] == name)
-    return {
-        "n": res["n"],
-        "f1": entry["metrics"]["f1"],
-        "parse_failure_rate": entry.get("parse_failure_rate"),
-    }
+    test = run / "data" / "test.jsonl"
+    return eval_system(task, test, out / "eval" / name, name, model, n_eval, max_new_tokens=96)
 
 
 def demo_rows(run: Path) -> list[tuple[str, dict]]:
     s = json.loads((run / "demo_summary.json").read_text())
-    return [(name, {"n": s[key]["n"], "f1": s[key]["metrics"]["f1"], "parse_failure_rate": s[key].get("parse_failure_rate")})
-            for name, key in (("base", "base"), ("SFT", "sft"), ("SFT + PPO rounds", "final"))]  # fmt: skip
+    return [("base", s["base"]), ("SFT", s["sft"]), ("SFT + PPO rounds", s["final"])]
 
 
 def main() -> None:
@@ -136,7 +127,7 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print("\n| system | n | entity F1 [95% CI] | unparseable |\n|---|---|---|---|")
     for name, r in rows:
-        f = r["f1"]
+        f = r["metrics"]["f1"]
         print(
             f"| {name} | {r['n']} | {f['value']:.3f} [{f['low']:.3f}, {f['high']:.3f}] | {r['parse_failure_rate'] or 0:.1%} |"
         )

@@ -894,6 +894,7 @@ def run(cfg: PPOConfig, callbacks=()) -> dict:
         "reward_first_quarter": first,
         "reward_last_quarter": last,
         "final_kl": rows[-1]["kl"] if rows else None,
+        "kl_estimator": cfg.kl_estimator,
         "mean_step_seconds": timing,
         "drift_events": ppo.events,
         "stopped": ppo.stopped,
@@ -908,11 +909,19 @@ def run(cfg: PPOConfig, callbacks=()) -> dict:
     return summary
 
 
+def _fmt_kl(kl: float | None, estimator: str | None) -> str:
+    if kl is None:
+        return "n/a"
+    if estimator == "k1":  # mean of log(pi/pi_ref) over sampled tokens: unbiased, not >= 0
+        return f"{kl:.4f} (k1 estimate: unbiased, so a small policy shift can read below 0)"
+    return f"{kl:.4f} ({estimator} estimate)"
+
+
 def print_summary(s: dict) -> None:
     lines = [
         f"PPO finished in {s['seconds']:.0f}s: {s['steps']}/{s['total_steps']} steps",
         f"  reward: first quarter {s['reward_first_quarter']:.4f} -> last quarter {s['reward_last_quarter']:.4f}",
-        f"  final KL to the reference: {s['final_kl']}",
+        f"  KL to the reference, last batch: {_fmt_kl(s['final_kl'], s.get('kl_estimator'))}",
         "  mean seconds per step: "
         + ", ".join(f"{k[5:]} {v:.2f}" for k, v in s["mean_step_seconds"].items()),
     ]

@@ -139,7 +139,8 @@ def ppo_data(cfg: IterateConfig, policy: str, rm_path: str | None, rnd: Round, k
         data["drift_action"] = "none"
     if cfg.task_reward_weight > 0 or not rm_path:
         data.update(reward_fn="alignforge.workflow.rewards:task_reward", reward_fn_weight=cfg.task_reward_weight or 1.0,
-                    reward_fn_kwargs={"task": cfg.task, "references_file": cfg.prompts})
+                    reward_fn_kwargs={"task": cfg.task, "references_file": cfg.prompts,
+                                      "marginal": cfg.task_reward == "marginal"})
     return data
 
 

@@ -10,11 +10,11 @@ from functools import lru_cache
 
 
 @lru_cache(maxsize=8)
-def _references(task_name: str, references_file: str) -> tuple:
+def _references(task_name: str, references_file: str, marginal: bool = False) -> tuple:
     from alignforge.evaluate.runner import load_examples
     from alignforge.evaluate.tasks import get_task
 
-    task = get_task(task_name)
+    task = get_task(task_name, **({"marginal_reward": True} if marginal else {}))
     examples = load_examples(task, references_file, split="train")
     keys = [(_squash(ex.messages[-1]["content"]), ex.reference) for ex in examples]
     return task, tuple(keys)
@@ -35,7 +35,8 @@ def _reference_for(prompt, keys: tuple):
     raise KeyError(f"no reference found for prompt {prompt[:80]!r}")
 
 
-def task_reward(prompts, completions, task: str = "extraction", references_file: str = "", **_):
-    """One reward per completion: the task's per-item metric against the prompt's reference."""
-    task_obj, keys = _references(task, references_file)
-    return [float(task_obj.reward(c, _reference_for(p, keys))) for p, c in zip(prompts, completions, strict=True)]
+def task_reward(prompts, completions, task: str = "extraction", references_file: str = "", marginal: bool = False, **_):
+    """One reward per completion against its prompt's reference: the task's per-item metric, or
+    with ``marginal`` what the completion adds to the batch's dataset metric (``Task.rewards``)."""
+    task_obj, keys = _references(task, references_file, bool(marginal))
+    return task_obj.rewards(list(completions), [_reference_for(p, keys) for p in prompts])

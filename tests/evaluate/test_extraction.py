@@ -167,6 +167,33 @@ def test_reward_equals_per_item_metric(task):
     assert task.reward(out(("acme corp", "ORG")), gold) == 0.0
 
 
+def test_marginal_values_by_hand():
+    from alignforge.evaluate.tasks.base import marginal_values, mean_of
+
+    # (TP, FP, FN): pooled F1 = 2*1 / (2 + 1 + 0) = 2/3
+    rows = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 0]])
+    # without row 0: F1(0, 1, 0) = 0 -> 3 * 2/3 = 2; without row 1: F1(1, 0, 0) = 1 -> 3 * (2/3 - 1) = -1
+    np.testing.assert_allclose(marginal_values(rows, micro_f1), [2.0, -1.0, 0.0])
+    # nothing counted anywhere: nothing earned (not the per-item "1.0 for nothing to find")
+    np.testing.assert_allclose(marginal_values(np.zeros((2, 3)), micro_f1), [0.0, 0.0])
+    # the only counted row is worth the whole metric times N
+    np.testing.assert_allclose(marginal_values(np.array([[1, 0, 1], [0, 0, 0]]), micro_f1), [2 * 2 / 3, 0.0])
+    # for a mean of item scores the marginal value is the item's own score
+    np.testing.assert_allclose(marginal_values(np.array([[0.2], [0.9], [0.4]]), mean_of(0)), [0.2, 0.9, 0.4])
+
+
+def test_marginal_reward_credits_what_the_corpus_f1_credits():
+    """Per item, an empty answer to a sentence without entities scores 1.0 and a wrong guess 0;
+    for the pooled F1 the empty answer adds nothing, a found entity a lot and a wrong one a little."""
+    task = get_task("extraction", marginal_reward=True)
+    golds = [ents(), ents(("Acme", "ORG")), ents(("Bob", "PER")), ents()]
+    preds = [out(), out(("Acme", "ORG")), out(("Rob", "PER")), out(("X", "ORG"))]
+    assert get_task("extraction").rewards(preds, golds) == [1.0, 1.0, 0.0, 0.0]
+    # pooled (TP, FP, FN) = (1, 2, 1): F1 = 2/5. Without item 1: (0, 2, 1) -> 0; without 2: (1, 1, 0) -> 2/3;
+    # without 3: (1, 1, 1) -> 1/2. Rewards: 4 * (F1 - F1 without the item)
+    np.testing.assert_allclose(task.rewards(preds, golds), [0.0, 1.6, 4 * (0.4 - 2 / 3), 4 * (0.4 - 0.5)])
+
+
 def test_bootstrap_ci_of_micro_f1_resamples_item_rows(task):
     rng = np.random.default_rng(3)
     golds, preds = [], []

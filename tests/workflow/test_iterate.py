@@ -82,5 +82,27 @@ def test_each_round_runs_ppo_with_its_own_seed_and_reward_sources(tiny_model_dir
     assert with_rm["reward_model"] == "rm/final" and with_rm["drift_action"] == "warn" and with_rm["reward_fn_weight"] == 1.0
     rm_only = config(tmp_path, tiny_model_dir, prompts_file, task_reward_weight=0.0)
     assert "reward_fn" not in it.ppo_data(rm_only, "pol", "rm/final", it.Round(tmp_path / "r5"), 1)
+    assert r1["reward_fn_kwargs"]["marginal"] is False
+    marginal = config(tmp_path, tiny_model_dir, prompts_file, task_reward="marginal")
+    assert it.ppo_data(marginal, "pol", None, it.Round(tmp_path / "r6"), 1)["reward_fn_kwargs"]["marginal"] is True
     pinned = config(tmp_path, tiny_model_dir, prompts_file, ppo={"seed": 10})
     assert it.ppo_data(pinned, "pol", None, it.Round(tmp_path / "r4"), 2)["seed"] == 12
+
+
+def test_task_reward_finds_each_prompts_reference_and_scores_item_or_marginal(tmp_path):
+    from alignforge.evaluate.tasks import get_task
+    from alignforge.workflow.rewards import task_reward
+
+    task = get_task("extraction")
+    rows = [json.loads(x) for x in open(os.path.join(ROOT, "examples/data/ner_finance.jsonl"))]
+    with_ents = next(r for r in rows if "ORGANIZATION" in r["ideal"])
+    without = next(r for r in rows if r["ideal"].startswith("No entities"))
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text(json.dumps(with_ents) + "\n" + json.dumps(without) + "\n")
+    gold = task.example(with_ents, 0).reference
+    prompts = [task.example(without, 1).messages, task.example(with_ents, 0).messages]
+    answers = ['{"entities": []}', json.dumps(gold)]
+    assert task_reward(prompts, answers, "extraction", str(refs)) == [1.0, 1.0]
+    # pooled over the batch only the found entities count: the empty answer adds nothing
+    marginal = task_reward(prompts, answers, "extraction", str(refs), marginal=True)
+    assert marginal == [0.0, 2.0]  # N * (F1 1.0 - F1 of nothing 0)

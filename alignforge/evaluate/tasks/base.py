@@ -109,8 +109,9 @@ class Task:
     prompt_keys: ClassVar[tuple[str, ...]] = ("prompt", "text", "question", "instruction", "input")
     reference_keys: ClassVar[tuple[str, ...]] = ("reference", "output", "answer", "completion")
 
-    def __init__(self, reward_metric: str | None = None) -> None:
+    def __init__(self, reward_metric: str | None = None, marginal_reward: bool = False) -> None:
         self.reward_metric = reward_metric or self.primary
+        self.marginal_reward = marginal_reward
 
     # ---- prompt format -------------------------------------------------------------------
     def example(self, row: dict[str, Any], index: int) -> Example:
@@ -165,8 +166,17 @@ class Task:
         return float(self.score_item(prediction, reference).values[self.reward_metric])
 
     def rewards(self, predictions: Sequence[str], references: Sequence[Any]) -> list[float]:
-        """``reward`` over a batch (e.g. a group of RL rollouts)."""
-        return [self.reward(p, r) for p, r in zip(predictions, references, strict=True)]
+        """Rewards of a batch (e.g. a group of RL rollouts): ``reward`` of each answer, or with
+        ``marginal_reward`` what each answer adds to the batch's dataset-level ``reward_metric``
+        (:func:`marginal_values`)."""
+        pairs = list(zip(predictions, references, strict=True))
+        if not self.marginal_reward:
+            return [self.reward(p, r) for p, r in pairs]
+        metric = next((m for m in self.metrics() if m.name == self.reward_metric), None)
+        if metric is None:
+            raise KeyError(f"task {self.name}: marginal_reward needs a dataset metric named {self.reward_metric!r}")
+        items = [self.score_item(p, r) for p, r in pairs]
+        return marginal_values(metric_rows(items, metric), metric.statistic).tolist()
 
     def evaluate(
         self,
@@ -203,6 +213,34 @@ class Task:
             failures,
             list(items),
         )
+
+
+def marginal_values(rows: np.ndarray, statistic: Callable[[np.ndarray], float]) -> np.ndarray:
+    """What each item adds to a dataset metric: ``v_i = N * (M(rows) - M(rows, row i zeroed)))``.
+
+    ``M`` of rows that are all zero is taken as 0 (nothing counted, nothing earned). For a mean
+    of per-item scores ``v_i`` is item i's own score. For micro-F1 over (TP, FP, FN) rows it is
+    the item's effect on the pooled F1: at F1 = 2TP/S (S = 2TP + FP + FN) one more true positive
+    is worth about (2 - 2F1) / F1 false positives or negatives, so while F1 is low a correct
+    entity earns far more than a wrong one costs, and an item that counts nothing (no gold, no
+    prediction) gets exactly 0, as it adds nothing to the corpus metric. A per-item F1, which
+    gives such an item 1.0, is not the corpus metric.
+
+    Example: rows (TP, FP, FN) = [1,0,0], [0,1,0], [0,0,0]: M = 2/3;
+    without row 0: M(0,1,0) = 0 -> v_0 = 3 * 2/3 = 2; without row 1: M(1,0,0) = 1 -> v_1 = -1; v_2 = 0.
+    """
+
+    def value(a: np.ndarray) -> float:
+        return float(statistic(a)) if a.any() else 0.0
+
+    rows = np.asarray(rows, dtype=float)
+    full, n = value(rows), len(rows)
+    out = np.empty(n)
+    for i in range(n):
+        zeroed = rows.copy()
+        zeroed[i] = 0.0
+        out[i] = n * (full - value(zeroed))
+    return out
 
 
 def metric_rows(items: Sequence[ItemScore], metric: Metric) -> np.ndarray:

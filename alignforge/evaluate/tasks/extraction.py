@@ -33,7 +33,10 @@ Matching rules
   JSON list is read as the entity list. Entries that are not objects with string fields (name,
   type / source, relation, target) are dropped and counted as ``invalid_entries``.
 * **reward** = the item's F1 (``reward_metric``: ``f1``, ``entity_f1``, ``relation_f1`` or
-  ``lenient_f1``), i.e. the same per-item scoring the metric sums.
+  ``lenient_f1``), i.e. the same per-item scoring the metric sums. With
+  ``marginal_reward=True`` a batch of answers is rewarded by what each adds to the batch's pooled
+  micro-F1 (``Task.rewards``, :func:`~alignforge.evaluate.tasks.base.marginal_values`): an empty
+  answer to a sentence without entities then earns 0, not the item F1's 1.0.
 """
 
 from __future__ import annotations

@@ -182,6 +182,25 @@ def test_marginal_values_by_hand():
     np.testing.assert_allclose(marginal_values(np.array([[0.2], [0.9], [0.4]]), mean_of(0)), [0.2, 0.9, 0.4])
 
 
+def test_marginal_values_against_a_context_of_earlier_items():
+    from alignforge.evaluate.tasks.base import marginal_values
+
+    miss = np.array([[0, 0, 1]])  # a missed entity
+    # alone the pooled F1 is 0 with or without it: no signal at all
+    np.testing.assert_allclose(marginal_values(miss, micro_f1), [0.0])
+    # pooled with an earlier hit (1, 0, 0): F1 = 2/3, without the miss 1 -> 2 * (2/3 - 1)
+    np.testing.assert_allclose(marginal_values(miss, micro_f1, context=np.array([[1, 0, 0]])), [-2 / 3])
+
+
+def test_marginal_rewards_pool_each_batch_with_the_recent_ones():
+    task = get_task("extraction", marginal_reward=True, marginal_window=2)
+    hit, miss = (out(("Acme", "ORG")), ents(("Acme", "ORG"))), (out(), ents(("Bob", "PER")))
+    assert task.rewards([miss[0]], [miss[1]]) == [0.0]  # first batch: F1 0 either way
+    assert task.rewards([hit[0]], [hit[1]]) == pytest.approx([2 * (2 / 3 - 0)])  # pool: miss, hit
+    # pool: miss, hit, miss (window 2 keeps the last two before it): (1, 0, 2) -> 2/4; without it 2/3
+    assert task.rewards([miss[0]], [miss[1]]) == pytest.approx([3 * (0.5 - 2 / 3)])
+
+
 def test_marginal_reward_credits_what_the_corpus_f1_credits():
     """Per item, an empty answer to a sentence without entities scores 1.0 and a wrong guess 0;
     for the pooled F1 the empty answer adds nothing, a found entity a lot and a wrong one a little."""

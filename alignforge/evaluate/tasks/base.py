@@ -109,9 +109,16 @@ class Task:
     prompt_keys: ClassVar[tuple[str, ...]] = ("prompt", "text", "question", "instruction", "input")
     reference_keys: ClassVar[tuple[str, ...]] = ("reference", "output", "answer", "completion")
 
-    def __init__(self, reward_metric: str | None = None, marginal_reward: bool = False) -> None:
+    def __init__(
+        self,
+        reward_metric: str | None = None,
+        marginal_reward: bool = False,
+        marginal_window: int = 64,
+    ) -> None:
         self.reward_metric = reward_metric or self.primary
         self.marginal_reward = marginal_reward
+        self.marginal_window = marginal_window
+        self._recent_rows: np.ndarray | None = None  # the last marginal_window items rewarded
 
     # ---- prompt format -------------------------------------------------------------------
     def example(self, row: dict[str, Any], index: int) -> Example:
@@ -167,16 +174,24 @@ class Task:
 
     def rewards(self, predictions: Sequence[str], references: Sequence[Any]) -> list[float]:
         """Rewards of a batch (e.g. a group of RL rollouts): ``reward`` of each answer, or with
-        ``marginal_reward`` what each answer adds to the batch's dataset-level ``reward_metric``
-        (:func:`marginal_values`)."""
+        ``marginal_reward`` what each answer adds to the dataset-level ``reward_metric`` of this
+        batch pooled with the ``marginal_window`` items rewarded before it
+        (:func:`marginal_values`). The pool keeps the metric at the policy's recent operating
+        point: a batch alone often has no true positive, and at F1 = 0 no answer changes it."""
         pairs = list(zip(predictions, references, strict=True))
         if not self.marginal_reward:
             return [self.reward(p, r) for p, r in pairs]
         metric = next((m for m in self.metrics() if m.name == self.reward_metric), None)
         if metric is None:
-            raise KeyError(f"task {self.name}: marginal_reward needs a dataset metric named {self.reward_metric!r}")
-        items = [self.score_item(p, r) for p, r in pairs]
-        return marginal_values(metric_rows(items, metric), metric.statistic).tolist()
+            raise KeyError(
+                f"task {self.name}: marginal_reward needs a dataset metric named {self.reward_metric!r}"
+            )
+        rows = metric_rows([self.score_item(p, r) for p, r in pairs], metric)
+        recent = getattr(self, "_recent_rows", None)
+        values = marginal_values(rows, metric.statistic, context=recent)
+        pooled = rows if recent is None else np.vstack([recent, rows])
+        self._recent_rows = pooled[-self.marginal_window :] if self.marginal_window > 0 else None
+        return values.tolist()
 
     def evaluate(
         self,
@@ -215,16 +230,19 @@ class Task:
         )
 
 
-def marginal_values(rows: np.ndarray, statistic: Callable[[np.ndarray], float]) -> np.ndarray:
-    """What each item adds to a dataset metric: ``v_i = N * (M(rows) - M(rows, row i zeroed)))``.
+def marginal_values(
+    rows: np.ndarray, statistic: Callable[[np.ndarray], float], context: np.ndarray | None = None
+) -> np.ndarray:
+    """What each item adds to a dataset metric: ``v_i = n * (M(pool) - M(pool, row i zeroed))``.
 
-    ``M`` of rows that are all zero is taken as 0 (nothing counted, nothing earned). For a mean
-    of per-item scores ``v_i`` is item i's own score. For micro-F1 over (TP, FP, FN) rows it is
-    the item's effect on the pooled F1: at F1 = 2TP/S (S = 2TP + FP + FN) one more true positive
-    is worth about (2 - 2F1) / F1 false positives or negatives, so while F1 is low a correct
-    entity earns far more than a wrong one costs, and an item that counts nothing (no gold, no
-    prediction) gets exactly 0, as it adds nothing to the corpus metric. A per-item F1, which
-    gives such an item 1.0, is not the corpus metric.
+    The pool is ``context`` (rows of earlier items, which get no value of their own) and
+    ``rows``; ``n`` is its size. ``M`` of rows that are all zero is taken as 0 (nothing counted,
+    nothing earned). For a mean of per-item scores ``v_i`` is item i's own score. For micro-F1
+    over (TP, FP, FN) rows it is the item's effect on the pooled F1: at F1 = 2TP/S
+    (S = 2TP + FP + FN) one more true positive is worth about (2 - 2 F1) / F1 false positives or
+    negatives, so while F1 is low a correct entity earns far more than a wrong one costs, and an
+    item that counts nothing (no gold, no prediction) gets exactly 0, as it adds nothing to the
+    corpus metric. A per-item F1, which gives such an item 1.0, is not the corpus metric.
 
     Example: rows (TP, FP, FN) = [1,0,0], [0,1,0], [0,0,0]: M = 2/3;
     without row 0: M(0,1,0) = 0 -> v_0 = 3 * 2/3 = 2; without row 1: M(1,0,0) = 1 -> v_1 = -1; v_2 = 0.
@@ -234,11 +252,13 @@ def marginal_values(rows: np.ndarray, statistic: Callable[[np.ndarray], float]) 
         return float(statistic(a)) if a.any() else 0.0
 
     rows = np.asarray(rows, dtype=float)
-    full, n = value(rows), len(rows)
-    out = np.empty(n)
-    for i in range(n):
-        zeroed = rows.copy()
-        zeroed[i] = 0.0
+    k = 0 if context is None else len(context)
+    pool = rows if context is None else np.vstack([np.asarray(context, dtype=float), rows])
+    full, n = value(pool), len(pool)
+    out = np.empty(len(rows))
+    for i in range(len(rows)):
+        zeroed = pool.copy()
+        zeroed[k + i] = 0.0
         out[i] = n * (full - value(zeroed))
     return out
 

@@ -22,7 +22,7 @@ def iterate_command(
 
 def demo_command(
     output_dir: str = typer.Option("runs/demo", "--output-dir", "-o", help="Run directory; re-running resumes."),
-    quick: bool = typer.Option(False, "--quick", help="A ~4-minute version (what the test suite runs)."),
+    quick: bool = typer.Option(False, "--quick", help="A ~3-minute version (what the test suite runs)."),
 ) -> None:
     """The whole workflow on the embedded model and a real corpus: data, SFT, RLHF rounds, eval, report."""
     from alignforge.workflow.demo import run_demo

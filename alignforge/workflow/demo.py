@@ -1,7 +1,7 @@
 """``alignforge demo``: the whole workflow on the embedded model and a real corpus, in one command.
 
-    alignforge demo            # about 30 minutes on 2 idle CPU cores (measured: 29)
-    alignforge demo --quick    # about 4 minutes; what the test suite runs
+    alignforge demo            # about 16 minutes on 2 idle CPU cores
+    alignforge demo --quick    # about 3 minutes; what the test suite runs
 
 Corpus: 1,164 financial sentences with gold entities (``examples/data/ner_finance.jsonl``, from the
 MIT-licensed ``evals`` wheel). Steps, each resumable (``<step>.done.json`` markers):
@@ -10,8 +10,9 @@ MIT-licensed ``evals`` wheel). Steps, each resumable (``<step>.done.json`` marke
 2. pick a diverse SFT subset (MiniLM embeddings -> Annoy -> similarity graph -> one per component);
 3. generate instruction data from Wikipedia paragraphs with the local teacher (full demo only);
 4. evaluate the base model; SFT with LoRA; merge; evaluate;
-5. iterative RLHF: sample (greedy + hot samples), AI judge with position swap, reward model, PPO
-   with the drift monitor and the task metric as a reward term, evaluate;
+5. two rounds of iterative RLHF: sample (greedy + hot samples), AI judge with position swap,
+   reward model (when the judge returned enough decisive pairs), PPO (RLOO advantages, marginal
+   micro-F1 task reward, drift monitor), evaluate;
 6. a blind test of the final policy against the SFT model, judged by the AI judge;
 7. an HTML report and a one-screen summary of what improved.
 """

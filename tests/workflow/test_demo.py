@@ -7,7 +7,7 @@ import sys
 import pytest
 
 
-@pytest.mark.timeout(1500)  # about 4 minutes on 2 idle cores
+@pytest.mark.timeout(1500)  # about 3 minutes on 2 idle cores
 def test_demo_quick_runs_end_to_end_and_resumes(tmp_path, default_model_dir):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "alignforge.cli", "demo", "--quick", "--output-dir", str(out)]

@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--ppo-epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rollout-precision", default="same", choices=["same", "bfloat16", "int8"])
+    ap.add_argument("--advantage-estimator", default="gae", choices=["gae", "grpo", "rloo", "reinforce_pp"])
+    ap.add_argument("--num-generations", type=int, default=1)
     args = ap.parse_args()
 
     import torch
@@ -60,6 +62,8 @@ def main() -> None:
             max_new_tokens=args.max_new_tokens,
             ppo_epochs=args.ppo_epochs,
             rollout_precision=args.rollout_precision,
+            advantage_estimator=args.advantage_estimator,
+            num_generations=args.num_generations,
             max_steps=args.steps,
             max_length=256,
             learning_rate=1e-5,

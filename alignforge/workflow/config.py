@@ -32,7 +32,7 @@ class IterateConfig(StrictModel):
     continue_rm: bool = Field(True, description="Start each round's RM from the previous round's RM.")
     ppo: dict[str, Any] = Field(default_factory=dict, description="Overrides of the PPO config (stage ppo).")
     task_reward_weight: float = Field(1.0, ge=0, description="Weight of the task metric in the PPO reward (0: RM only).")
-    task_reward: Literal["item", "marginal"] = Field("item", description="item: each answer's own metric (e.g. its F1); marginal: what the answer adds to the rollout batch's dataset metric (e.g. pooled micro-F1), so an answer that counts nothing earns 0.")
+    task_reward: Literal["item", "marginal"] = Field("marginal", description="marginal: what the answer adds to the dataset metric pooled over its batch and the recent answers (e.g. micro-F1), so an answer that counts nothing earns 0; equal to item for a mean of item scores. item: each answer's own metric (e.g. its F1).")
     allow_offpolicy: bool = Field(False, description="Accept preference data sampled from another checkpoint when PPO's off-policy correction is on.")
     seed: int = 0
 

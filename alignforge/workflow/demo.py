@@ -39,7 +39,7 @@ PROFILES = {
 
 # PPO with RLOO advantages: two answers per prompt, each one's baseline the other's reward, so
 # prompts are compared with themselves, not with easier ones. No critic: one backward per
-# mini-batch instead of two. The reward is the marginal micro-F1 (``task_reward="marginal"``):
+# mini-batch instead of two. The reward is iterate's default, the marginal micro-F1 (``task_reward``):
 # what each answer adds to its batch's pooled F1. The per-item F1 gives 1.0 to an empty answer on
 # an entity-free sentence (over half of this corpus), which the corpus metric does not credit,
 # and in a measured run it drove the policy to answer "no entities" to 47 of 48 test sentences.
@@ -216,7 +216,7 @@ def run_demo(output_dir: str, quick: bool = False, log=print) -> dict:
         output_dir=str(run / "rlhf"), policy=str(run / "sft_merged"), prompts=str(run / "data" / "train.jsonl"),
         eval_dataset=str(run / "data" / "test.jsonl"), eval_limit=p["n_eval"], rounds=p["rounds"],
         prompts_per_round=p["prompts_per_round"], samples_per_prompt=p["samples_per_prompt"], temperature=1.0,
-        max_new_tokens=p["max_new_tokens"], judge="ai", judge_model="default", min_pairs=4, task_reward="marginal",
+        max_new_tokens=p["max_new_tokens"], judge="ai", judge_model="default", min_pairs=4,
         ppo={**PPO, "max_steps": p["ppo_steps"], "rollout_batch_size": p["rollout_batch_size"],
              "max_new_tokens": p["max_new_tokens"]},
     )

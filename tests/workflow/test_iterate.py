@@ -82,9 +82,9 @@ def test_each_round_runs_ppo_with_its_own_seed_and_reward_sources(tiny_model_dir
     assert with_rm["reward_model"] == "rm/final" and with_rm["drift_action"] == "warn" and with_rm["reward_fn_weight"] == 1.0
     rm_only = config(tmp_path, tiny_model_dir, prompts_file, task_reward_weight=0.0)
     assert "reward_fn" not in it.ppo_data(rm_only, "pol", "rm/final", it.Round(tmp_path / "r5"), 1)
-    assert r1["reward_fn_kwargs"]["marginal"] is False
-    marginal = config(tmp_path, tiny_model_dir, prompts_file, task_reward="marginal")
-    assert it.ppo_data(marginal, "pol", None, it.Round(tmp_path / "r6"), 1)["reward_fn_kwargs"]["marginal"] is True
+    assert r1["reward_fn_kwargs"]["marginal"] is True  # the default
+    item = config(tmp_path, tiny_model_dir, prompts_file, task_reward="item")
+    assert it.ppo_data(item, "pol", None, it.Round(tmp_path / "r6"), 1)["reward_fn_kwargs"]["marginal"] is False
     pinned = config(tmp_path, tiny_model_dir, prompts_file, ppo={"seed": 10})
     assert it.ppo_data(pinned, "pol", None, it.Round(tmp_path / "r4"), 2)["seed"] == 12
 

@@ -7,10 +7,11 @@ One mini-batch as PPO trains it: ``--batch`` sequences of ``--prompt-tokens`` pr
 ``--answer-tokens`` answer tokens on the embedded default model with a LoRA policy (rank 16, every
 linear layer). Each variant runs forward + backward of the answer tokens' log-probs:
 
-* ``full``: the model's own forward, logits ``(B, L, V)`` at every position, then the log-probs of
-  the answer positions (what the PPO recipe did before);
-* ``answers``: ``alignforge.recipes.ppo.token_logps`` with the response mask, i.e. the decoder
-  once and the LM head on the answer positions alone.
+* ``full``: ``alignforge.recipes.ppo.token_logps`` without a response mask: the model's own
+  forward, logits ``(B, L, V)`` at every position (what the PPO recipe did before), kept at the
+  answer positions;
+* ``answers``: the same function with the response mask, i.e. the decoder once and the LM head
+  on the answer positions alone.
 
 Both give the same log-probs (checked here). Prints the median seconds of ``--repeats`` runs after
 one warm-up and the ratio; writes ``benchmarks/results/ppo_scoring.json``.
@@ -40,7 +41,6 @@ def main() -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from alignforge.losses.logprobs import selective_log_softmax
     from alignforge.models import load_model
     from alignforge.recipes.ppo import token_logps
 
@@ -53,9 +53,8 @@ def main() -> None:
     mask[:, P - 1 :] = 1
     batch = {"input_ids": ids, "attention_mask": torch.ones(B, L, dtype=torch.long), "mask": mask}
 
-    def full():
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]
-        return selective_log_softmax(logits.float(), ids[:, 1:]) * mask
+    def full():  # no mask: the model's own forward, logits at every position
+        return token_logps(model, {k: v for k, v in batch.items() if k != "mask"}, 1.0) * mask
 
     def answers():
         return token_logps(model, batch, 1.0)

@@ -59,10 +59,9 @@ def target_token_logps(
     if parts is None:
         keep = torch.unique(preds)
         logits = model(input_ids=input_ids, logits_to_keep=keep, use_cache=False, **kwargs).logits
-        logits = logits.float() / temperature
         col = torch.searchsorted(keep, preds)
-        lse = torch.stack([torch.logsumexp(r, dim=-1) for r in logits])
-        return logits[rows, col, ids] - lse[rows, col]
+        lse = torch.stack([torch.logsumexp(r.float() / temperature, dim=-1) for r in logits])
+        return logits[rows, col, ids].float() / temperature - lse[rows, col]
     decoder, head = parts
     hidden = decoder(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state[rows, preds]
     bias = head.bias

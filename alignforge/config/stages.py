@@ -117,6 +117,24 @@ class TrainArgs(StrictModel):
         | Literal["none", "jsonl", "tensorboard", "wandb", "mlflow"]
     ) = "jsonl"
     progress: bool = Field(True, description="Show a progress bar.")
+    bf16: bool = Field(
+        False,
+        description="Mixed precision: compute in bfloat16 under autocast, weights and optimizer in their dtype.",
+    )
+    fp16: bool = Field(
+        False, description="Mixed precision in float16 with loss scaling (GPUs without bf16)."
+    )
+
+    @property
+    def mixed_precision(self) -> str | None:
+        """``bf16``/``fp16`` for ``make_accelerator``; None defers to ``accelerate launch``."""
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else None
+
+    @model_validator(mode="after")
+    def _check_precision(self):
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16: choose one mixed precision, not both")
+        return self
 
 
 class SFTConfig(ModelArgs, DataArgs, TrainArgs):

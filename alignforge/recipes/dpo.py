@@ -289,7 +289,7 @@ def load_pairs(cfg, tokenizer):
 
 
 def run(cfg: DPOConfig, callbacks=()) -> dict:
-    acc = make_accelerator(cfg.seed)
+    acc = make_accelerator(cfg.seed, cfg.mixed_precision)
     if acc.is_main_process:
         prepare_output_dir(cfg)
     acc.wait_for_everyone()

@@ -223,7 +223,7 @@ def plot_scores(chosen, rejected, path: Path) -> None:
 
 
 def run(cfg: RMConfig, callbacks=()) -> dict:
-    acc = make_accelerator(cfg.seed)
+    acc = make_accelerator(cfg.seed, cfg.mixed_precision)
     if acc.is_main_process:
         prepare_output_dir(cfg)
     acc.wait_for_everyone()

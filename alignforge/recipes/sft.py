@@ -70,7 +70,7 @@ def make_units(examples, cfg, pad_id):
 
 
 def run(cfg: SFTConfig, callbacks=()) -> dict:
-    acc = make_accelerator(cfg.seed)
+    acc = make_accelerator(cfg.seed, cfg.mixed_precision)
     if acc.is_main_process:
         prepare_output_dir(cfg)
     acc.wait_for_everyone()

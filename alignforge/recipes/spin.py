@@ -378,7 +378,7 @@ def run_iteration(k, opponent, opponent_id, tokenizer, items, eval_items, prev_r
 
 
 def run(cfg: SPINConfig, callbacks=()) -> dict:
-    acc = make_accelerator(cfg.seed)
+    acc = make_accelerator(cfg.seed, cfg.mixed_precision)
     out = Path(cfg.output_dir)
     if acc.is_main_process:
         prepare_spin_dir(cfg)

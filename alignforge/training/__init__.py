@@ -4,6 +4,8 @@ from alignforge.training.loop import (
     Objective,
     TrainLoop,
     make_accelerator,
+    place_frozen,
+    to_device,
     write_json,
 )
 
@@ -13,5 +15,7 @@ __all__ = [
     "Objective",
     "TrainLoop",
     "make_accelerator",
+    "place_frozen",
+    "to_device",
     "write_json",
 ]

@@ -38,13 +38,44 @@ class Objective(Protocol):
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
-def make_accelerator(seed: int):
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+def make_accelerator(seed: int, mixed_precision: str | None = None):
+    """The run's ``Accelerator``: CUDA when there is one, ``mixed_precision`` honoured everywhere.
 
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    ``mixed_precision`` None takes ``accelerate launch --mixed_precision`` (its environment
+    variable) or none; "bf16"/"fp16" come from the configs' ``bf16: true`` / ``fp16: true``.
+
+    Sharded back-ends (FSDP, DeepSpeed) are refused: their sharded state is not yet gathered for
+    saving, so a run would train and then fail or save a shard. DDP (``torchrun`` or
+    ``accelerate launch`` with the multi-GPU config) is supported.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, set_seed
+
+    from alignforge.config import ConfigError
+
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(
+            f"accelerate config: {acc.distributed_type.value} is not supported; alignforge trains "
+            "data-parallel (DDP). Launch with `torchrun --nproc_per_node N -m alignforge.cli train ...` "
+            "or an accelerate config with distributed_type: MULTI_GPU (examples/accelerate/ddp.yaml)."
+        )
     set_seed(seed)
     return acc
+
+
+def to_device(batch: dict, device) -> dict:
+    """The one place a batch moves to the training device: every tensor in ``batch``."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def place_frozen(acc, module):
+    """A module that is used but not trained (a reference model, a reward model): on
+    ``acc.device``, in eval mode, without gradients. Returns it (``None`` passes)."""
+    if module is None:
+        return None
+    module.requires_grad_(False)
+    return module.to(acc.device).eval()
 
 
 class TrainLoop:

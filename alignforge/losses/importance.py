@@ -53,7 +53,9 @@ class OffPolicyDiagnostics(NamedTuple):
     """How far the behaviour policy is from the trainer, and what the correction did.
 
     All fields are detached 0-d tensors; ``as_dict`` turns them into floats for a logger.
-    Weight statistics are over tokens for ``level="token"`` and over sequences otherwise.
+    Weight statistics are over tokens for ``level="token"`` and over sequences otherwise, and
+    only over the tokens (sequences) the loss keeps: a rejected one is out of the loss, not a
+    sample of weight 0. The KL, delta-p and perplexity fields cover every valid token.
     """
 
     kl_k1: Tensor  # mean(rollout_logps - old_logps): k1 estimate of KL(mu || pi_old)
@@ -188,22 +190,25 @@ def offpolicy_diagnostics(
     ``kl_k1 = mean(-r)`` and ``kl_k3 = mean(exp(r) - 1 - r)`` estimate ``KL(mu || pi_old)``
     (Schulman 2020); ``ess = (sum w)^2 / (N sum w^2)``; ``delta_p = |exp(old) - exp(rollout)|``;
     ``log_ppl_diff = mean_b [mean_t(-old) - mean_t(-rollout)]``. ``weights`` default to the token
-    ratio ``exp(r)``; ``new_mask`` (the mask after rejection) gives ``frac_masked``; ``truncated``
-    (bool ``(B, T)``) gives ``frac_truncated``. Shapes: all ``(B, T)``.
+    ratio ``exp(r)``; ``new_mask`` (the mask after rejection) gives ``frac_masked`` and limits the
+    weight statistics (mean, std, min, max, ESS) to the kept tokens (verl's rollout correction
+    likewise never counts a rejected token as a weight of 0); ``truncated`` (bool ``(B, T)``)
+    gives ``frac_truncated``. Shapes: all ``(B, T)``.
     """
     with torch.no_grad():
         valid = mask.bool()
         r = torch.where(valid, (old_logps - rollout_logps).float(), 0.0)
         if weights is None:
             weights = torch.exp(r.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+        kept = valid if new_mask is None else valid & new_mask.bool()
         w_mean, w_std, w_min, w_max, ess = _weight_stats(
-            _weight_units(weights.float(), valid, level)
+            _weight_units(weights.float(), kept, level)
         )
         n_valid = masked_count(valid)
         frac_masked = r.new_zeros(())
         if new_mask is not None:
-            kept = masked_count(valid & new_mask.bool())
-            frac_masked = torch.where(n_valid > 0, 1.0 - kept / n_valid.clamp_min(1.0), 0.0)
+            n_kept = masked_count(kept)
+            frac_masked = torch.where(n_valid > 0, 1.0 - n_kept / n_valid.clamp_min(1.0), 0.0)
         frac_truncated = r.new_zeros(())
         if truncated is not None:
             frac_truncated = masked_mean(truncated.float(), valid)

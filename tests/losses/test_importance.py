@@ -171,3 +171,30 @@ def test_sequence_and_geometric_none():
     out = _iw(level="geometric", mode="none")
     _close(out.weights, [[g0, g0, g0, 0.0], [g1, g1, 0.0, 0.0]])
     assert torch.equal(out.mask, MASK)
+
+
+def test_mask_mode_statistics_cover_the_kept_tokens_only():
+    """Token level, band [0.8, 2]: ratios (1, 3, 0.5 | 1.5, 0.5) keep 1.0 and 1.5. Counting the
+    three rejected tokens as weight 0 would give min 0, mean 2.5/5 and ESS 6.25/16.25."""
+    d = _iw(level="token", mode="mask", lower=0.8, upper=2.0).diagnostics
+    assert d.weight_min.item() == pytest.approx(1.0)
+    assert d.weight_max.item() == pytest.approx(1.5)
+    assert d.weight_mean.item() == pytest.approx(1.25)
+    assert d.weight_std.item() == pytest.approx(0.25)
+    assert d.ess.item() == pytest.approx(2.5**2 / (2 * (1.0 + 2.25)))  # 0.961538...
+    assert d.frac_masked.item() == pytest.approx(3 / 5)
+    # the mismatch estimates still see every valid token
+    assert d.kl_k1.item() == pytest.approx(-math.log(3.0 * 0.5 * 1.5 * 0.5) / 5, rel=1e-5)
+    ones = _iw(level="token", mode="mask", lower=0.8, upper=2.0, keep_ratio=False).diagnostics
+    assert (ones.weight_min.item(), ones.weight_mean.item(), ones.ess.item()) == (1.0, 1.0, 1.0)
+
+
+def test_sequence_mask_statistics_cover_the_kept_sequences_only():
+    """Sequence ratios (1.5, 0.75), band [0.8, 2]: only row 0 (1.5) stays."""
+    d = _iw(level="sequence", mode="mask", lower=0.8, upper=2.0).diagnostics
+    assert d.weight_min.item() == pytest.approx(1.5) and d.weight_max.item() == pytest.approx(1.5)
+    assert d.weight_mean.item() == pytest.approx(1.5) and d.weight_std.item() == 0.0
+    assert d.ess.item() == pytest.approx(1.0)
+    everything = _iw(level="sequence", mode="mask", lower=2.0, upper=3.0).diagnostics
+    assert everything.frac_masked.item() == 1.0  # nothing kept: statistics of no sample are 0
+    assert everything.weight_mean.item() == 0.0 and everything.ess.item() == 0.0

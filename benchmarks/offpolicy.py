@@ -63,7 +63,7 @@ def one_run(model: str, data: str, out: Path, seed: int, steps: int, extra: dict
             model_name_or_path=model,
             dataset=data,
             output_dir=str(out),
-            reward_fn="alignforge.recipes.ppo:token_fraction",
+            reward_fn="alignforge.rl.scoring:token_fraction",
             reward_fn_kwargs={"target_ids": list(range(3, 192))},
             lora_target=["q_proj", "v_proj", "up_proj", "down_proj", "lm_head"],
             lora_dropout=0.0,

@@ -55,7 +55,7 @@ def main() -> None:
             model_name_or_path=args.model,
             dataset=str(data),
             output_dir=str(work / "run"),
-            reward_fn="alignforge.recipes.ppo:length_reward",
+            reward_fn="alignforge.rl.scoring:length_reward",
             reward_fn_kwargs={"target_length": 32},
             rollout_batch_size=args.rollout_batch_size,
             mini_batch_size=args.mini_batch_size,

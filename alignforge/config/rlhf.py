@@ -92,7 +92,22 @@ class PPOConfig(ModelArgs, DataArgs, TrainArgs):
     vf_coef: float = Field(0.1, ge=0.0, description="Weight of the value loss.")
     whiten_advantages: bool = Field(True, description="Whiten GAE advantages over the batch.")
     kl_coef: float = Field(0.05, ge=0.0, description="Initial KL penalty coefficient beta.")
-    kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator.")
+    kl_estimator: Literal["k1", "k2", "k3"] | None = Field(
+        None,
+        description="Per-token KL estimator (Schulman 2020): k1 log-ratio, k2 squared, k3 "
+        "exp(r) - 1 - r. Default: k1 when the KL is in the reward, k3 when it is in the loss.",
+    )
+    kl_in_reward: bool | None = Field(
+        None,
+        description="Subtract beta * KL from the reward (Ziegler et al.; the RLOO paper, TRL and OpenRLHF) "
+        "or add it to the loss (GRPO). Default: in the reward for gae, rloo and reinforce_pp, "
+        "in the loss for grpo.",
+    )
+    disable_dropout: bool = Field(
+        True,
+        description="Turn dropout off (LoRA dropout included), as TRL does: old log-probs, values and "
+        "the reference are computed without it, so the PPO ratio starts at 1.",
+    )
     adaptive_kl: bool = Field(
         False, description="Adapt beta toward kl_target (Ziegler et al. 2019)."
     )
@@ -140,6 +155,18 @@ class PPOConfig(ModelArgs, DataArgs, TrainArgs):
         0.5, gt=0.0, lt=1.0, description="restore: multiply the learning rate by this factor."
     )
     drift_max_restores: int = Field(3, ge=0, description="restore: stop after this many restores.")
+
+    @property
+    def kl_in_reward_resolved(self) -> bool:
+        if self.kl_in_reward is not None:
+            return self.kl_in_reward
+        return self.advantage_estimator != "grpo"
+
+    @property
+    def kl_kind(self) -> str:
+        if self.kl_estimator is not None:
+            return self.kl_estimator
+        return "k1" if self.kl_in_reward_resolved else "k3"
 
     @model_validator(mode="after")
     def _check(self):

@@ -1,5 +1,5 @@
 from alignforge.data.collate import collate_packed, collate_padded, pack
-from alignforge.data.formats import ChatExample, TextExample, to_example
+from alignforge.data.formats import ChatExample, TextExample, to_example, to_prompt
 from alignforge.data.prepare import DataStats, prepare_sft
 from alignforge.data.readers import DataError, read_rows
 from alignforge.data.templating import IGNORE, Tokenized, tokenize_example
@@ -17,5 +17,6 @@ __all__ = [
     "prepare_sft",
     "read_rows",
     "to_example",
+    "to_prompt",
     "tokenize_example",
 ]

@@ -203,3 +203,27 @@ def to_example(
     if fmt == "sharegpt":
         return _from_sharegpt(row)
     return _from_text(row)
+
+
+def to_prompt(row: dict, formatting: str = "auto", columns: dict[str, str] | None = None):
+    """The prompt of a row, for methods that sample their own answers (PPO, GRPO, RLOO).
+
+    A ``prompt`` column alone (a string or a message list) is the prompt as it is. Any other
+    format is read as :func:`to_example` reads it (ShareGPT roles mapped, alpaca's system and
+    history kept) and its messages up to the last trainable turn are the prompt; a row without
+    an answer (alpaca without ``output``) is read with an empty one.
+    """
+    if columns:
+        row = {**row, **{t: row[s] for t, s in columns.items() if s in row}}
+    if formatting in ("auto", "prompt_completion") and "prompt" in row and "completion" not in row:
+        p = row["prompt"]
+        return p if isinstance(p, str) and p.strip() else _check_messages(p, "prompt")
+    if formatting in ("auto", "alpaca") and "instruction" in row and not row.get("output"):
+        row = {**row, "output": "-"}
+    ex = to_example(row, formatting, columns=None)
+    if isinstance(ex, TextExample):
+        if not ex.prompt:
+            raise DataError("a text row has no prompt to sample from; use a `prompt` column")
+        return ex.prompt
+    last = max(i for i, t in enumerate(ex.trainable) if t)
+    return ex.messages[:last]

@@ -94,11 +94,15 @@ class TransformersEngine:
         top_p: float = 1.0,
         max_new_tokens: int = 128,
         greedy: bool = False,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
         json_schema: dict | None = None,
         streamer=None,
     ) -> list[list[Rollout]]:
         """``n`` rollouts for each prompt (token id lists).
+
+        Each sample draws from its own generator, seeded from ``seed`` (one per prompt when a
+        list), the prompt's position and the sample's index: a prompt's samples do not depend on
+        which other prompts share its batch or its process.
 
         ``json_schema`` constrains the output to JSON valid for that schema; ``streamer`` (a
         transformers streamer, one prompt and ``n=1`` only) receives tokens as they are made.
@@ -111,8 +115,7 @@ class TransformersEngine:
             greedy = True  # temperature 0 means deterministic decoding (OpenAI convention)
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if seed is not None:
-            torch.manual_seed(seed)
+        seeds = _prompt_seeds(seed, len(prompts))
         rows = [(p, j) for p in range(len(prompts)) for j in range(n)]
         for p, ids in enumerate(prompts):
             if not ids:
@@ -127,8 +130,9 @@ class TransformersEngine:
             for start in range(0, len(rows), self.batch_size):
                 chunk = rows[start : start + self.batch_size]
                 batch = [prompts[p] for p, _ in chunk]
+                gens = [_row_generator(seeds[p], j) for p, j in chunk]
                 results = self._generate_batch(
-                    batch, temperature, top_p, max_new_tokens, greedy, constraint, streamer
+                    batch, temperature, top_p, max_new_tokens, greedy, constraint, streamer, gens
                 )
                 for (p, j), rollout in zip(chunk, results, strict=True):
                     out[p][j] = rollout
@@ -137,7 +141,7 @@ class TransformersEngine:
         return out  # type: ignore[return-value]
 
     def _generate_batch(
-        self, batch, temperature, top_p, max_new_tokens, greedy, constraint, streamer=None
+        self, batch, temperature, top_p, max_new_tokens, greedy, constraint, streamer, gens
     ):
         from transformers import GenerationConfig, LogitsProcessorList
         from transformers.generation.logits_process import (
@@ -154,14 +158,19 @@ class TransformersEngine:
         processors = LogitsProcessorList()
         if constraint is not None:
             processors.append(constraint.processor())
+        sampler = None
         if not greedy:
+            warpers = []
             if temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(float(temperature)))
+                warpers.append(TemperatureLogitsWarper(float(temperature)))
             if top_p < 1.0:
-                processors.append(TopPLogitsWarper(float(top_p)))
+                warpers.append(TopPLogitsWarper(float(top_p)))
+            sampler = RowSampler(warpers, gens)
+            processors.append(sampler)
         # A fresh config so the checkpoint's own sampling defaults (top_k=50, ...) do not leak in.
+        # The RowSampler draws each row's token, so decoding picks it greedily.
         config = GenerationConfig(
-            do_sample=not greedy,
+            do_sample=False,
             max_new_tokens=max_new_tokens,
             eos_token_id=self.eos_ids or None,
             pad_token_id=self.pad_id,
@@ -179,15 +188,19 @@ class TransformersEngine:
             streamer=streamer,
         )
         new_tokens = gen.sequences[:, width:].cpu()
-        step_logps = torch.stack(
-            [
-                torch.log_softmax(s.float(), dim=-1)
-                .gather(-1, new_tokens[:, t : t + 1])
-                .squeeze(-1)
-                for t, s in enumerate(gen.scores)
-            ],
-            dim=1,
-        ).cpu()
+        if sampler is not None:
+            step_logps = torch.stack(sampler.logps, dim=1)
+        else:
+            step_logps = torch.stack(
+                [
+                    torch.log_softmax(s.float(), dim=-1)
+                    .gather(-1, new_tokens[:, t : t + 1].to(s.device))
+                    .squeeze(-1)
+                    .cpu()
+                    for t, s in enumerate(gen.scores)
+                ],
+                dim=1,
+            )
         return [
             self._to_rollout(
                 batch[i], new_tokens[i].tolist(), step_logps[i].tolist(), temperature, top_p, greedy
@@ -211,3 +224,41 @@ class TransformersEngine:
             greedy=bool(greedy),
             top_p=1.0 if greedy else float(top_p),
         )
+
+
+def _prompt_seeds(seed: int | list[int] | None, n: int) -> list[int]:
+    """One seed per prompt: the given list, ``seed`` + the prompt's position, or drawn from torch's RNG."""
+    if isinstance(seed, list | tuple):
+        if len(seed) != n:
+            raise ValueError(f"{len(seed)} seeds for {n} prompts")
+        return [int(s) for s in seed]
+    if seed is None:
+        return torch.randint(0, 2**62, (n,)).tolist()
+    return [int(seed) * 1_000_003 + p for p in range(n)]
+
+
+def _row_generator(seed: int, sample: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 7919 + sample) % (2**63))
+
+
+class RowSampler:
+    """A logits processor that samples each row from its own generator after the warpers
+    (temperature, top-p), records the sampled token's log-prob under that processed
+    distribution, and leaves only that token possible so decoding takes it."""
+
+    def __init__(self, warpers, generators: list[torch.Generator]):
+        self.warpers, self.generators = warpers, generators
+        self.logps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for w in self.warpers:
+            scores = w(input_ids, scores)
+        logp = torch.log_softmax(scores.float(), dim=-1).cpu()
+        probs = logp.exp()
+        picks = torch.cat(
+            [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)]
+        )
+        self.logps.append(logp.gather(-1, picks[:, None]).squeeze(-1))
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(picks)), picks.to(scores.device)] = 0.0
+        return out

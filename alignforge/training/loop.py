@@ -1,7 +1,10 @@
-"""The shared training loop, on ``accelerate`` (so ``accelerate launch`` runs it with DDP/FSDP/DeepSpeed).
+"""The one training core, on ``accelerate`` (``torchrun`` / ``accelerate launch`` run it with DDP).
 
     loop = TrainLoop(model, objective, train_units, collate, args, eval_units=eval_units)
     summary = loop.fit()
+
+:class:`TrainCore` is the optimizer step every recipe shares (PPO builds its outer loop on it);
+:class:`TrainLoop` is the supervised loop over units on top of it.
 
 ``objective(model, batch)`` returns the *summed* loss of a micro-batch and summed statistics;
 ``objective.count(batch)`` returns how many units (label tokens, pairs) the loss averages over.
@@ -78,7 +81,203 @@ def place_frozen(acc, module):
     return module.to(acc.device).eval()
 
 
-class TrainLoop:
+def assert_on_device(module, device, what: str) -> None:
+    """Every parameter and buffer of ``module`` is on ``device``, or a one-line error says which is not."""
+    want = torch.device(device)
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.device.type != want.type or (want.index is not None and t.device.index != want.index):
+            raise RuntimeError(f"{what}: {name} is on {t.device}, the run trains on {want}")
+
+
+class TrainCore:
+    """The one optimizer-step core every recipe trains with, PPO included.
+
+    It owns what is the same for every method: ``accelerate`` preparation and device placement of
+    the trained module (frozen ones go through :func:`place_frozen`), mixed precision (the loss
+    runs under ``acc.autocast()`` on every path), optimizer and schedule, accumulation with
+    ``no_sync``, clipping of the full gradient norm, the NaN guard, rank-0 checkpoints and metrics,
+    exact resume with a recipe's extra state (global and per rank) and RNG, and the progress bar.
+    A recipe says what a micro-batch's loss is; the core says how to train on it.
+
+    ``args`` provides: seed, learning_rate, weight_decay, adam_beta1, adam_beta2, adam_epsilon,
+    lr_scheduler_type, warmup_steps, warmup_ratio, max_grad_norm, output_dir, save_total_limit,
+    report_to, progress.
+    """
+
+    def __init__(self, trained, args, total_steps: int, accelerator=None, frozen=()):
+        self.args = args
+        self.acc = accelerator or make_accelerator(args.seed)
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        self.total_steps = total_steps
+        self.out = Path(args.output_dir)
+        self.ckpt = CheckpointManager(self.out, keep=args.save_total_limit)
+        self.logger = MetricsLogger(self.out, args.report_to, enabled=self.acc.is_main_process)
+        self.step, self.lr_scale = 0, 1.0
+        optimizer = build_optimizer(
+            trained,
+            args.learning_rate,
+            args.weight_decay,
+            (args.adam_beta1, args.adam_beta2),
+            args.adam_epsilon,
+        )
+        warm = warmup_steps(total_steps, args.warmup_steps, args.warmup_ratio)
+        # the scheduler stays unwrapped: accelerate's wrapper steps it once per process
+        self.scheduler = build_scheduler(optimizer, args.lr_scheduler_type, warm, total_steps)
+        self.model, self.optimizer = self.acc.prepare(trained, optimizer)
+        assert_on_device(self.model, self.acc.device, "trained model")
+        for module in frozen:
+            if module is not None:
+                assert_on_device(module, self.acc.device, "frozen model (use place_frozen)")
+
+    @property
+    def unwrapped(self):
+        return self.acc.unwrap_model(self.model)
+
+    def to_device(self, batch: dict) -> dict:
+        return to_device(batch, self.acc.device)
+
+    def global_sum(self, value: float) -> float:
+        if self.world == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.acc.device)
+        return float(self.acc.reduce(t, reduction="sum").item())
+
+    def global_sums(self, sums: dict[str, float]) -> dict[str, float]:
+        """Per-key sums over ranks; a rank that saw no batch (fewer units than ranks) adds nothing."""
+        if self.world == 1:
+            return dict(sums)
+        from accelerate.utils import gather_object
+
+        out: dict[str, float] = {}
+        for part in gather_object([sums]):
+            for k, v in part.items():
+                out[k] = out.get(k, 0.0) + float(v)
+        return out
+
+    # -- one optimizer step ---------------------------------------------------------
+    def accumulate(self, micro: Sequence[Any], loss_fn, scale: float) -> dict[str, float]:
+        """Forward and backward of each micro-batch: ``loss_fn(model, item) -> (loss, stats)``.
+
+        The gradient is that of ``sum(loss) * scale`` over this rank's micro-batches, summed over
+        ranks (DDP averages, so the loss is multiplied by the world size). Gradients are synced
+        once, on the last micro-batch. Returns the summed float statistics, ``loss`` included.
+        """
+        self.model.train()
+        sums: dict[str, float] = {}
+        for i, item in enumerate(micro):
+            last = i == len(micro) - 1
+            sync = (
+                contextlib.nullcontext()
+                if last or self.world == 1
+                else self.acc.no_sync(self.model)
+            )
+            with sync, self.acc.autocast():
+                loss, stats = loss_fn(self.model, item)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(self.nan_message(f"loss is {loss.item()}", i))
+                self.acc.backward(loss * (scale * self.world))
+            for k, v in {"loss": loss, **stats}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+        return sums
+
+    def optimizer_step(self) -> float:
+        """Clip the full gradient norm, step the optimizer, clear the gradients; returns the norm."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.args.max_grad_norm:
+            norm = self.acc.clip_grad_norm_(params, self.args.max_grad_norm)
+        else:
+            grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
+        norm = float(norm)
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(self.nan_message(f"gradient norm is {norm}", None))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def nan_message(self, what: str, micro: int | None) -> str:
+        last = self.ckpt.latest()
+        where = f" (micro-batch {micro})" if micro is not None else ""
+        keep = (
+            f"the last good checkpoint {last} is intact"
+            if last
+            else "no checkpoint was written yet"
+        )
+        return (
+            f"{what} at step {self.step + 1}{where}; training stopped and {keep}. "
+            "Lower learning_rate, check the data or the reward, or set max_grad_norm."
+        )
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Multiply the schedule's base learning rate by ``scale`` from now on (drift restores)."""
+        self.lr_scale = scale
+        sched = self.scheduler
+        sched.base_lrs = [self.args.learning_rate * scale for _ in sched.base_lrs]
+        lrs = [
+            b * f(sched.last_epoch) for b, f in zip(sched.base_lrs, sched.lr_lambdas, strict=True)
+        ]
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        sched._last_lr = lrs
+
+    # -- checkpoints ----------------------------------------------------------------
+    def save(self, loop_state: dict | None = None, extra: dict | None = None, rank_extra=None):
+        """``checkpoint-{step}``: weights, optimizer, schedule, RNG, ``extra`` and each rank's
+        ``rank_extra`` (its RNG is added), written by rank 0 alone."""
+        from accelerate.utils import gather_object
+
+        from alignforge.training.checkpoint import rng_state
+
+        mine = {"rng": rng_state(), "extra": rank_extra}
+        ranks = gather_object([mine]) if self.world > 1 else [mine]
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            state = {"lr_scale": self.lr_scale, **(loop_state or {})}
+            blob = {"user": extra or {}, "ranks": ranks}
+            self.ckpt.save(self.step, self.unwrapped, self.optimizer, self.scheduler, state, blob)
+        self.acc.wait_for_everyone()
+
+    def load(self, path: str | Path) -> tuple[dict, dict, Any]:
+        """Restore a checkpoint; returns (loop_state, extra, this rank's rank_extra)."""
+        from alignforge.training.checkpoint import set_rng_state
+
+        state, blob = CheckpointManager.load(path, self.unwrapped, self.optimizer, self.scheduler)
+        self.step = state["step"]
+        self.set_lr_scale(state.get("lr_scale", 1.0))
+        ranks = blob.get("ranks") or [{}]
+        if len(ranks) != self.world:
+            raise RuntimeError(
+                f"{path} was written by {len(ranks)} processes; resume it with the same number, not {self.world}"
+            )
+        mine = ranks[self.rank]
+        if mine.get("rng") is not None:
+            set_rng_state(mine["rng"])
+        return state, blob.get("user", {}), mine.get("extra")
+
+    def resume_path(self, target: str | bool) -> Path | None:
+        if target in ("auto", True):
+            return self.ckpt.latest()
+        return Path(target) if target else None
+
+    def progress(self, desc: str):
+        enabled = self.args.progress and self.acc.is_main_process
+        return _progress(self.total_steps, self.step, enabled, desc)
+
+
+class TrainLoop(TrainCore):
+    """Supervised training over units (examples, pairs): SFT, RM, DPO and SPIN.
+
+    ``objective(model, batch)`` returns the *summed* loss of a micro-batch and summed statistics;
+    ``objective.count(batch)`` returns how many units the loss averages over. Each optimizer step
+    counts the units of all its micro-batches on all processes and divides every micro-batch's
+    summed loss by that global count: the exact mean over the global batch, whatever the split
+    into micro-batches or processes.
+    """
+
     def __init__(
         self,
         model,
@@ -89,45 +288,32 @@ class TrainLoop:
         eval_units: Sequence[Any] | None = None,
         accelerator=None,
         callbacks: Sequence[Callable[[TrainLoop, dict], None]] = (),
+        frozen=(),
     ):
-        self.args = args
-        self.acc = accelerator or make_accelerator(args.seed)
+        acc = accelerator or make_accelerator(args.seed, getattr(args, "mixed_precision", None))
         self.objective, self.collate = objective, collate
         self.train_units, self.eval_units = list(train_units), list(eval_units or [])
         self.callbacks = list(callbacks)
-        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        world = acc.num_processes
         self.per_rank = args.per_device_train_batch_size * args.gradient_accumulation_steps
-        self.global_batch = self.per_rank * self.world
+        self.global_batch = self.per_rank * world
         n = len(self.train_units)
-        if n < self.global_batch and self.world > 1:
+        if n < self.global_batch and world > 1:
             raise ValueError(
                 f"{n} training units cannot fill one global batch of {self.global_batch}"
             )
         self.steps_per_epoch = max(
-            1, n // self.global_batch if self.world > 1 else math.ceil(n / self.global_batch)
+            1, n // self.global_batch if world > 1 else math.ceil(n / self.global_batch)
         )
-        self.total_steps = (
+        total = (
             args.max_steps
             if args.max_steps > 0
             else math.ceil(self.steps_per_epoch * args.num_train_epochs)
         )
-        self.out = Path(args.output_dir)
-        self.ckpt = CheckpointManager(self.out, keep=args.save_total_limit)
-        self.logger = MetricsLogger(self.out, args.report_to, enabled=self.acc.is_main_process)
-        self.step, self.best_eval, self.bad_evals, self.tokens_seen = 0, math.inf, 0, 0
+        super().__init__(model, args, total, acc, frozen)
+        self.best_eval, self.bad_evals, self.tokens_seen = math.inf, 0, 0
         self.stopped_early = False
-        optimizer = build_optimizer(
-            model,
-            args.learning_rate,
-            args.weight_decay,
-            (args.adam_beta1, args.adam_beta2),
-            args.adam_epsilon,
-        )
-        warm = warmup_steps(self.total_steps, args.warmup_steps, args.warmup_ratio)
-        scheduler = build_scheduler(optimizer, args.lr_scheduler_type, warm, self.total_steps)
-        # the scheduler stays unwrapped: accelerate's wrapper steps it once per process
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        self.scheduler = scheduler
+        self.resume_extra: dict = {}
 
     # -- data order: a fixed permutation per epoch, so resuming replays the same batches --
     def step_batches(self, step: int) -> list[dict]:
@@ -142,66 +328,22 @@ class TrainLoop:
             for j in range(0, len(mine), bs)
         ]
 
-    def _global_sum(self, value: float) -> float:
-        t = torch.tensor([float(value)], device=self.acc.device)
-        return float(self.acc.reduce(t, reduction="sum").item()) if self.world > 1 else float(value)
+    def _loss(self, model, batch: dict):
+        return self.objective(model, self.to_device(batch))
 
     def train_step(self, micro: list[dict]) -> dict[str, float]:
-        self.model.train()
-        denom = self._global_sum(sum(self.objective.count(b) for b in micro))
-        sums: dict[str, float] = {}
-        tokens = 0
-        for i, batch in enumerate(micro):
-            batch = {
-                k: v.to(self.acc.device) if torch.is_tensor(v) else v for k, v in batch.items()
-            }
-            sync = i == len(micro) - 1
-            ctx = (
-                contextlib.nullcontext()
-                if sync or self.world == 1
-                else self.acc.no_sync(self.model)
-            )
-            with ctx:
-                loss_sum, stats = self.objective(self.model, batch)
-                if not torch.isfinite(loss_sum):
-                    raise NonFiniteLossError(self._nan_message(f"loss is {loss_sum.item()}", i))
-                self.acc.backward(loss_sum * self.world / max(denom, 1e-12))
-            for k, v in {"loss": loss_sum, **stats}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-            tokens += self.objective.tokens(batch)
-        grad_norm = self._clip()
-        self.optimizer.step()
+        denom = max(self.global_sum(sum(self.objective.count(b) for b in micro)), 1e-12)
+        sums = self.accumulate(micro, self._loss, 1.0 / denom)
+        grad_norm = self.optimizer_step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        out = {k: self._global_sum(v) / max(denom, 1e-12) for k, v in sums.items()}
+        out = {k: v / denom for k, v in self.global_sums(sums).items()}
         out["grad_norm"] = grad_norm
-        out["tokens"] = self._global_sum(tokens)
+        out["tokens"] = self.global_sum(sum(self.objective.tokens(b) for b in micro))
         return out
-
-    def _clip(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.args.max_grad_norm:
-            norm = self.acc.clip_grad_norm_(params, self.args.max_grad_norm)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
-        norm = float(norm)
-        if not math.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(self._nan_message(f"gradient norm is {norm}", None))
-        return norm
-
-    def _nan_message(self, what: str, micro: int | None) -> str:
-        last = self.ckpt.latest()
-        where = f" (micro-batch {micro})" if micro is not None else ""
-        keep = (
-            f"the last good checkpoint {last} is intact"
-            if last
-            else "no checkpoint was written yet"
-        )
-        return f"{what} at step {self.step + 1}{where}; training stopped and {keep}. Lower learning_rate, check the data, or set max_grad_norm."
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
+        """Eval loss and statistics over every rank's share; ranks with no share add nothing."""
         if not self.eval_units:
             return None
         self.model.eval()
@@ -210,16 +352,14 @@ class TrainLoop:
         sums: dict[str, float] = {}
         count = 0.0
         for j in range(0, len(units), bs):
-            batch = {
-                k: v.to(self.acc.device) if torch.is_tensor(v) else v
-                for k, v in self.collate(units[j : j + bs]).items()
-            }
-            loss_sum, stats = self.objective(self.model, batch)
+            batch = self.to_device(self.collate(units[j : j + bs]))
+            with self.acc.autocast():
+                loss_sum, stats = self.objective(self.model, batch)
             count += self.objective.count(batch)
             for k, v in {"loss": loss_sum, **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        denom = self._global_sum(count)
-        return {k: self._global_sum(v) / max(denom, 1e-12) for k, v in sums.items()}
+        denom = max(self.global_sum(count), 1e-12)
+        return {k: v / denom for k, v in self.global_sums(sums).items()}
 
     def _loop_state(self) -> dict:
         return {
@@ -229,15 +369,10 @@ class TrainLoop:
         }
 
     def resume(self, target: str | bool) -> Path | None:
-        path = (
-            self.ckpt.latest() if target in ("auto", True) else (Path(target) if target else None)
-        )
+        path = self.resume_path(target)
         if path is None:
             return None
-        state, self.resume_extra = CheckpointManager.load(
-            path, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler
-        )
-        self.step = state["step"]
+        state, self.resume_extra, _ = self.load(path)
         self.best_eval, self.bad_evals, self.tokens_seen = (
             state["best_eval"],
             state["bad_evals"],
@@ -247,17 +382,7 @@ class TrainLoop:
         return path
 
     def save_checkpoint(self, extra: dict | None = None) -> None:
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            self.ckpt.save(
-                self.step,
-                self.acc.unwrap_model(self.model),
-                self.optimizer,
-                self.scheduler,
-                self._loop_state(),
-                extra,
-            )
-        self.acc.wait_for_everyone()
+        self.save(self._loop_state(), extra)
 
     def _after_eval(self, ev: dict) -> None:
         self.logger.log({"step": self.step, "split": "eval", **ev})
@@ -271,9 +396,7 @@ class TrainLoop:
 
     def fit(self) -> dict:
         resumed = self.resume(self.args.resume_from_checkpoint)
-        bar = _progress(
-            self.total_steps, self.step, self.args.progress and self.acc.is_main_process
-        )
+        bar = self.progress("train")
         start, start_tokens = time.time(), self.tokens_seen
         while self.step < self.total_steps and not self.stopped_early:
             stats = self.train_step(self.step_batches(self.step))
@@ -284,7 +407,7 @@ class TrainLoop:
                 "step": self.step,
                 "split": "train",
                 "epoch": self.step / self.steps_per_epoch,
-                "lr": self.scheduler.get_last_lr()[0],
+                "lr": self.lr(),
                 "tokens_per_s": tps,
                 **stats,
             }
@@ -319,10 +442,10 @@ class TrainLoop:
         }
 
 
-def _progress(total: int, initial: int, enabled: bool):
+def _progress(total: int, initial: int, enabled: bool, desc: str = "train"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
 
 
 def write_json(path: str | Path, data: dict) -> None:

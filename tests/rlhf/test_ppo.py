@@ -9,6 +9,8 @@ from helpers import prompt_rows, write_jsonl
 from alignforge.config import build_config
 from alignforge.config.rlhf import PPOConfig
 from alignforge.recipes import ppo
+from alignforge.rl.policy import token_logps
+from alignforge.rollout.batch import rollout_batch, trim_padding
 
 # LoRA on the LM head too: a randomly initialised tiny model's logits are nearly flat, and only
 # the head can sharpen them within a few steps.
@@ -26,7 +28,7 @@ def cfg(model, data, out, **kw):
         model_name_or_path=model,
         dataset=data,
         output_dir=str(out),
-        reward_fn="alignforge.recipes.ppo:token_fraction",
+        reward_fn="alignforge.rl.scoring:token_fraction",
         reward_fn_kwargs={"target_ids": list(range(3, 192))},
         lora_target=TARGET,
         lora_dropout=0.0,
@@ -201,8 +203,8 @@ def test_rejection_removes_tokens_from_the_loss_denominator(tiny_model_dir, prom
     run = ppo.PPORun(c)
     pairs = run.next_rollouts()
     rollouts = [r for _, r in pairs]
-    scores, _, _ = run.scorer([run.prompts[i] for i, _ in pairs], rollouts)
-    prepared, stats = run.prepare(ppo.rollout_batch(rollouts, run.tokenizer.pad_token_id), scores)
+    scores, _, _ = run.score(pairs)
+    prepared, stats = run.prepare(rollout_batch(rollouts, run.tokenizer.pad_token_id), scores)
     mask, kept = prepared["mask"], prepared["loss_mask"]
     assert stats["offpolicy/kl_k3"] > 0  # int8 sampling differs from the fp32 trainer
     assert 0 < kept.sum() < mask.sum() and stats["offpolicy/frac_masked"] == pytest.approx(
@@ -262,9 +264,9 @@ def test_non_finite_rewards_and_losses_stop_with_a_clear_error(
         )
     run = ppo.PPORun(cfg(tiny_model_dir, prompts, tmp_path / "b"))
     real = run.minibatch_loss
-    monkeypatch.setattr(run, "minibatch_loss", lambda mb: (real(mb)[0] * float("nan"), {}))
+    monkeypatch.setattr(run, "minibatch_loss", lambda mb, *a: (real(mb, *a)[0] * float("nan"), {}))
     with pytest.raises(
-        ppo.NonFiniteLossError, match="loss is nan at PPO step 1.*no checkpoint was written yet"
+        ppo.NonFiniteLossError, match="loss is nan at step 1.*no checkpoint was written yet"
     ):
         run.train_step()
 
@@ -281,7 +283,7 @@ def test_masked_token_logps_equal_full_ones_and_trimming_keeps_them(
         cfg(tiny_model_dir, prompts, tmp_path / "m", lora_target=target, temperature=0.7)
     )
     rollouts = [r for _, r in run.next_rollouts()]
-    batch = ppo.rollout_batch(rollouts, run.tokenizer.pad_token_id)
+    batch = rollout_batch(rollouts, run.tokenizer.pad_token_id)
     pad = {k: v for k, v in batch.items()}  # one more padding column than any row needs
     pad["input_ids"] = torch.cat([batch["input_ids"], batch["input_ids"][:, :1]], 1)
     pad["attention_mask"] = torch.cat(
@@ -290,9 +292,9 @@ def test_masked_token_logps_equal_full_ones_and_trimming_keeps_them(
     for k in ("mask", "rollout_logps"):
         pad[k] = torch.cat([batch[k], torch.zeros_like(batch[k][:, :1])], 1)
     with torch.no_grad():
-        full = ppo.token_logps(run.model, {k: v for k, v in pad.items() if k != "mask"}, 0.7)
-        masked = ppo.token_logps(run.model, pad, 0.7)
-        trimmed = ppo.token_logps(run.model, ppo.trim_padding(pad), 0.7)
+        full = token_logps(run.model, {k: v for k, v in pad.items() if k != "mask"}, 0.7)
+        masked = token_logps(run.model, pad, 0.7)
+        trimmed = token_logps(run.model, trim_padding(pad), 0.7)
     m = pad["mask"].bool()
     assert m.sum() > 0
     torch.testing.assert_close(masked[m], full[m], rtol=1e-4, atol=1e-5)

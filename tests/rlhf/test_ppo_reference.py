@@ -8,6 +8,8 @@ from alignforge.config import ConfigError, build_config
 from alignforge.config.rlhf import PPOConfig
 from alignforge.models import disabled_adapter, load_model, load_tokenizer, merge_adapter, wrap_lora
 from alignforge.recipes import ppo
+from alignforge.rl.policy import POLICY, VALUE, build_policy, use_adapter
+from alignforge.rl.scoring import load_reward_fn
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def _cfg(model, tmp_path, **kw):
         model_name_or_path=str(model),
         dataset=data,
         output_dir=str(tmp_path / "run"),
-        reward_fn="alignforge.recipes.ppo:length_reward",
+        reward_fn="alignforge.rl.scoring:length_reward",
         reward_fn_kwargs={"target_length": 4},
         lora_dropout=0.0,
         progress=False,
@@ -42,7 +44,12 @@ def _cfg(model, tmp_path, **kw):
 
 def test_reference_logits_equal_the_merged_sft_checkpoint(sft_dirs, tiny_model_dir, tmp_path):
     _, merged = sft_dirs
-    policy, head = ppo.build_policy(_cfg(merged, tmp_path), with_critic=True)
+    policy, head = build_policy(
+        str(merged),
+        dtype="float32",
+        lora=dict(r=8, lora_alpha=16, target_modules="all-linear"),
+        with_critic=True,
+    )
     with torch.no_grad():  # a policy that has moved away from the reference
         for name, p in policy.named_parameters():
             if "lora_B" in name:
@@ -60,10 +67,10 @@ def test_reference_logits_equal_the_merged_sft_checkpoint(sft_dirs, tiny_model_d
     ).abs().max() > 1e-2  # the SFT adapter is in the reference, not the base model
     assert (moved - ref).abs().max() > 1e-2
     # the critic adapter is off for the reference too
-    ppo.use_adapter(policy, ppo.VALUE)
+    use_adapter(policy, VALUE)
     with torch.no_grad(), disabled_adapter(policy):
         torch.testing.assert_close(policy(input_ids=ids).logits, sft, atol=1e-5, rtol=1e-5)
-    ppo.use_adapter(policy, ppo.POLICY)
+    use_adapter(policy, POLICY)
 
 
 def test_unmerged_sft_adapter_is_refused(sft_dirs, tmp_path):
@@ -86,4 +93,4 @@ def test_config_errors_name_the_field(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="drift_action"):
         _cfg(tiny_model_dir, tmp_path, drift_action="stop")
     with pytest.raises(ConfigError, match="reward_fn: cannot load"):
-        ppo.load_reward_fn("alignforge.recipes.ppo:nope")
+        load_reward_fn("alignforge.rl.scoring:nope")

@@ -24,8 +24,11 @@ Deviation from the DPO paper: none in the loss; IPO uses length-averaged log-pro
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -51,7 +54,7 @@ from alignforge.recipes.common import (
     trainable_params,
     write_summary,
 )
-from alignforge.training import TrainLoop, make_accelerator
+from alignforge.training import TrainLoop, make_accelerator, place_frozen, to_device
 from alignforge.training.plots import plot_loss_curve, save_figure
 from alignforge.training.rundir import prepare_output_dir
 
@@ -231,49 +234,109 @@ def model_identity(name: str, cache: str | None = None) -> str:
 
 @torch.no_grad()
 def compute_ref_logps(
-    model, ref_model, pairs: list[PreferencePair], collate, batch_size: int, device
+    model, ref_model, pairs: list[PreferencePair], collate, batch_size: int, device, acc=None
 ) -> torch.Tensor:
-    """Reference log-probs ``(N, 2)`` (chosen, rejected) of every pair, in eval mode."""
+    """Reference log-probs ``(N, 2)`` (chosen, rejected) of every pair, in eval mode.
+
+    With ``acc`` (several processes) batch ``j`` is scored by rank ``j % world`` under the run's
+    autocast, and one all-reduce sum fills in the other ranks' rows (exact: they are 0 here), so
+    every rank returns the same full tensor, built from the same batches as one process would.
+    """
     from tqdm.auto import tqdm
 
+    rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
+    device = acc.device if acc is not None else device
     scorer = PreferenceObjective(beta=1.0, ref_model=ref_model)
-    out = []
-    for j in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", leave=False):
+    out = torch.zeros(len(pairs), 2)
+    starts = list(range(0, len(pairs), batch_size))[rank::world]
+    for j in tqdm(starts, desc="reference log-probs", leave=False, disable=rank != 0):
         chunk = [
             PreferencePair(p.prompt_ids, p.chosen_ids, p.rejected_ids)
             for p in pairs[j : j + batch_size]
         ]
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
-        ref = scorer.reference(model, batch).float().cpu()
+        with acc.autocast() if acc is not None else contextlib.nullcontext():
+            ref = scorer.reference(model, to_device(collate(chunk), device)).float().cpu()
         P = len(chunk)
-        out.append(torch.stack([ref[:P], ref[P:]], dim=1))
-    return torch.cat(out)
+        out[j : j + P] = torch.stack([ref[:P], ref[P:]], dim=1)
+    if world > 1:
+        out = acc.reduce(out.to(acc.device), reduction="sum").cpu()
+    return out
 
 
-def ref_cache_path(root: str | Path, model_id: str, pairs, max_length: int, template: str) -> Path:
-    key = hashlib.sha256(
-        "|".join([model_id, pairs_hash(pairs), str(max_length), template or ""]).encode()
-    ).hexdigest()[:24]
+def precision_tag(dtype: str, finetuning_type: str, mixed_precision: str | None) -> str:
+    """What besides the weights sets the reference's numbers: weight dtype, 4-bit quantisation
+    (QLoRA), autocast. A bf16 or QLoRA run never reuses an fp32 run's cache."""
+    weights = "nf4" if finetuning_type == "qlora" else "dense"
+    return f"dtype={dtype};weights={weights};autocast={mixed_precision or 'no'}"
+
+
+def ref_cache_path(
+    root: str | Path, model_id: str, pairs, max_length: int, template: str, precision: str
+) -> Path:
+    """``root/ref_logps/<key>.pt``, keyed by everything that changes the values: the reference
+    weights, the tokenized pairs, ``max_length``, the chat template and :func:`precision_tag`."""
+    parts = [model_id, pairs_hash(pairs), str(max_length), template or "", precision]
+    key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
     return Path(root) / "ref_logps" / f"{key}.pt"
 
 
-def attach_ref_logps(pairs, cache_file: Path, compute) -> str:
+def read_ref_cache(cache_file: Path, keys: list[str]) -> torch.Tensor | None:
+    """The cached ``(N, 2)`` values when ``cache_file`` holds exactly ``keys``; None when it is
+    missing, unreadable or for other pairs (then the values are recomputed)."""
+    try:
+        blob = torch.load(cache_file, weights_only=True)
+    except FileNotFoundError:
+        return None
+    except Exception:  # noqa: BLE001 - a damaged file is a miss, never a crash
+        return None
+    if not isinstance(blob, dict) or blob.get("keys") != keys:
+        return None
+    values = blob.get("values")
+    ok = torch.is_tensor(values) and tuple(values.shape) == (len(keys), 2)
+    return values if ok else None
+
+
+def write_ref_cache(cache_file: Path, keys: list[str], values: torch.Tensor) -> None:
+    """Write atomically: a private temporary file in the same directory, then ``os.replace``.
+
+    Any number of concurrent writers (processes, runs sharing a cache) leave one complete file;
+    readers see the old file or the new one, never a partial one.
+    """
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=f".{cache_file.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"keys": keys, "values": values}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, cache_file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def attach_ref_logps(pairs, cache_file: Path, compute, acc=None) -> str:
     """Set ``pair.ref`` from ``cache_file`` or from ``compute()`` (then cache it).
 
     Returns ``"cache"`` or ``"computed"``. The cache stores the pair keys next to the values and
-    is refused if they do not match.
+    is refused if they do not match. With ``acc`` every rank takes part: the cache counts only
+    if every rank can read it, ``compute()`` runs on all ranks (each scores its share), rank 0
+    alone writes the file and the others wait for it.
     """
     keys = [p.key() for p in pairs]
+    values = read_ref_cache(cache_file, keys)
+    hit = values is not None
+    if acc is not None and acc.num_processes > 1:
+        flag = torch.tensor([float(hit)], device=acc.device)
+        hit = int(acc.reduce(flag, reduction="sum").item()) == acc.num_processes
     source = "cache"
-    blob = torch.load(cache_file, weights_only=True) if cache_file.exists() else None
-    if blob is None or blob.get("keys") != keys:
-        values = compute()
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        torch.save({"keys": keys, "values": values}, tmp)
-        tmp.replace(cache_file)
-        blob, source = {"values": values}, "computed"
-    for p, (c, r) in zip(pairs, blob["values"].tolist(), strict=True):
+    if not hit:
+        values, source = compute(), "computed"
+        if acc is None or acc.is_main_process:
+            write_ref_cache(cache_file, keys, values)
+    if acc is not None:
+        acc.wait_for_everyone()
+    for p, (c, r) in zip(pairs, values.tolist(), strict=True):
         p.ref = (c, r)
     return source
 
@@ -288,6 +351,41 @@ def load_pairs(cfg, tokenizer):
     return train, train_stats, evals, eval_stats
 
 
+def place_policy(acc, model):
+    """The trained model on ``acc.device`` before anything runs it outside the loop (reference
+    pre-computation, generation). A 4-bit model stays where its loader put it."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return model
+    return model.to(acc.device)
+
+
+def precompute_reference(cfg, acc, tokenizer, model, ref_model, collate, splits) -> dict:
+    """Attach cached or freshly computed reference log-probs to the pairs of every split.
+
+    ``model`` (LoRA: its adapter-off self is the reference) and ``ref_model`` (full fine-tuning)
+    must be on ``acc.device``. Returns ``{split: "cache" | "computed"}``.
+    """
+    ident = model_identity(cfg.model_name_or_path, cfg.cache_dir)
+    precision = precision_tag(cfg.dtype, cfg.finetuning_type, acc.mixed_precision)
+    source = {}
+    for name, pairs in splits.items():
+        if not pairs:
+            continue
+        path = ref_cache_path(
+            cache_dir(cfg.cache_dir), ident, pairs, cfg.max_length, tokenizer.chat_template,
+            precision,
+        )  # fmt: skip
+        source[name] = attach_ref_logps(
+            pairs,
+            path,
+            lambda p=pairs: compute_ref_logps(
+                model, ref_model, p, collate, cfg.per_device_eval_batch_size, acc.device, acc
+            ),
+            acc,
+        )
+    return source
+
+
 def run(cfg: DPOConfig, callbacks=()) -> dict:
     acc = make_accelerator(cfg.seed, cfg.mixed_precision)
     if acc.is_main_process:
@@ -300,23 +398,12 @@ def run(cfg: DPOConfig, callbacks=()) -> dict:
         cfg.model_name_or_path, cfg.finetuning_type, cfg.dtype, cfg.lora_rank, cfg.lora_alpha,
         cfg.lora_dropout, cfg.lora_target, cfg.gradient_checkpointing, cfg.cache_dir,
     )  # fmt: skip
+    ref_model = place_frozen(acc, ref_model)
     ref_source = None
     if cfg.precompute_ref_logps:
-        ref_source = {}
-        ident = model_identity(cfg.model_name_or_path, cfg.cache_dir)
-        for name, pairs in (("train", train), ("eval", evals)):
-            if not pairs:
-                continue
-            path = ref_cache_path(
-                cache_dir(cfg.cache_dir), ident, pairs, cfg.max_length, tokenizer.chat_template
-            )
-            ref_source[name] = attach_ref_logps(
-                pairs,
-                path,
-                lambda p=pairs: compute_ref_logps(
-                    model, ref_model, p, collate, cfg.per_device_eval_batch_size, acc.device
-                ),
-            )
+        model = place_policy(acc, model)
+        splits = {"train": train, "eval": evals}
+        ref_source = precompute_reference(cfg, acc, tokenizer, model, ref_model, collate, splits)
         ref_model = None  # every batch carries its reference log-probs: free the copy
     objective = PreferenceObjective(
         cfg.beta, cfg.loss_type, cfg.label_smoothing, cfg.use_margin, ref_model

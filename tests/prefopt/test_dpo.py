@@ -157,8 +157,9 @@ def test_cached_reference_logps_equal_fresh_ones_and_are_reused(
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     collate = dpo.make_collate(tok.pad_token_id, LAYOUT_PACKED_128)
     want = dpo.compute_ref_logps(base, None, pairs, collate, 8, "cpu")
+    fp32 = dpo.precision_tag("float32", "lora", None)
     path = dpo.ref_cache_path(
-        cache, dpo.model_identity(tiny_model_dir), pairs, 64, tok.chat_template
+        cache, dpo.model_identity(tiny_model_dir), pairs, 64, tok.chat_template, fp32
     )
     torch.testing.assert_close(torch.load(path)["values"], want, atol=1e-5, rtol=1e-6)
 
@@ -170,6 +171,10 @@ def test_cached_reference_logps_equal_fresh_ones_and_are_reused(
                      cache_dir=str(cache)))  # fmt: skip
     assert s2["ref_logps"] == {"train": "cache", "eval": "cache"}
     assert abs(s2["last_train"]["loss"] - s1["last_train"]["loss"]) < 1e-6
+    # a bf16 run does not reuse the fp32 values: it computes them (and so hits `boom`)
+    with pytest.raises(AssertionError, match="recomputed although cached"):
+        dpo.run(cfg(tiny_model_dir, data, tmp_path / "r3", max_steps=1, precompute_ref_logps=True,
+                    cache_dir=str(cache), dtype="bfloat16"))  # fmt: skip
 
 
 def test_tiny_model_learns_held_out_preferences(tiny_model_dir, data, tmp_path):
@@ -185,3 +190,132 @@ def test_tiny_model_learns_held_out_preferences(tiny_model_dir, data, tmp_path):
     assert [r["split"] for r in rows].count("eval") == 2
     for f in ("summary.json", "loss_curve.png", "rewards.png", "final/config.json"):
         assert (tmp_path / "run" / f).exists(), f
+
+
+def test_reference_cache_key_covers_dtype_quantisation_and_autocast(tiny_model_dir, data):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs, _ = prepare_pairs([json.loads(x) for x in open(data[0])], tok, 64)
+    ident = dpo.model_identity(tiny_model_dir)
+
+    def path(dtype="float32", finetuning_type="lora", mixed=None):
+        tag = dpo.precision_tag(dtype, finetuning_type, mixed)
+        return dpo.ref_cache_path("c", ident, pairs, 64, tok.chat_template, tag)
+
+    fp32 = path()
+    variants = [path(dtype="bfloat16"), path(finetuning_type="qlora"), path(mixed="bf16"),
+                path(mixed="fp16"), path(finetuning_type="qlora", dtype="bfloat16")]  # fmt: skip
+    assert len({fp32, *variants}) == 1 + len(variants)
+    # the same weights in the same precision: LoRA and full fine-tuning share the reference
+    assert path(finetuning_type="full") == fp32 and path(mixed="no") == fp32
+
+
+def _cache_values(seed: int, n: int = 300) -> torch.Tensor:
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
+
+
+def test_concurrent_cache_writers_never_fail_nor_leave_a_partial_file(tmp_path):
+    """8 threads write the same key at once, 5 rounds, while a reader keeps loading the file:
+    every write succeeds, every read is a complete blob (or no file yet), nothing is left over."""
+    import threading
+
+    path = tmp_path / "ref_logps" / "k.pt"
+    keys = [f"pair{i}" for i in range(300)]
+    candidates = [_cache_values(s) for s in range(8)]
+    errors, reads, stop = [], [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            if path.exists():
+                got = dpo.read_ref_cache(path, keys)
+                reads.append(got is not None and any(torch.equal(got, c) for c in candidates))
+
+    def writer(i, barrier):
+        try:
+            barrier.wait()
+            dpo.write_ref_cache(path, keys, candidates[i])
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    for _ in range(5):
+        barrier = threading.Barrier(8)
+        threads = [threading.Thread(target=writer, args=(i, barrier)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    stop.set()
+    watcher.join()
+    assert errors == []
+    assert reads and all(reads)
+    final = dpo.read_ref_cache(path, keys)
+    assert final is not None and any(torch.equal(final, c) for c in candidates)
+    assert [p.name for p in path.parent.iterdir()] == ["k.pt"]  # no temporary file left
+
+
+def test_a_damaged_or_foreign_cache_is_recomputed_not_trusted(tmp_path):
+    path = tmp_path / "ref_logps" / "k.pt"
+    path.parent.mkdir(parents=True)
+    pairs = [dpo.PreferencePair([1], [2, 3], [4]), dpo.PreferencePair([1], [5], [6, 7])]
+    keys = [p.key() for p in pairs]
+    path.write_bytes(b"PK\x03\x04 truncated")
+    assert dpo.read_ref_cache(path, keys) is None
+    want = torch.tensor([[-1.0, -2.0], [-3.0, -4.0]])
+    assert dpo.attach_ref_logps(pairs, path, lambda: want) == "computed"
+    assert [p.ref for p in pairs] == [(-1.0, -2.0), (-3.0, -4.0)]
+    assert dpo.read_ref_cache(path, keys[::-1]) is None  # other pairs: not theirs
+    assert dpo.attach_ref_logps(pairs, path, lambda: 1 / 0) == "cache"
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_models_used_outside_the_loop_are_placed_on_the_run_device(
+    tiny_model_dir, data, tmp_path, monkeypatch, precompute
+):
+    """Full fine-tuning: the frozen reference goes through place_frozen; with pre-computation the
+    policy is moved before it scores anything and every reference batch goes through to_device,
+    all to ``acc.device`` (on a GPU a CPU-held model there would crash)."""
+    events = []
+
+    def devices(module):
+        return {p.device.type for p in module.parameters()}
+
+    def spy(name, real):
+        def wrapped(acc, module):
+            out = real(acc, module)
+            if module is not None:
+                events.append((name, acc.device.type, devices(out), out))
+            return out
+
+        return wrapped
+
+    real_to_device = dpo.to_device
+
+    def to_device(batch, device):
+        events.append(("batch", torch.device(device).type, None, None))
+        return real_to_device(batch, device)
+
+    monkeypatch.setattr(dpo, "place_frozen", spy("frozen", dpo.place_frozen))
+    monkeypatch.setattr(dpo, "place_policy", spy("policy", dpo.place_policy))
+    monkeypatch.setattr(dpo, "to_device", to_device)
+    seen = {}
+    real_objective = dpo.PreferenceObjective
+
+    def objective(*a, **k):
+        seen["objective"] = real_objective(*a, **k)
+        return seen["objective"]
+
+    monkeypatch.setattr(dpo, "PreferenceObjective", objective)
+    s = dpo.run(cfg(tiny_model_dir, data, tmp_path / "run", finetuning_type="full", max_steps=1,
+                    precompute_ref_logps=precompute, cache_dir=str(tmp_path / "c")))  # fmt: skip
+    names = [e[0] for e in events]
+    frozen = events[names.index("frozen")]
+    assert frozen[2] == {frozen[1]} and not any(p.requires_grad for p in frozen[3].parameters())
+    if precompute:
+        assert s["ref_logps"] == {"train": "computed", "eval": "computed"}
+        assert names == ["frozen", "policy"] + ["batch"] * (4 + 1)  # 28 + 8 pairs, 8 a batch
+        policy = events[1]
+        assert policy[2] == {policy[1]} and all(e[1] == policy[1] for e in events[2:])
+        assert seen["objective"].ref_model is None  # the batches carry the reference
+    else:
+        assert names == ["frozen"] and seen["objective"].ref_model is frozen[3]

@@ -35,8 +35,11 @@ prompt tokens carry no loss.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -56,9 +59,10 @@ from alignforge.recipes.dpo import (
     compute_ref_logps,
     make_collate,
     model_identity,
+    place_policy,
     plot_rewards,
 )
-from alignforge.training import TrainLoop, make_accelerator
+from alignforge.training import TrainLoop, make_accelerator, to_device
 from alignforge.training.plots import plot_loss_curve, save_figure
 
 CONFIG = SPINConfig
@@ -151,14 +155,10 @@ def generate_responses(
     out: list[Generation] = []
     for j in tqdm(range(0, len(prompts), batch_size), desc="opponent generates", leave=False):
         texts = [render_prompt(tokenizer, p) for p in prompts[j : j + batch_size]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
-            model.device
-        )
-        sampling = (
-            dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=None)
-            if do_sample
-            else {}
-        )
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = to_device(dict(enc), model.device)
+        # do_sample is passed once; sampling adds only its own knobs (top_k=0: nucleus alone)
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=0) if do_sample else {}
         ids = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -259,21 +259,77 @@ def make_policy(opponent, cfg: SPINConfig):
 # ---------------------------------------------------------------- one iteration
 
 
-def opponent_pairs(opponent, tokenizer, items, cfg: SPINConfig, path: Path):
-    """The opponent's pair rows for ``items`` and their generation stats, generated once and
-    kept in ``path`` (a rerun reuses them)."""
+@contextlib.contextmanager
+def seeded(seed: int, device):
+    """Run the body with the global RNG at ``seed`` and restore it afterwards, so sampled
+    generations depend on the seed and the batch alone (not on the world size or on what ran
+    before), and generating leaves the training's random stream untouched."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def generate_shared(opponent, tokenizer, prompts, cfg: SPINConfig, acc, seed: int):
+    """:func:`generate_responses` for every prompt, batch ``j`` on rank ``j % world`` with the
+    RNG at ``seed + j``; every rank returns all answers, in prompt order."""
+    bs = cfg.generation_batch_size
+    starts = list(range(0, len(prompts), bs))[acc.process_index :: acc.num_processes]
+    mine = []
+    for j in starts:
+        with seeded(seed + j, acc.device):
+            gens = generate_responses(
+                opponent, tokenizer, prompts[j : j + bs], cfg.max_new_tokens, cfg.do_sample,
+                cfg.temperature, cfg.top_p, bs,
+            )  # fmt: skip
+        mine.append((j, gens))
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        mine = gather_object(mine)
+    return [g for _, gens in sorted(mine, key=lambda jg: jg[0]) for g in gens]
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """A private temporary file in the same directory, then ``os.replace``: never a partial file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def opponent_pairs(opponent, tokenizer, items, cfg: SPINConfig, path: Path, acc, seed: int):
+    """The opponent's pair rows for ``items`` and their generation stats, generated once (shared
+    out over the ranks) and kept in ``path`` by rank 0 (a rerun reuses them)."""
     if path.exists():
         data = json.loads(path.read_text())
         return data["rows"], GenerationStats(**data["stats"])
-    gens = generate_responses(
-        opponent, tokenizer, [p for p, _ in items], cfg.max_new_tokens, cfg.do_sample,
-        cfg.temperature, cfg.top_p, cfg.generation_batch_size,
-    )  # fmt: skip
+    gens = generate_shared(opponent, tokenizer, [p for p, _ in items], cfg, acc, seed)
     rows, stats = make_pair_rows(items, gens)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"stats": stats._asdict(), "rows": rows}))
-    tmp.replace(path)
+    if acc.is_main_process:
+        write_json_atomic(path, {"stats": stats._asdict(), "rows": rows})
+    acc.wait_for_everyone()
     return rows, stats
+
+
+def score_with_opponent(policy, collate, cfg: SPINConfig, acc, it: Path, splits: dict) -> None:
+    """The opponent's log-probs of both sides of every pair, before any update, kept in
+    ``it/opponent_logps_<split>.pt`` (a fresh adapter is switched off for it; with full weights
+    the policy *is* the opponent here). Each rank scores its share; rank 0 writes."""
+    for name, pairs in splits.items():
+        if pairs:
+            attach_ref_logps(
+                pairs,
+                it / f"opponent_logps_{name}.pt",
+                lambda p=pairs: compute_ref_logps(
+                    policy, None, p, collate, cfg.per_device_eval_batch_size, acc.device, acc
+                ),
+                acc,
+            )
 
 
 def iteration_verdict(final: dict, cfg: SPINConfig) -> str | None:
@@ -288,44 +344,44 @@ def iteration_verdict(final: dict, cfg: SPINConfig) -> str | None:
     return None
 
 
-def run_iteration(k, opponent, opponent_id, tokenizer, items, eval_items, prev_rows, cfg, acc, out):
-    """Generate, pair, score with the opponent, train, merge, save. Returns (model, info, rows)."""
-    it = out / f"iter_{k}"
-    it.mkdir(exist_ok=True)
-    if not any(it.glob("checkpoint-*")):
-        (it / "metrics.jsonl").unlink(missing_ok=True)  # rows of an attempt that left no checkpoint
-    rows, gstats = opponent_pairs(opponent, tokenizer, items, cfg, it / "pairs_train.json")
-    eval_rows, eval_gstats = (
-        opponent_pairs(opponent, tokenizer, eval_items, cfg, it / "pairs_eval.json")
-        if eval_items
-        else ([], None)
-    )
+def iteration_pairs(k: int, rows, eval_rows, tokenizer, cfg: SPINConfig):
+    """Tokenized training pairs, their stats and the eval pairs of iteration ``k``."""
     prep = dict(
         max_length=cfg.max_length,
         truncation=cfg.truncation,
         formatting="explicit",
         skip_bad_rows=True,
     )
-    mixed = prev_rows if cfg.mix_previous else []
-    train, tstats = prepare_pairs(rows + mixed, tokenizer, source=f"iteration {k} pairs", **prep)
+    train, tstats = prepare_pairs(rows, tokenizer, source=f"iteration {k} pairs", **prep)
     evals = (
         prepare_pairs(eval_rows, tokenizer, source=f"iteration {k} eval pairs", **prep)[0]
         if eval_rows
         else []
     )
+    return train, tstats, evals
+
+
+def run_iteration(k, opponent, opponent_id, tokenizer, items, eval_items, prev_rows, cfg, acc, out):
+    """Generate, pair, score with the opponent, train, merge, save. Returns (model, info, rows)."""
+    it = out / f"iter_{k}"
+    if acc.is_main_process:
+        it.mkdir(exist_ok=True)
+        if not any(it.glob("checkpoint-*")):  # rows of an attempt that left no checkpoint
+            (it / "metrics.jsonl").unlink(missing_ok=True)
+    acc.wait_for_everyone()
+    seed = cfg.seed + 100_003 * (k + 1)  # the same answers whatever the number of processes
+    gen = (opponent, tokenizer)
+    rows, gstats = opponent_pairs(*gen, items, cfg, it / "pairs_train.json", acc, seed)
+    eval_rows, eval_gstats = (
+        opponent_pairs(*gen, eval_items, cfg, it / "pairs_eval.json", acc, seed + 50_021)
+        if eval_items
+        else ([], None)
+    )
+    mixed = prev_rows if cfg.mix_previous else []
+    train, tstats, evals = iteration_pairs(k, rows + mixed, eval_rows, tokenizer, cfg)
     collate = make_collate(tokenizer.pad_token_id, cfg)
-    policy = make_policy(opponent, cfg)
-    # the opponent scores ground truth and its own answers once, before any update (a fresh
-    # adapter is switched off for it; with full weights the policy *is* the opponent here)
-    for name, pairs in (("train", train), ("eval", evals)):
-        if pairs:
-            attach_ref_logps(
-                pairs,
-                it / f"opponent_logps_{name}.pt",
-                lambda p=pairs: compute_ref_logps(
-                    policy, None, p, collate, cfg.per_device_eval_batch_size, acc.device
-                ),
-            )
+    policy = place_policy(acc, make_policy(opponent, cfg))
+    score_with_opponent(policy, collate, cfg, acc, it, {"train": train, "eval": evals})
     beta, lr = cfg.per_iteration("beta", k), cfg.per_iteration("learning_rate", k)
     args = cfg.model_copy(update={"output_dir": str(it), "learning_rate": lr})
     loop = TrainLoop(
@@ -401,7 +457,7 @@ def run(cfg: SPINConfig, callbacks=()) -> dict:
         if not any(d.get("stop_reason") for d in iterations) and resumed < cfg.num_iterations:
             last = out / f"iter_{resumed - 1}"
             source = str(last / "model") if resumed else cfg.model_name_or_path
-            model = load_opponent(source, cfg.dtype, cfg.cache_dir)
+            model = place_policy(acc, load_opponent(source, cfg.dtype, cfg.cache_dir))
             opponent_id = (
                 fingerprint(last / "model") if resumed else model_identity(source, cfg.cache_dir)
             )

@@ -117,6 +117,29 @@ def test_generation_uses_the_training_template_and_counts_truncation(tiny, tiny_
     )
 
 
+def test_sampled_generation_runs_and_follows_the_seed(tiny):
+    """``do_sample: true`` used to pass do_sample twice to generate() and crash. Sampled answers
+    follow the seed (the same seed, the same answers; another seed, other answers) and leave the
+    global RNG as it was."""
+    tok, opponent, _ = tiny
+    prompts = [[{"role": "user", "content": f"Name a {w}."}] for w in ("river", "city", "tree")]
+    cfg = SimpleNamespace(
+        generation_batch_size=2, max_new_tokens=6, do_sample=True, temperature=1.0, top_p=0.95
+    )
+    acc = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = spin.generate_shared(opponent, tok, prompts, cfg, acc, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = spin.generate_shared(opponent, tok, prompts, cfg, acc, seed=7)
+    c = spin.generate_shared(opponent, tok, prompts, cfg, acc, seed=8)
+    assert len(a) == 3 and all(1 <= g.n_tokens <= 6 for g in a)
+    assert a == b and [g.text for g in a] != [g.text for g in c]
+    greedy = spin.generate_responses(opponent, tok, prompts, 6, do_sample=False)
+    assert greedy == spin.generate_responses(opponent, tok, prompts, 6, do_sample=False)
+    assert [g.text for g in a] != [g.text for g in greedy]  # a random tiny model: sampling shows
+
+
 def spin_cfg(model, data, out, **kw):
     base = dict(
         stage="spin",
@@ -154,7 +177,9 @@ def no_generation(*a, **k):
     raise AssertionError("a finished iteration was redone")
 
 
-@pytest.mark.timeout(1200)  # generation + training of a 135M model, twice: under a minute on 2 idle cores
+@pytest.mark.timeout(
+    1200
+)  # generation + training of a 135M model, twice: under a minute on 2 idle cores
 def test_two_iterations_on_the_default_model_advance_the_opponent(
     default_model_dir, tmp_path, monkeypatch
 ):

@@ -18,8 +18,8 @@ class PreferenceArgs(StrictModel):
 
     padding_free: bool = Field(
         True,
-        description="Pack chosen and rejected sequences into rows with a block-diagonal mask (no padding waste). "
-        "False gives TRL's layout: 2B right-padded rows.",
+        description="Pack chosen and rejected sequences into rows, each attending only to itself "
+        "(no padding waste). False gives TRL's layout: 2B right-padded rows.",
     )
     share_prompt: bool = Field(
         False,
@@ -36,6 +36,19 @@ class PreferenceArgs(StrictModel):
         description="Compute reference log-probs once before training and cache them on disk "
         "(keyed by model fingerprint, data hash, max_length and chat template); later runs reuse them.",
     )
+
+    def _check_layout(self):
+        if self.share_prompt and not self.padding_free:
+            raise ValueError(
+                "share_prompt: needs padding_free=true (the shared layout is a packed one)"
+            )
+        attn = getattr(self, "attn_implementation", "sdpa")
+        if self.share_prompt and attn.startswith("flash"):
+            raise ValueError(
+                f"share_prompt: the shared layout needs a custom attention mask, which {attn} does "
+                "not take; use share_prompt: false (packed pairs run as varlen sequences) or "
+                "attn_implementation: sdpa, eager or flex_attention"
+            )
 
 
 class DPOConfig(ModelArgs, DataArgs, TrainArgs, PreferenceArgs):
@@ -68,10 +81,7 @@ class DPOConfig(ModelArgs, DataArgs, TrainArgs, PreferenceArgs):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.share_prompt and not self.padding_free:
-            raise ValueError(
-                "share_prompt: needs padding_free=true (the shared layout is a packed one)"
-            )
+        self._check_layout()
         if self.label_smoothing and self.loss_type not in ("robust", "conservative"):
             raise ValueError(
                 f"label_smoothing: only loss_type robust or conservative use it (loss_type is {self.loss_type})"
@@ -131,10 +141,7 @@ class SPINConfig(ModelArgs, DataArgs, TrainArgs, PreferenceArgs):
                 )
             if any(v <= 0 for v in values):
                 raise ValueError(f"{name}: every value must be > 0 (got {value})")
-        if self.share_prompt and not self.padding_free:
-            raise ValueError(
-                "share_prompt: needs padding_free=true (the shared layout is a packed one)"
-            )
+        self._check_layout()
         if self.finetuning_type == "qlora":
             raise ValueError(
                 "finetuning_type: SPIN merges the adapter after every iteration; use lora or full"

@@ -12,6 +12,10 @@ from pydantic import Field, model_validator
 
 from alignforge.config.base import StrictModel
 
+AttnImplementation = Literal[
+    "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"
+]
+
 
 class ModelArgs(StrictModel):
     model_name_or_path: str = Field(
@@ -37,6 +41,24 @@ class ModelArgs(StrictModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
     )
+    attn_implementation: AttnImplementation = Field(
+        "sdpa",
+        description="Attention kernel: sdpa (PyTorch's fused attention), eager (plain matmul and "
+        "softmax; the one models without an sdpa path, e.g. Gemma 2, need), flash_attention_2 / "
+        "flash_attention_3 (CUDA with flash-attn; packed batches run as varlen sequences, no 4-D "
+        "mask; compute in bfloat16/float16) or flex_attention (torch FlexAttention, GPU).",
+    )
+
+    @model_validator(mode="after")
+    def _check_attention(self):
+        # the stage configs combine ModelArgs with TrainArgs, whose bf16/fp16 autocast also counts
+        if self.attn_implementation.startswith("flash") and self.dtype == "float32":
+            if not (getattr(self, "bf16", False) or getattr(self, "fp16", False)):
+                raise ValueError(
+                    f"attn_implementation: {self.attn_implementation} computes in bfloat16 or "
+                    "float16; set dtype: bfloat16 (or bf16: true), or use sdpa"
+                )
+        return self
 
 
 class DataArgs(StrictModel):
@@ -149,9 +171,9 @@ class SFTConfig(ModelArgs, DataArgs, TrainArgs):
     )
     padding_free: bool = Field(
         True,
-        description="Lay each batch's examples end to end (rows of at most 2 * max_length, block-diagonal "
-        "mask, no cross-contamination) instead of padding them to the longest: no compute or "
-        "memory is spent on padding. Packed rows are always padding-free.",
+        description="Lay each batch's examples end to end (rows of at most 2 * max_length; each "
+        "example attends only to itself, under every attn_implementation) instead of padding them "
+        "to the longest: no compute or memory is spent on padding. Packed rows are always padding-free.",
     )
 
     @model_validator(mode="after")

@@ -1,11 +1,15 @@
 """Batching: padded batches, and packed rows that keep examples isolated.
 
-Packing puts several examples in one row with no padding between them. Plain ``position_ids``
-do not isolate the examples with SDPA on CPU (tokens would attend across the boundary), so a
-packed batch carries a 4-D boolean block-diagonal causal mask ``(B, 1, T, T)``: token *i*
-attends to token *j* only if ``j <= i`` and both belong to the same example. Positions restart
-at 0 for each example, and each example's first token is never a label, so no example is
-predicted from its neighbour's last token.
+Packing puts several examples in one row with no padding between them. A packed batch carries
+no ``attention_mask``: its ``position_ids`` restart at 0 for each example, and that is what
+marks the boundaries. :func:`alignforge.models.attention.attention_inputs` turns them into what
+the model's attention backend reads (a block-diagonal mask of the right kind for sdpa, eager
+and flex attention; varlen sequence boundaries for flash attention, with no ``T x T`` mask), so
+token *i* attends to token *j* only if ``j <= i`` and both belong to the same example. The
+model must be called through it (:func:`alignforge.models.scoring.target_token_logps` does):
+handed straight to a model with its KV cache on, restarted positions do not isolate anything.
+Each example's first token is never a label, so no example is predicted from its neighbour's
+last token.
 """
 
 from __future__ import annotations
@@ -53,8 +57,9 @@ def collate_padded(batch: list[Tokenized], pad_id: int) -> dict[str, torch.Tenso
 
 def collate_packed(rows: list[list[Tokenized]], pad_id: int) -> dict[str, torch.Tensor]:
     """Packed batch: each row concatenates its examples; returns ``input_ids``, ``labels``,
-    ``position_ids``, ``segment_ids`` (B, T: the example's index in its row, -1 on padding) and a
-    boolean ``attention_mask`` (B, 1, T, T)."""
+    ``position_ids`` (restarting at 0 per example; 0 on row-end padding, so each padding slot
+    is a one-token sequence of its own) and ``segment_ids`` (B, T: the example's index in its
+    row, -1 on padding)."""
     width = max(sum(len(t) for t in row) for row in rows)
     B = len(rows)
     ids = torch.full((B, width), pad_id, dtype=torch.long)
@@ -72,15 +77,4 @@ def collate_packed(rows: list[list[Tokenized]], pad_id: int) -> dict[str, torch.
             pos[b, start : start + n] = torch.arange(n)
             seg[b, start : start + n] = s
             start += n
-    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
-    same = seg[:, :, None] == seg[:, None, :]
-    # padding (segment -1) attends only to itself, which keeps softmax rows finite
-    eye = torch.eye(width, dtype=torch.bool)[None]
-    mask = (same & causal[None] & (seg[:, :, None] >= 0)) | (eye & (seg[:, :, None] < 0))
-    return {
-        "input_ids": ids,
-        "labels": labels,
-        "position_ids": pos,
-        "segment_ids": seg,
-        "attention_mask": mask[:, None],
-    }
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "segment_ids": seg}

@@ -28,11 +28,14 @@ counted in :class:`PreferenceStats`.
 Batch layouts (:func:`collate_pairs`), all giving the same per-sequence log-probs:
 
 * ``padded``: 2B rows (chosen rows, then rejected rows), right-padded (what TRL does).
-* ``packed``: sequences laid end to end in rows of at most ``pack_length`` tokens with a
-  block-diagonal causal mask and restarted positions; no padding except at row ends.
+* ``packed``: sequences laid end to end in rows of at most ``pack_length`` tokens, positions
+  restarting at 0 for each (which is all that marks them: no ``attention_mask``; the model's
+  attention backend gets a block-diagonal mask or varlen boundaries from
+  :func:`alignforge.models.attention.attention_inputs`); no padding except at row ends.
 * ``shared``: one segment per pair, ``prompt + chosen + rejected``; rejected tokens attend to the
   prompt and to themselves, never to the chosen tokens, and their positions continue from the
-  prompt's end. The prompt is encoded once for both responses.
+  prompt's end. The prompt is encoded once for both responses. This needs a boolean
+  ``(B, 1, T, T)`` mask, which flash attention cannot take.
 
 Every layout returns flat target lists (``tgt_row``, ``tgt_pred``, ``tgt_id``, ``tgt_seq``): the
 token ``tgt_id`` of sequence ``tgt_seq`` is predicted by the logits at row ``tgt_row``, position
@@ -371,8 +374,9 @@ def collate_pairs(
 ) -> dict:
     """Batch pairs for one forward pass over every chosen and rejected response (see module doc).
 
-    Returns ``input_ids`` (B, T), ``attention_mask`` ((B, T) for ``padded``, else a boolean
-    (B, 1, T, T)), ``position_ids`` (B, T) unless padded, the flat targets ``tgt_row``,
+    Returns ``input_ids`` (B, T), ``attention_mask`` ((B, T) for ``padded``, a boolean
+    (B, 1, T, T) for ``shared``, none for ``packed``), ``position_ids`` (B, T) unless padded,
+    the flat targets ``tgt_row``,
     ``tgt_pred``, ``tgt_id``, ``tgt_seq`` (N,), ``n_pairs``, ``resp_len`` (2P,) response token
     counts, ``margin`` (P,) if any pair has one, and ``ref_logps`` (2P,) if every pair has them.
     """
@@ -430,9 +434,10 @@ def collate_pairs(
     }
     if layout == "padded":
         out["attention_mask"] = (block >= 0).long()
-    else:
-        out["attention_mask"] = _block_mask(block, part_of, parent)[:, None]
+    else:  # packed: restarting positions mark the sequences; shared needs its own mask
         out["position_ids"] = pos
+        if layout == "shared":
+            out["attention_mask"] = _block_mask(block, part_of, parent)[:, None]
     if any(p.margin is not None for p in pairs):
         out["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
     if all(p.ref is not None for p in pairs):

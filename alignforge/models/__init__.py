@@ -1,3 +1,4 @@
+from alignforge.models.attention import ATTN_IMPLEMENTATIONS, check_attn_implementation
 from alignforge.models.factory import (
     disabled_adapter,
     fingerprint,
@@ -18,9 +19,11 @@ from alignforge.models.loading import (
 )
 
 __all__ = [
+    "ATTN_IMPLEMENTATIONS",
     "DEFAULT_MODEL",
     "ModelLoadError",
     "cache_dir",
+    "check_attn_implementation",
     "disabled_adapter",
     "ensure_default_model",
     "fingerprint",

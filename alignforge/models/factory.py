@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from alignforge.config.stages import ModelArgs
+from alignforge.models.attention import check_attn_implementation
 from alignforge.models.loading import (
     ModelLoadError,
     adapter_base,
@@ -25,6 +27,7 @@ from alignforge.models.loading import (
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_ATTN = ModelArgs.model_fields["attn_implementation"].default
 
 
 def load_tokenizer(name_or_path: str, cache: str | None = None):
@@ -43,7 +46,9 @@ def load_tokenizer(name_or_path: str, cache: str | None = None):
     return tok
 
 
-def _from_pretrained(path: str, dtype: torch.dtype, quantization_config=None, attn: str = "sdpa"):
+def _from_pretrained(
+    path: str, dtype: torch.dtype, quantization_config=None, attn: str = DEFAULT_ATTN
+):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -57,7 +62,10 @@ def _from_pretrained(path: str, dtype: torch.dtype, quantization_config=None, at
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"model {path!r}: from_pretrained failed: {e}") from e
+        hint = ""
+        if "attention implementation" in str(e) or "does not support" in str(e):
+            hint = f" (attn_implementation={attn}: this model may need another one, e.g. eager)"
+        raise ModelLoadError(f"model {path!r}: from_pretrained failed{hint}: {e}") from e
 
 
 def qlora_config(compute_dtype: torch.dtype = torch.float32):
@@ -83,21 +91,36 @@ def load_model(
     quantize_4bit: bool = False,
     adapter_trainable: bool = False,
     cache: str | None = None,
+    attn_implementation: str = DEFAULT_ATTN,
 ):
-    """Load a causal LM. An adapter directory loads its base and applies the adapter on top."""
+    """Load a causal LM. An adapter directory loads its base and applies the adapter on top.
+
+    ``attn_implementation`` is checked first: a backend this machine cannot run (flash attention
+    without flash-attn or a GPU) is a ``ConfigError`` before any weights are read.
+    """
+    check_attn_implementation(attn_implementation)
     path = resolve_model_path(name_or_path, cache)
     torch_dtype = DTYPES[dtype]
     qcfg = qlora_config(torch_dtype) if quantize_4bit else None
     if is_adapter_dir(path):
         from peft import PeftModel
 
-        base = _from_pretrained(resolve_model_path(adapter_base(path), cache), torch_dtype, qcfg)
+        base_path = resolve_model_path(adapter_base(path), cache)
+        base = _from_pretrained(base_path, torch_dtype, qcfg, attn_implementation)
         return PeftModel.from_pretrained(base, path, is_trainable=adapter_trainable)
-    return _from_pretrained(path, torch_dtype, qcfg)
+    return _from_pretrained(path, torch_dtype, qcfg, attn_implementation)
 
 
-def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", cache: str | None = None):
-    return load_model(name_or_path, dtype=dtype, cache=cache), load_tokenizer(name_or_path, cache)
+def load_model_and_tokenizer(
+    name_or_path: str,
+    dtype: str = "float32",
+    cache: str | None = None,
+    attn_implementation: str = DEFAULT_ATTN,
+):
+    model = load_model(
+        name_or_path, dtype=dtype, cache=cache, attn_implementation=attn_implementation
+    )
+    return model, load_tokenizer(name_or_path, cache)
 
 
 def wrap_lora(
@@ -145,7 +168,8 @@ def merge_adapter(
         raise ModelLoadError(
             f"merge: {adapter_dir} is not a PEFT adapter directory (no adapter_config.json)"
         )
-    model = load_model(adapter_dir, dtype=dtype, cache=cache)
+    # merging runs no attention; eager loads every architecture (Gemma 2 has no sdpa path)
+    model = load_model(adapter_dir, dtype=dtype, cache=cache, attn_implementation="eager")
     merged = model.merge_and_unload()
     out = Path(output_dir)
     merged.save_pretrained(out, safe_serialization=True)

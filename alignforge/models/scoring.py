@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from alignforge.losses.logprobs import linear_token_logps
+from alignforge.models.attention import attention_inputs
 
 
 def decoder_and_head(model):
@@ -51,10 +52,16 @@ def target_token_logps(
 ) -> Tensor:
     """``log softmax(logits / temperature)[ids[i]]`` at ``(rows[i], preds[i])`` -> ``(N,)``.
 
-    ``kwargs`` go to the model (``attention_mask``, ``position_ids``). ``preds`` is the position
-    *before* each target token (the causal shift is the caller's, made explicit). The head is
-    linear, so ``(h W^T + b) / T = (h / T) W^T + b / T``: the temperature scales its inputs.
+    ``kwargs`` go to the model (``attention_mask``, ``position_ids``) in the form its attention
+    backend reads (:func:`alignforge.models.attention.attention_inputs`): a packed batch (no
+    ``attention_mask``, ``position_ids`` restarting per example) keeps its examples apart under
+    every backend. ``preds`` is the position *before* each target token (the causal shift is the
+    caller's, made explicit). The head is linear, so ``(h W^T + b) / T = (h / T) W^T + b / T``:
+    the temperature scales its inputs.
     """
+    inputs = attention_inputs(model, input_ids, **kwargs)
+    rows, preds = inputs.locate(rows, preds)
+    input_ids, kwargs = inputs.input_ids, inputs.kwargs
     parts = decoder_and_head(model)
     if parts is None:
         keep = torch.unique(preds)

@@ -57,6 +57,7 @@ def build_trainable_model(cfg):
         quantize_4bit=quant,
         adapter_trainable=True,
         cache=cfg.cache_dir,
+        attn_implementation=cfg.attn_implementation,
     )
     if hasattr(model, "peft_config"):  # continuing an adapter: it is already trainable
         return model

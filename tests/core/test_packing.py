@@ -1,8 +1,10 @@
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from alignforge.data import Tokenized, collate_packed, collate_padded, pack
 from alignforge.data.templating import IGNORE
+from alignforge.models.attention import attention_inputs
 
 
 def examples(lengths, vocab, seed=0):
@@ -23,16 +25,14 @@ def test_pack_places_every_example_once_within_budget():
     assert len(rows) == 4  # 53 tokens need at least 4 rows of 16
 
 
-def test_packed_logits_equal_each_example_alone(tiny_model_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_logits_equal_each_example_alone(tiny_model_dir, attn):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn).eval()
     ex = examples([7, 11, 4], model.config.vocab_size)
     batch = collate_packed([ex[:2], ex[2:]], pad_id=0)  # two rows: [7+11], [4 + padding]
+    inputs = attention_inputs(model, batch["input_ids"], position_ids=batch["position_ids"])
     with torch.no_grad():
-        packed = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-        ).logits
+        packed = model(input_ids=inputs.input_ids, use_cache=False, **inputs.kwargs).logits
         alone = [model(input_ids=torch.tensor([e.input_ids])).logits[0] for e in ex]
     torch.testing.assert_close(packed[0, :7], alone[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed[0, 7:18], alone[1], atol=1e-5, rtol=1e-5)
@@ -41,7 +41,8 @@ def test_packed_logits_equal_each_example_alone(tiny_model_dir):
 
 
 def test_position_ids_alone_do_not_isolate_examples(tiny_model_dir):
-    """Why the 4-D mask exists: with SDPA, restarting position_ids leaks attention across examples."""
+    """Why packed batches go through ``attention_inputs``: handed straight to a model with its KV
+    cache on, restarting position_ids leak attention across examples."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
     ex = examples([7, 11], model.config.vocab_size)
     batch = collate_packed([ex], pad_id=0)
@@ -73,13 +74,14 @@ def test_packed_batch_marks_segments_and_counts_real_tokens_only():
     assert CausalLMObjective().tokens(padded) == 9
 
 
-def test_sft_loss_and_gradients_are_the_same_padded_padding_free_and_packed(tiny_model_dir):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_sft_loss_and_gradients_are_the_same_padded_padding_free_and_packed(tiny_model_dir, attn):
     """The three batch layouts of the SFT recipe compute the same objective on the same examples."""
     from types import SimpleNamespace
 
     from alignforge.recipes.sft import CausalLMObjective, make_units
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn)
     ex = examples([7, 11, 4, 9], model.config.vocab_size, seed=3)
     objective, results = CausalLMObjective(), []
     for packing, padding_free in [(False, False), (False, True), (True, True)]:
@@ -92,9 +94,10 @@ def test_sft_loss_and_gradients_are_the_same_padded_padding_free_and_packed(tiny
         grad = model.get_input_embeddings().weight.grad.clone()
         results.append((float(loss), objective.count(batch), grad))
         if padding_free:
-            assert batch["input_ids"].numel() == sum(len(e) for e in ex) + (
-                batch["segment_ids"] < 0
-            ).sum()  # rows of at most max_length, padding only at the end of a short row
+            assert (
+                batch["input_ids"].numel()
+                == sum(len(e) for e in ex) + (batch["segment_ids"] < 0).sum()
+            )  # rows of at most max_length, padding only at the end of a short row
             assert batch["input_ids"].shape[1] <= 32
     (l0, c0, g0), *rest = results
     for loss, count, grad in rest:

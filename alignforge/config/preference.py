@@ -14,7 +14,7 @@ from alignforge.config.stages import DataArgs, ModelArgs, TrainArgs
 
 
 class PreferenceArgs(StrictModel):
-    """How preference pairs are batched and scored (shared by DPO and SPIN)."""
+    """How preference pairs are batched (shared by DPO and SPIN)."""
 
     padding_free: bool = Field(
         True,
@@ -30,11 +30,6 @@ class PreferenceArgs(StrictModel):
         None,
         gt=8,
         description="Longest packed row in tokens (default 2 * max_length: a pair fits in one row).",
-    )
-    precompute_ref_logps: bool = Field(
-        False,
-        description="Compute reference log-probs once before training and cache them on disk "
-        "(keyed by model fingerprint, data hash, max_length and chat template); later runs reuse them.",
     )
 
     def _check_layout(self):
@@ -77,6 +72,11 @@ class DPOConfig(ModelArgs, DataArgs, TrainArgs, PreferenceArgs):
     )
     use_margin: bool = Field(
         True, description="Use the data's `margin` column as the offset m in the loss when present."
+    )
+    precompute_ref_logps: bool = Field(
+        False,
+        description="Compute reference log-probs once before training and cache them on disk "
+        "(keyed by model fingerprint, data hash, max_length and chat template); later runs reuse them.",
     )
 
     @model_validator(mode="after")

@@ -9,11 +9,16 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from alignforge.config.stages import DataArgs, ModelArgs, TrainArgs
+from alignforge.config.stages import DataArgs, DataSourceArgs, ModelArgs, TrainArgs
 
 
-class RMConfig(ModelArgs, DataArgs, TrainArgs):
-    """Reward model on preference pairs (``stage: rm``): a scalar head on a (merged SFT) model."""
+class RMConfig(ModelArgs, DataSourceArgs, TrainArgs):
+    """Reward model on preference pairs (``stage: rm``): a scalar head on a (merged SFT) model.
+
+    Rows are ``prompt``/``chosen``/``rejected`` (``columns`` maps other names; ShareGPT
+    ``conversations`` are read too), and a longer prompt + answer keeps its *last* ``max_length``
+    tokens (the score is read at the end), so there is no ``formatting`` or ``truncation`` to set.
+    """
 
     stage: Literal["rm"] = "rm"
     center_rewards_coef: float = Field(

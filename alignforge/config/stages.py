@@ -61,7 +61,9 @@ class ModelArgs(StrictModel):
         return self
 
 
-class DataArgs(StrictModel):
+class DataSourceArgs(StrictModel):
+    """Where the rows come from, which are held out, and how long an example may be."""
+
     dataset: str = Field(
         ..., description="Training data: a .jsonl/.json/.parquet file, a directory, or a hub id."
     )
@@ -74,23 +76,29 @@ class DataArgs(StrictModel):
         lt=1.0,
         description="Share of `dataset` held out for eval when `eval_dataset` is unset.",
     )
-    formatting: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text"] = (
-        Field("auto", description="Row format; `auto` detects it from the columns.")
-    )
     columns: dict[str, str] | None = Field(
         None,
         description="Map our column names to the dataset's, e.g. {prompt: question, completion: answer}.",
     )
-    max_length: int = Field(1024, gt=8, description="Longest example in tokens; see `truncation`.")
-    truncation: Literal["truncate", "drop"] = Field(
-        "truncate",
-        description="What to do with longer examples: keep the first max_length tokens, or drop them. Both are counted.",
-    )
+    max_length: int = Field(1024, gt=8, description="Longest example in tokens.")
     skip_bad_rows: bool = Field(
         False, description="Skip (and count) malformed rows instead of failing on the first one."
     )
     max_samples: int | None = Field(
         None, gt=0, description="Use only the first N rows (quick experiments)."
+    )
+
+
+class DataArgs(DataSourceArgs):
+    """Data whose row format is detected or chosen, and whose over-long examples are handled."""
+
+    formatting: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text"] = (
+        Field("auto", description="Row format; `auto` detects it from the columns.")
+    )
+    truncation: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="What to do with examples longer than max_length: keep the first max_length "
+        "tokens, or drop them. Both are counted.",
     )
 
 

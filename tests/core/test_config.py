@@ -72,3 +72,30 @@ def test_missing_and_invalid_yaml_files(tmp_path):
     bad.write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(SFTConfig, bad)
+
+
+@pytest.mark.parametrize(
+    "stage, key, value",
+    [
+        ("sft", "beta", 0.1),  # a preference-loss setting
+        ("sft", "share_prompt", True),
+        ("rm", "truncation", "drop"),  # the RM keeps the last max_length tokens, always
+        ("rm", "formatting", "alpaca"),  # the RM reads prompt/chosen/rejected (or `columns`)
+        ("rm", "padding_free", True),
+        ("dpo", "num_iterations", 2),
+        ("spin", "precompute_ref_logps", True),  # SPIN scores its opponent every iteration anyway
+        ("spin", "use_margin", True),
+    ],
+)
+def test_each_stage_rejects_a_key_its_recipe_does_not_read(tmp_path, stage, key, value):
+    """A config holds only what its recipe reads, so a key that would do nothing is an error."""
+    p = write(tmp_path, {"stage": stage, "dataset": "d", "output_dir": "o", key: value})
+    with pytest.raises(ConfigError, match=f"{key}: unknown key"):
+        resolve_stage(str(p), [])
+
+
+def test_each_stage_takes_the_attention_backend(tmp_path):
+    for stage in ("sft", "rm", "dpo", "spin"):
+        p = write(tmp_path, {"stage": stage, "dataset": "d", "output_dir": "o"})
+        _, cfg = resolve_stage(str(p), ["attn_implementation=eager"])
+        assert cfg.attn_implementation == "eager"

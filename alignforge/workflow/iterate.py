@@ -77,38 +77,79 @@ def _rows(path: str) -> list[dict]:
 
 
 def _run_round(cfg, task, rows, rnd: Round, k: int, policy: str, rm_prev, log) -> dict:
-    chosen = random.Random(cfg.seed + k).sample(range(len(rows)), min(cfg.prompts_per_round, len(rows)))
+    chosen = random.Random(cfg.seed + k).sample(
+        range(len(rows)), min(cfg.prompts_per_round, len(rows))
+    )
     prompts, by_pid = steps.task_prompt_rows(task, rows, chosen)
     sample_dir, judge_dir = rnd.dir / "sample", rnd.dir / "judge"
 
     def do_sample():
-        rows_ = steps.sample(policy, prompts, sample_dir, cfg.samples_per_prompt, cfg.temperature,
-                             cfg.max_new_tokens, cfg.split_ratios, cfg.seed + k)
+        rows_ = steps.sample(
+            policy,
+            prompts,
+            sample_dir,
+            cfg.samples_per_prompt,
+            cfg.temperature,
+            cfg.max_new_tokens,
+            cfg.split_ratios,
+            cfg.seed + k,
+        )
         return {"prompts": len(rows_), "completions": sum(len(r["completions"]) for r in rows_)}
 
     _step(rnd, "sample", do_sample, log)
     samples = steps.read_jsonl(sample_dir / "samples.jsonl")
-    steps.check_provenance(samples, policy, cfg.allow_offpolicy, cfg.ppo.get("offpolicy_correction", "none"))
-    _step(rnd, "judge", lambda: steps.judge(sample_dir / "samples.jsonl", judge_dir, cfg.judge, cfg.judge_model,
-                                            cfg.judge_endpoint, task, by_pid), log)
+    steps.check_provenance(
+        samples, policy, cfg.allow_offpolicy, cfg.ppo.get("offpolicy_correction", "none")
+    )
+    _step(
+        rnd,
+        "judge",
+        lambda: steps.judge(
+            sample_dir / "samples.jsonl",
+            judge_dir,
+            cfg.judge,
+            cfg.judge_model,
+            cfg.judge_endpoint,
+            task,
+            by_pid,
+        ),
+        log,
+    )
     train_prefs, val_prefs = steps.pref_files(judge_dir / "prefs")
     n_pairs = steps.count_rows(train_prefs)
-    rm_path = _step(rnd, "rm", lambda: _train_rm(cfg, policy, rm_prev, train_prefs, val_prefs, rnd, n_pairs, log), log).get("rm")
+    rm_path = _step(
+        rnd,
+        "rm",
+        lambda: _train_rm(cfg, policy, rm_prev, train_prefs, val_prefs, rnd, n_pairs, log),
+        log,
+    ).get("rm")
     ppo = _step(rnd, "ppo", lambda: _train_ppo(cfg, policy, rm_path, rnd, k), log)
     new_policy = ppo["policy"]
-    ev = _step(rnd, "eval", lambda: _evaluate(cfg, task, new_policy, rnd, k), log) if cfg.eval_dataset else {}
+    ev = (
+        _step(rnd, "eval", lambda: _evaluate(cfg, task, new_policy, rnd, k), log)
+        if cfg.eval_dataset
+        else {}
+    )
     return {"round": k, "policy": new_policy, "rm": rm_path, "pairs": n_pairs, "eval": ev}
 
 
 def _train_rm(cfg, policy, rm_prev, train_prefs, val_prefs, rnd, n_pairs, log) -> dict:
     if n_pairs < cfg.min_pairs:
-        log(f"  only {n_pairs} decisive pairs (< min_pairs={cfg.min_pairs}): no reward model this round")
+        log(
+            f"  only {n_pairs} decisive pairs (< min_pairs={cfg.min_pairs}): no reward model this round"
+        )
         return {"rm": None, "pairs": n_pairs, "skipped": True}
     from alignforge.recipes import reward
 
     base = rm_prev if (cfg.continue_rm and rm_prev) else policy
-    data = {"stage": "rm", "model_name_or_path": base, "dataset": str(train_prefs),
-            "output_dir": str(rnd.dir / "rm"), "progress": False, **cfg.rm}
+    data = {
+        "stage": "rm",
+        "model_name_or_path": base,
+        "dataset": str(train_prefs),
+        "output_dir": str(rnd.dir / "rm"),
+        "progress": False,
+        **cfg.rm,
+    }
     if val_prefs:
         data["eval_dataset"] = str(val_prefs)
     else:  # no validation prompts this round: hold out pairs of the training prompts
@@ -129,18 +170,33 @@ def ppo_data(cfg: IterateConfig, policy: str, rm_path: str | None, rnd: Round, k
 
     # PPO reads chat prompts; the task turns its own rows (any format it knows) into them
     task = get_task(cfg.task)
-    prompt_file = steps.write_jsonl([{"prompt": task.example(r, i).messages} for i, r in enumerate(_rows(cfg.prompts))],
-                                    rnd.dir / "ppo_prompts.jsonl")
-    data = {"stage": "ppo", "model_name_or_path": policy, "dataset": str(prompt_file), "output_dir": str(rnd.dir / "ppo"),
-            "progress": False, **cfg.ppo, "seed": int(cfg.ppo.get("seed", cfg.seed)) + k}
+    prompt_file = steps.write_jsonl(
+        [{"prompt": task.example(r, i).messages} for i, r in enumerate(_rows(cfg.prompts))],
+        rnd.dir / "ppo_prompts.jsonl",
+    )
+    data = {
+        "stage": "ppo",
+        "model_name_or_path": policy,
+        "dataset": str(prompt_file),
+        "output_dir": str(rnd.dir / "ppo"),
+        "progress": False,
+        **cfg.ppo,
+        "seed": int(cfg.ppo.get("seed", cfg.seed)) + k,
+    }
     if rm_path:
         data["reward_model"] = rm_path
     elif not data.get("drift_reference"):  # no RM eval scores to watch the rewards against
         data["drift_action"] = "none"
     if cfg.task_reward_weight > 0 or not rm_path:
-        data.update(reward_fn="alignforge.workflow.rewards:task_reward", reward_fn_weight=cfg.task_reward_weight or 1.0,
-                    reward_fn_kwargs={"task": cfg.task, "references_file": cfg.prompts,
-                                      "marginal": cfg.task_reward == "marginal"})
+        data.update(
+            reward_fn="alignforge.workflow.rewards:task_reward",
+            reward_fn_weight=cfg.task_reward_weight or 1.0,
+            reward_fn_kwargs={
+                "task": cfg.task,
+                "references_file": cfg.prompts,
+                "marginal": cfg.task_reward == "marginal",
+            },
+        )
     return data
 
 
@@ -149,7 +205,9 @@ def _train_ppo(cfg, policy, rm_path, rnd, k) -> dict:
     from alignforge.models import merge_adapter
     from alignforge.recipes import ppo
 
-    summary = ppo.run(build_config(ppo.CONFIG, ppo_data(cfg, policy, rm_path, rnd, k), "iterate.ppo"))
+    summary = ppo.run(
+        build_config(ppo.CONFIG, ppo_data(cfg, policy, rm_path, rnd, k), "iterate.ppo")
+    )
     merged = merge_adapter(str(rnd.dir / "ppo" / "final"), str(rnd.dir / "policy"))
     return {"policy": str(merged), "summary": _small(summary)}
 
@@ -158,8 +216,13 @@ def _evaluate(cfg, task, policy, rnd, k) -> dict:
     from alignforge.evaluate.runner import SystemSpec, load_examples, run_eval
 
     examples = load_examples(task, cfg.eval_dataset, limit=cfg.eval_limit)
-    res = run_eval(task, examples, [SystemSpec(name=f"round_{k}", model=policy)], rnd.dir / "eval",
-                   max_new_tokens=cfg.max_new_tokens)
+    res = run_eval(
+        task,
+        examples,
+        [SystemSpec(name=f"round_{k}", model=policy)],
+        rnd.dir / "eval",
+        max_new_tokens=cfg.max_new_tokens,
+    )
     return {"results": str(rnd.dir / "eval" / "results.json"), "summary": _small(res)}
 
 

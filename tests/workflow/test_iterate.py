@@ -35,14 +35,34 @@ def prompts_file(tmp_path):
 
 
 def config(tmp_path, model, prompts, **kw):
-    base = dict(output_dir=str(tmp_path / "run"), policy=model, task="instruction", prompts=prompts, eval_dataset=prompts,
-                eval_limit=4, rounds=1, prompts_per_round=8, samples_per_prompt=3, max_new_tokens=12, judge="metric",
-                min_pairs=2, rm={"max_steps": 2, "per_device_train_batch_size": 4, "finetuning_type": "lora"},
-                ppo={"max_steps": 2, "rollout_batch_size": 4, "mini_batch_size": 4, "max_new_tokens": 12, "save_steps": 1})
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        policy=model,
+        task="instruction",
+        prompts=prompts,
+        eval_dataset=prompts,
+        eval_limit=4,
+        rounds=1,
+        prompts_per_round=8,
+        samples_per_prompt=3,
+        max_new_tokens=12,
+        judge="metric",
+        min_pairs=2,
+        rm={"max_steps": 2, "per_device_train_batch_size": 4, "finetuning_type": "lora"},
+        ppo={
+            "max_steps": 2,
+            "rollout_batch_size": 4,
+            "mini_batch_size": 4,
+            "max_new_tokens": 12,
+            "save_steps": 1,
+        },
+    )
     return IterateConfig(**{**base, **kw})
 
 
-def test_interrupted_iterate_resumes_at_the_right_step(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
+def test_interrupted_iterate_resumes_at_the_right_step(
+    tiny_model_dir, prompts_file, tmp_path, monkeypatch
+):
     cfg = config(tmp_path, tiny_model_dir, prompts_file)
     real_ppo = it._train_ppo
 
@@ -69,22 +89,37 @@ def test_interrupted_iterate_resumes_at_the_right_step(tiny_model_dir, prompts_f
     assert json.loads((rnd / "judge.done.json").read_text())["n_records"] >= 2
 
 
-def test_each_round_runs_ppo_with_its_own_seed_and_reward_sources(tiny_model_dir, prompts_file, tmp_path):
+def test_each_round_runs_ppo_with_its_own_seed_and_reward_sources(
+    tiny_model_dir, prompts_file, tmp_path
+):
     """Rounds must not replay round 1's prompt order; without a reward model PPO gets the task
     reward and no drift monitor (it would have no reward-model scores to compare against)."""
-    cfg = config(tmp_path, tiny_model_dir, prompts_file, seed=3, ppo={"max_steps": 2, "drift_action": "warn"})
+    cfg = config(
+        tmp_path, tiny_model_dir, prompts_file, seed=3, ppo={"max_steps": 2, "drift_action": "warn"}
+    )
     r1 = it.ppo_data(cfg, "pol", None, it.Round(tmp_path / "r1"), 1)
     r2 = it.ppo_data(cfg, "pol", None, it.Round(tmp_path / "r2"), 2)
     assert (r1["seed"], r2["seed"]) == (4, 5)
-    assert r1["drift_action"] == "none" and r1["reward_fn"].endswith(":task_reward") and "reward_model" not in r1
+    assert (
+        r1["drift_action"] == "none"
+        and r1["reward_fn"].endswith(":task_reward")
+        and "reward_model" not in r1
+    )
     assert sum(1 for _ in open(r1["dataset"])) == 24  # every prompt row, as chat messages
     with_rm = it.ppo_data(cfg, "pol", "rm/final", it.Round(tmp_path / "r3"), 3)
-    assert with_rm["reward_model"] == "rm/final" and with_rm["drift_action"] == "warn" and with_rm["reward_fn_weight"] == 1.0
+    assert (
+        with_rm["reward_model"] == "rm/final"
+        and with_rm["drift_action"] == "warn"
+        and with_rm["reward_fn_weight"] == 1.0
+    )
     rm_only = config(tmp_path, tiny_model_dir, prompts_file, task_reward_weight=0.0)
     assert "reward_fn" not in it.ppo_data(rm_only, "pol", "rm/final", it.Round(tmp_path / "r5"), 1)
     assert r1["reward_fn_kwargs"]["marginal"] is True  # the default
     item = config(tmp_path, tiny_model_dir, prompts_file, task_reward="item")
-    assert it.ppo_data(item, "pol", None, it.Round(tmp_path / "r6"), 1)["reward_fn_kwargs"]["marginal"] is False
+    assert (
+        it.ppo_data(item, "pol", None, it.Round(tmp_path / "r6"), 1)["reward_fn_kwargs"]["marginal"]
+        is False
+    )
     pinned = config(tmp_path, tiny_model_dir, prompts_file, ppo={"seed": 10})
     assert it.ppo_data(pinned, "pol", None, it.Round(tmp_path / "r4"), 2)["seed"] == 12
 

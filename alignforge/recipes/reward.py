@@ -39,7 +39,7 @@ from alignforge.recipes.common import (
     trainable_params,
     write_summary,
 )
-from alignforge.training import TrainLoop, make_accelerator
+from alignforge.training import TrainLoop, make_accelerator, to_device
 from alignforge.training.plots import plot_loss_curve
 from alignforge.training.rundir import prepare_output_dir
 
@@ -171,12 +171,24 @@ def score_pairs(
     device = next(model.parameters()).device
     chosen, rejected = [], []
     for i in range(0, len(pairs), batch_size):
-        batch = collate(pairs[i : i + batch_size])
-        s = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()
+        batch = to_device(collate(pairs[i : i + batch_size]), device)
+        s = model(batch["input_ids"], batch["attention_mask"]).cpu()
         n = len(pairs[i : i + batch_size])
         chosen += s[:n].tolist()
         rejected += s[n:].tolist()
     return np.asarray(chosen), np.asarray(rejected)
+
+
+def freeze_unused_lm_head(lm) -> bool:
+    """Freeze the LM head when it is its own matrix: a reward model never runs it (the score
+    comes from the last hidden state), so it would get no gradient and DDP would stop on an
+    unused parameter. A head tied to the input embeddings stays trainable (the embedding lookup
+    uses it). The saved model keeps the head unchanged. Returns whether it froze one."""
+    head, emb = lm.get_output_embeddings(), lm.get_input_embeddings()
+    if head is None or emb is None or head.weight is emb.weight:
+        return False
+    head.requires_grad_(False)
+    return True
 
 
 def accuracy_report(chosen, rejected, ceiling: float | None, n_boot: int, seed: int) -> dict:
@@ -250,6 +262,7 @@ def run(cfg: RMConfig, callbacks=()) -> dict:
     collate = PairCollator(tokenizer.pad_token_id)
 
     lm = build_trainable_model(cfg)
+    freeze_unused_lm_head(lm)
     model = RewardModel(lm, ScalarHead(lm.config.hidden_size), tokenizer, cfg.max_length)
     n_train, n_total = trainable_params(model)
     loop = TrainLoop(

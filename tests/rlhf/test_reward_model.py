@@ -176,3 +176,38 @@ def test_sharegpt_pairs_and_column_mapping_are_read(tiny_model_dir):
     cols = {"prompt": "question", "chosen": "good", "rejected": "bad", "margin": "strength"}
     (pair,), _ = reward.prepare_pairs(renamed, tok, 64, "f", columns=cols)
     assert pair.margin == 2.0
+
+
+def test_full_rm_two_processes_equal_one_with_an_untied_lm_head(tiny_model_dir, tmp_path):
+    """Full fine-tuning under DDP (2 gloo processes): the reward model never runs the LM head, so
+    an untied head is frozen instead of stopping DDP as an unused parameter. Losses per step,
+    the trained weights and the head equal a 1-process run with the same global batch."""
+    from multiproc import assert_same_losses, assert_same_weights, run_two_processes
+    from safetensors.torch import load_file
+
+    lm = load_model(tiny_model_dir)
+    assert lm.get_output_embeddings().weight is not lm.get_input_embeddings().weight
+    assert reward.freeze_unused_lm_head(lm) and not lm.lm_head.weight.requires_grad
+    assert lm.model.embed_tokens.weight.requires_grad
+    rows = preference_rows(40, seed=5)
+    conf = dict(
+        stage="rm", model_name_or_path=tiny_model_dir,
+        dataset=write_jsonl(tmp_path / "t.jsonl", rows[:32]),
+        eval_dataset=write_jsonl(tmp_path / "e.jsonl", rows[32:]), finetuning_type="full",
+        max_length=48, gradient_accumulation_steps=2, learning_rate=1e-3, max_steps=3,
+        bootstrap_samples=0, progress=False, report_to="none",
+        center_rewards_coef=0.01,  # else the head's bias has no gradient, and Adam moves it by noise
+    )  # fmt: skip
+    two, one = tmp_path / "two", tmp_path / "one"
+    run_two_processes({**conf, "output_dir": str(two), "per_device_train_batch_size": 2}, tmp_path)
+    c1 = {**conf, "output_dir": str(one), "per_device_train_batch_size": 4}
+    s1 = reward.run(build_config(RMConfig, c1))
+    s2 = json.loads((two / "summary.json").read_text())
+    assert_same_losses(two / "metrics.jsonl", one / "metrics.jsonl", steps=3)
+    assert abs(s1["final_eval"]["loss"] - s2["final_eval"]["loss"]) < 1e-5
+    assert s1["trainable_params"] == s2["trainable_params"] < s1["total_params"]
+    for name in ("model.safetensors", "score_head.safetensors"):
+        assert_same_weights(two / "final" / name, one / "final" / name)
+    saved = load_file(two / "final/model.safetensors")
+    torch.testing.assert_close(saved["lm_head.weight"], lm.lm_head.weight.detach())
+    assert not torch.equal(saved["model.embed_tokens.weight"], lm.model.embed_tokens.weight)

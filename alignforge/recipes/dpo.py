@@ -418,6 +418,7 @@ def run(cfg: DPOConfig, callbacks=()) -> dict:
         eval_units=evals,
         accelerator=acc,
         callbacks=callbacks,
+        frozen=(ref_model,),
     )
     with Timer() as t:
         result = loop.fit()

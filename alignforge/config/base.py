@@ -92,6 +92,11 @@ def format_validation_error(cls: type[BaseModel], err: ValidationError, source: 
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"]
+        if not e["loc"] and e["type"] == "value_error":
+            # a whole-config check: its message starts with the field it is about, and the
+            # input would be the entire config
+            lines.append("  " + msg.removeprefix("Value error, "))
+            continue
         if e["type"] == "extra_forbidden":
             close = _close_matches(str(e["loc"][-1]), list(fields))
             hint = f" (did you mean {', '.join(close)}?)" if close else ""

@@ -99,3 +99,12 @@ def test_each_stage_takes_the_attention_backend(tmp_path):
         p = write(tmp_path, {"stage": stage, "dataset": "d", "output_dir": "o"})
         _, cfg = resolve_stage(str(p), ["attn_implementation=eager"])
         assert cfg.attn_implementation == "eager"
+
+
+def test_a_whole_config_check_names_its_field_without_echoing_the_config(tmp_path):
+    p = write(tmp_path, {"stage": "sft", "dataset": "d", "output_dir": "o", "bf16": True})
+    with pytest.raises(ConfigError) as e:
+        load_config(SFTConfig, p, ["fp16=true"])
+    assert str(e.value).splitlines()[1:] == [
+        "  bf16 and fp16: choose one mixed precision, not both"
+    ]

@@ -16,9 +16,15 @@ import random
 import time
 from pathlib import Path
 
-from alignforge.config import save_config
+from alignforge.config import ConfigError, save_config
 from alignforge.workflow import steps
 from alignforge.workflow.config import IterateConfig
+
+# keys iterate fills in every round: set under rm: / ppo: they would be overwritten
+RM_KEYS_SET_BY_ITERATE = ("stage", "model_name_or_path", "dataset", "eval_dataset", "output_dir")
+PPO_KEYS_SET_BY_ITERATE = ("stage", "model_name_or_path", "dataset", "output_dir", "reward_model")
+REWARD_FN_KEYS = ("reward_fn", "reward_fn_weight", "reward_fn_kwargs")
+TASK_REWARD_FN = "alignforge.workflow.rewards:task_reward"
 
 
 class Round:
@@ -54,6 +60,7 @@ def _step(rnd: Round, name: str, fn, log) -> dict:
 def run_iterate(cfg: IterateConfig, log=print) -> list[dict]:
     from alignforge.evaluate.tasks import get_task
 
+    validate(cfg)
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root / "iterate_config.yaml")
@@ -68,6 +75,57 @@ def run_iterate(cfg: IterateConfig, log=print) -> list[dict]:
         history.append(info)
     (root / "iterate_summary.json").write_text(json.dumps(history, indent=1, default=str))
     return history
+
+
+def validate(cfg: IterateConfig) -> None:
+    """Build the ``rm:`` and ``ppo:`` configs as the rounds will, before anything is sampled.
+
+    A bad key or value is a ``ConfigError`` naming it now rather than after an hour of sampling
+    and judging. PPO is built twice: for a round with a reward model and for one without (its
+    judge kept fewer than ``min_pairs`` decisive pairs), whose reward is the task reward alone.
+    """
+    from alignforge.config import build_config
+    from alignforge.models import check_attn_implementation
+    from alignforge.recipes import ppo, reward
+
+    _check_keys(cfg)
+    rnd_dir = Path(cfg.output_dir) / "round_1"
+    prefs = rnd_dir / "judge" / "prefs"
+    data = rm_data(cfg, cfg.policy, prefs / "train.jsonl", prefs / "validation.jsonl", rnd_dir)
+    built = [build_config(reward.CONFIG, data, "iterate.rm")]
+    for rm_path, where in (
+        (str(rnd_dir / "rm" / "final"), "iterate.ppo"),
+        (None, "iterate.ppo (a round without a reward model)"),
+    ):
+        data = ppo_fields(cfg, cfg.policy, rm_path, rnd_dir, 1, log=lambda msg: None)
+        built.append(build_config(ppo.CONFIG, data, where))
+    for stage_cfg in built:
+        check_attn_implementation(getattr(stage_cfg, "attn_implementation", "sdpa"))
+
+
+def _check_keys(cfg: IterateConfig) -> None:
+    """Refuse ``rm:`` / ``ppo:`` keys that iterate would overwrite."""
+    for name, given, owned in (
+        ("rm", cfg.rm, RM_KEYS_SET_BY_ITERATE),
+        ("ppo", cfg.ppo, PPO_KEYS_SET_BY_ITERATE),
+    ):
+        if clash := [key for key in owned if key in given]:
+            raise ConfigError(
+                f"{name}.{clash[0]}: iterate sets it in every round (from the round's policy, "
+                f"judged pairs, prompts and directory); remove it from {name}:"
+            )
+    given = [key for key in REWARD_FN_KEYS if key in cfg.ppo]
+    if given and cfg.task_reward_weight > 0:
+        raise ConfigError(
+            f"ppo.{given[0]}: iterate gives PPO the task reward as its reward_fn "
+            f"(task_reward_weight={cfg.task_reward_weight}), which would replace yours; set "
+            f"task_reward_weight: 0 to use your own reward_fn, or remove ppo.{given[0]}"
+        )
+    if given and "reward_fn" not in cfg.ppo:
+        raise ConfigError(
+            f"ppo.{given[0]}: there is no ppo.reward_fn for it to apply to "
+            "(the task reward's weight is task_reward_weight)"
+        )
 
 
 def _rows(path: str) -> list[dict]:
@@ -123,7 +181,7 @@ def _run_round(cfg, task, rows, rnd: Round, k: int, policy: str, rm_prev, log) -
         lambda: _train_rm(cfg, policy, rm_prev, train_prefs, val_prefs, rnd, n_pairs, log),
         log,
     ).get("rm")
-    ppo = _step(rnd, "ppo", lambda: _train_ppo(cfg, policy, rm_path, rnd, k), log)
+    ppo = _step(rnd, "ppo", lambda: _train_ppo(cfg, policy, rm_path, rnd, k, log), log)
     new_policy = ppo["policy"]
     ev = (
         _step(rnd, "eval", lambda: _evaluate(cfg, task, new_policy, rnd, k), log)
@@ -139,14 +197,22 @@ def _train_rm(cfg, policy, rm_prev, train_prefs, val_prefs, rnd, n_pairs, log) -
             f"  only {n_pairs} decisive pairs (< min_pairs={cfg.min_pairs}): no reward model this round"
         )
         return {"rm": None, "pairs": n_pairs, "skipped": True}
+    from alignforge.config import build_config
     from alignforge.recipes import reward
 
     base = rm_prev if (cfg.continue_rm and rm_prev) else policy
+    data = rm_data(cfg, base, train_prefs, val_prefs, rnd.dir)
+    summary = reward.run(build_config(reward.CONFIG, data, "iterate.rm"))
+    return {"rm": str(rnd.dir / "rm" / "final"), "pairs": n_pairs, "summary": _small(summary)}
+
+
+def rm_data(cfg: IterateConfig, base: str, train_prefs, val_prefs, rnd_dir: Path) -> dict:
+    """A round's reward-model config: ``cfg.rm`` on the round's judged pairs."""
     data = {
         "stage": "rm",
         "model_name_or_path": base,
         "dataset": str(train_prefs),
-        "output_dir": str(rnd.dir / "rm"),
+        "output_dir": str(rnd_dir / "rm"),
         "progress": False,
         **cfg.rm,
     }
@@ -154,42 +220,61 @@ def _train_rm(cfg, policy, rm_prev, train_prefs, val_prefs, rnd, n_pairs, log) -
         data["eval_dataset"] = str(val_prefs)
     else:  # no validation prompts this round: hold out pairs of the training prompts
         data.setdefault("val_size", 0.2)
-    from alignforge.config import build_config
-
-    summary = reward.run(build_config(reward.CONFIG, data, "iterate.rm"))
-    return {"rm": str(rnd.dir / "rm" / "final"), "pairs": n_pairs, "summary": _small(summary)}
+    return data
 
 
-def ppo_data(cfg: IterateConfig, policy: str, rm_path: str | None, rnd: Round, k: int) -> dict:
-    """Round ``k``'s PPO config: ``cfg.ppo`` on the round's policy, reward model and prompts.
-
-    The seed moves with the round (``ppo.seed`` or ``seed``, plus ``k``), so every round draws
-    a different order of prompts rather than replaying round 1's.
-    """
+def ppo_data(
+    cfg: IterateConfig, policy: str, rm_path: str | None, rnd: Round, k: int, log=print
+) -> dict:
+    """Round ``k``'s PPO config (see :func:`ppo_fields`), with the round's prompt file written."""
     from alignforge.evaluate.tasks import get_task
 
     # PPO reads chat prompts; the task turns its own rows (any format it knows) into them
     task = get_task(cfg.task)
-    prompt_file = steps.write_jsonl(
+    steps.write_jsonl(
         [{"prompt": task.example(r, i).messages} for i, r in enumerate(_rows(cfg.prompts))],
         rnd.dir / "ppo_prompts.jsonl",
     )
+    return ppo_fields(cfg, policy, rm_path, rnd.dir, k, log)
+
+
+def ppo_fields(
+    cfg: IterateConfig, policy: str, rm_path: str | None, rnd_dir: Path, k: int, log=print
+) -> dict:
+    """Round ``k``'s PPO config: ``cfg.ppo`` on the round's policy, reward model and prompts.
+
+    The seed moves with the round (``ppo.seed`` or ``seed``, plus ``k``), so every round draws
+    a different order of prompts rather than replaying round 1's. The reward is the reward
+    model plus the task reward (``task_reward_weight``), or the user's ``ppo.reward_fn`` when
+    ``task_reward_weight`` is 0. In a round without a reward model, anything changed from what
+    ``ppo:`` says (the drift monitor off, the task reward standing in) is logged on one line.
+    """
     data = {
         "stage": "ppo",
         "model_name_or_path": policy,
-        "dataset": str(prompt_file),
-        "output_dir": str(rnd.dir / "ppo"),
+        "dataset": str(rnd_dir / "ppo_prompts.jsonl"),
+        "output_dir": str(rnd_dir / "ppo"),
         "progress": False,
         **cfg.ppo,
         "seed": int(cfg.ppo.get("seed", cfg.seed)) + k,
     }
     if rm_path:
         data["reward_model"] = rm_path
-    elif not data.get("drift_reference"):  # no RM eval scores to watch the rewards against
+    elif cfg.ppo.get("drift_action", "none") != "none" and not data.get("drift_reference"):
+        log(
+            f"  ppo: no reward model this round, so no reward-model scores to watch: drift "
+            f"monitor off (ppo.drift_action={cfg.ppo['drift_action']} applies to rounds with "
+            "one; set ppo.drift_reference to watch these too)"
+        )
         data["drift_action"] = "none"
-    if cfg.task_reward_weight > 0 or not rm_path:
+    if cfg.task_reward_weight > 0 or not (rm_path or "reward_fn" in cfg.ppo):
+        if cfg.task_reward_weight == 0:
+            log(
+                "  ppo: no reward model this round and no ppo.reward_fn: PPO runs on the "
+                "task reward (weight 1.0) although task_reward_weight is 0"
+            )
         data.update(
-            reward_fn="alignforge.workflow.rewards:task_reward",
+            reward_fn=TASK_REWARD_FN,
             reward_fn_weight=cfg.task_reward_weight or 1.0,
             reward_fn_kwargs={
                 "task": cfg.task,
@@ -200,14 +285,13 @@ def ppo_data(cfg: IterateConfig, policy: str, rm_path: str | None, rnd: Round, k
     return data
 
 
-def _train_ppo(cfg, policy, rm_path, rnd, k) -> dict:
+def _train_ppo(cfg, policy, rm_path, rnd, k, log=print) -> dict:
     from alignforge.config import build_config
     from alignforge.models import merge_adapter
     from alignforge.recipes import ppo
 
-    summary = ppo.run(
-        build_config(ppo.CONFIG, ppo_data(cfg, policy, rm_path, rnd, k), "iterate.ppo")
-    )
+    data = ppo_data(cfg, policy, rm_path, rnd, k, log)
+    summary = ppo.run(build_config(ppo.CONFIG, data, "iterate.ppo"))
     merged = merge_adapter(str(rnd.dir / "ppo" / "final"), str(rnd.dir / "policy"))
     return {"policy": str(merged), "summary": _small(summary)}
 

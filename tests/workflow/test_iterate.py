@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+from alignforge.config import ConfigError
 from alignforge.workflow import iterate as it
 from alignforge.workflow.config import IterateConfig
 from alignforge.workflow.steps import ProvenanceError, check_provenance
@@ -93,18 +94,21 @@ def test_each_round_runs_ppo_with_its_own_seed_and_reward_sources(
     tiny_model_dir, prompts_file, tmp_path
 ):
     """Rounds must not replay round 1's prompt order; without a reward model PPO gets the task
-    reward and no drift monitor (it would have no reward-model scores to compare against)."""
+    reward and no drift monitor (it would have no reward-model scores to compare against), and
+    says so."""
     cfg = config(
         tmp_path, tiny_model_dir, prompts_file, seed=3, ppo={"max_steps": 2, "drift_action": "warn"}
     )
-    r1 = it.ppo_data(cfg, "pol", None, it.Round(tmp_path / "r1"), 1)
-    r2 = it.ppo_data(cfg, "pol", None, it.Round(tmp_path / "r2"), 2)
+    notes = []
+    r1 = it.ppo_data(cfg, "pol", None, it.Round(tmp_path / "r1"), 1, log=notes.append)
+    r2 = it.ppo_data(cfg, "pol", None, it.Round(tmp_path / "r2"), 2, log=notes.append)
     assert (r1["seed"], r2["seed"]) == (4, 5)
     assert (
         r1["drift_action"] == "none"
         and r1["reward_fn"].endswith(":task_reward")
         and "reward_model" not in r1
     )
+    assert len(notes) == 2 and "drift monitor off (ppo.drift_action=warn" in notes[0]
     assert sum(1 for _ in open(r1["dataset"])) == 24  # every prompt row, as chat messages
     with_rm = it.ppo_data(cfg, "pol", "rm/final", it.Round(tmp_path / "r3"), 3)
     assert (
@@ -141,3 +145,63 @@ def test_task_reward_finds_each_prompts_reference_and_scores_item_or_marginal(tm
     # pooled over the batch only the found entities count: the empty answer adds nothing
     marginal = task_reward(prompts, answers, "extraction", str(refs), marginal=True)
     assert marginal == [0.0, 2.0]  # N * (F1 1.0 - F1 of nothing 0)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(ppo={"max_step": 2}), r"iterate\.ppo:\n  max_step: unknown key"),
+        (dict(rm={"lora_rank": 0}), r"iterate\.rm:\n  lora_rank: Input should be greater than 0"),
+        (dict(ppo={"finetuning_type": "full"}), "ppo trains a LoRA policy"),
+        (dict(ppo={"drift_action": "restore"}), "save_steps: drift_action restore needs"),
+        (dict(ppo={"dataset": "mine.jsonl"}), "ppo.dataset: iterate sets it in every round"),
+        (dict(rm={"model_name_or_path": "rm0"}), "rm.model_name_or_path: iterate sets it"),
+        (dict(ppo={"reward_fn": "my:fn"}), "set task_reward_weight: 0 to use your own reward_fn"),
+        (
+            dict(ppo={"reward_fn_weight": 2.0}, task_reward_weight=0.0),
+            "ppo.reward_fn_weight: there is no ppo.reward_fn",
+        ),
+    ],
+)
+def test_nested_configs_are_refused_before_any_sampling(
+    tiny_model_dir, prompts_file, tmp_path, monkeypatch, change, message
+):
+    """A bad rm: or ppo: key fails when iterate starts, not after the sampling and judging."""
+
+    def sample(*a, **k):
+        raise AssertionError("sampled before the configs were checked")
+
+    monkeypatch.setattr(it.steps, "sample", sample)
+    cfg = config(tmp_path, tiny_model_dir, prompts_file, **change)
+    with pytest.raises(ConfigError, match=message):
+        it.run_iterate(cfg, log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_users_reward_fn_and_drift_action_are_kept_or_the_change_is_announced(
+    tiny_model_dir, prompts_file, tmp_path
+):
+    own = {"max_steps": 2, "reward_fn": "my:fn", "reward_fn_weight": 2.0, "drift_action": "stop"}
+    cfg = config(tmp_path, tiny_model_dir, prompts_file, task_reward_weight=0.0, ppo=own)
+    it.validate(cfg)  # the user's reward_fn stands in for the task reward: accepted
+    notes = []
+    for rm_path in ("rm/final", None):
+        data = it.ppo_fields(cfg, "pol", rm_path, tmp_path, 1, log=notes.append)
+        assert (data["reward_fn"], data["reward_fn_weight"]) == ("my:fn", 2.0)
+    assert data["drift_action"] == "none" and notes == [notes[0]]
+    assert "drift monitor off (ppo.drift_action=stop applies to rounds with one" in notes[0]
+    with_ref = config(
+        tmp_path, tiny_model_dir, prompts_file, ppo={**own, "drift_reference": "scores.json"},
+        task_reward_weight=0.0,
+    )  # fmt: skip
+    assert (
+        it.ppo_fields(with_ref, "pol", None, tmp_path, 1, log=notes.append)["drift_action"]
+        == "stop"
+    )
+    default = config(tmp_path, tiny_model_dir, prompts_file, ppo={"max_steps": 2})
+    assert "drift_action" not in it.ppo_fields(default, "pol", None, tmp_path, 1, log=notes.append)
+    assert len(notes) == 1  # neither change was needed
+    rm_only = config(tmp_path, tiny_model_dir, prompts_file, task_reward_weight=0.0)
+    data = it.ppo_fields(rm_only, "pol", None, tmp_path, 1, log=notes.append)
+    assert data["reward_fn"] == it.TASK_REWARD_FN and data["reward_fn_weight"] == 1.0
+    assert "PPO runs on the task reward (weight 1.0) although task_reward_weight is 0" in notes[-1]

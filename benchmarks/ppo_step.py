@@ -2,11 +2,14 @@
 
     python benchmarks/ppo_step.py                                   # embedded default model, LoRA
     python benchmarks/ppo_step.py --steps 4 --rollout-batch-size 8 --max-new-tokens 64 --threads 2
+    python benchmarks/ppo_step.py --steps 3 --threads 2 --baseline 0fbcb81   # before/after, one run
 
 Runs ``stage: ppo`` on ``model_name_or_path: default`` (SmolLM2-135M-Instruct) with a LoRA policy,
 a critic on a second adapter (GAE) and a programmatic reward (answer length toward 32 tokens),
 then reports the mean seconds per phase over the steps after the first (warm-up), and tokens/s
-(generated answer tokens per second of the whole step). Writes
+(generated answer tokens per second of the whole step). ``--baseline REF`` first runs this same
+benchmark from a checkout of commit REF (a temporary git worktree) with the same arguments, then
+the current code, and prints the ratio of the step times. Writes
 ``benchmarks/results/ppo_step.json``; the figures are recorded in ``docs/benchmarks/ppo.md``.
 """
 
@@ -36,7 +39,10 @@ def main() -> None:
     ap.add_argument("--rollout-precision", default="same", choices=["same", "bfloat16", "int8"])
     ap.add_argument("--advantage-estimator", default="gae", choices=["gae", "grpo", "rloo", "reinforce_pp"])
     ap.add_argument("--num-generations", type=int, default=1)
+    ap.add_argument("--baseline", help="a git commit to measure first, in the same run")
     args = ap.parse_args()
+    if args.baseline:
+        return compare(args)
 
     import torch
 
@@ -96,6 +102,32 @@ def main() -> None:
         f"  answer tokens/step {tokens:.0f}; {result['tokens_per_s']:.1f} tokens/s overall, "
         f"{result['generated_tokens_per_s']:.1f} tokens/s in generation"
     )
+
+
+def compare(args) -> None:
+    """Run the benchmark at ``args.baseline`` (its own copy of this script), then here."""
+    import subprocess
+
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--baseline")
+    del argv[i : i + 2]
+    tree = Path(tempfile.mkdtemp(prefix="ppo-baseline-")) / "tree"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.baseline],
+                   check=True, capture_output=True)  # fmt: skip
+    try:
+        env = {**__import__("os").environ, "PYTHONPATH": str(tree)}
+        subprocess.run([sys.executable, str(tree / "benchmarks/ppo_step.py"), *argv], check=True, env=env)
+        before = json.loads((tree / "benchmarks/results/ppo_step.json").read_text())
+        env["PYTHONPATH"] = str(ROOT)
+        subprocess.run([sys.executable, str(ROOT / "benchmarks/ppo_step.py"), *argv], check=True, env=env)
+        after = json.loads((ROOT / "benchmarks/results/ppo_step.json").read_text())
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+    print(f"\nbefore ({args.baseline}) {before['seconds_per_step']:.2f} s/step, now "
+          f"{after['seconds_per_step']:.2f} s/step: x{before['seconds_per_step'] / after['seconds_per_step']:.2f}")
+    for k in after["phases"]:
+        b, a = before["phases"][k]["seconds"], after["phases"][k]["seconds"]
+        print(f"  {k:<9}{b:>8.2f} s -> {a:>6.2f} s")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 from alignforge.data.collate import collate_packed, collate_padded, pack
-from alignforge.data.formats import ChatExample, TextExample, to_example, to_prompt
+from alignforge.data.formats import ChatExample, TextExample, read_prompts, to_example, to_prompt
 from alignforge.data.prepare import DataStats, prepare_sft
 from alignforge.data.readers import DataError, read_rows
 from alignforge.data.templating import IGNORE, Tokenized, tokenize_example
@@ -15,6 +15,7 @@ __all__ = [
     "collate_padded",
     "pack",
     "prepare_sft",
+    "read_prompts",
     "read_rows",
     "to_example",
     "to_prompt",

@@ -227,3 +227,23 @@ def to_prompt(row: dict, formatting: str = "auto", columns: dict[str, str] | Non
         return ex.prompt
     last = max(i for i, t in enumerate(ex.trainable) if t)
     return ex.messages[:last]
+
+
+def read_prompts(
+    path: str, formatting="auto", columns=None, max_samples=None, skip_bad=False
+) -> list:
+    """The prompts of a data file (:func:`to_prompt` per row); a bad row names its line."""
+    from alignforge.data.readers import read_rows
+
+    rows = read_rows(path)
+    rows = rows[:max_samples] if max_samples else rows
+    prompts = []
+    for i, row in enumerate(rows):
+        try:
+            prompts.append(to_prompt(row, formatting, columns))
+        except DataError as e:
+            if not skip_bad:
+                raise DataError(f"{path} row {i + 1}: {e}") from None
+    if not prompts:
+        raise DataError(f"{path}: no prompts")
+    return prompts

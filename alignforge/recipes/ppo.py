@@ -39,11 +39,11 @@ from torch import Tensor
 
 from alignforge.config import ConfigError
 from alignforge.config.rlhf import PPOConfig
-from alignforge.data import DataError, read_rows, to_prompt
+from alignforge.data import read_prompts
 from alignforge.losses.ppo import ppo_policy_loss, ppo_value_loss
 from alignforge.models import load_tokenizer
 from alignforge.recipes.common import peak_memory_mb, write_summary
-from alignforge.rl.drift import DriftAction, RewardDriftMonitor, decide
+from alignforge.rl.drift import DriftAction, decide, monitor_from_reference
 from alignforge.rl.kl import AdaptiveKLController, FixedKLController, kl_penalty
 from alignforge.rl.policy import (
     POLICY,
@@ -56,66 +56,17 @@ from alignforge.rl.policy import (
     token_values,
 )
 from alignforge.rl.prepare import PrepareSettings, prepare_rollouts
-from alignforge.rl.scoring import Scorer, load_reward_fn
+from alignforge.rl.scoring import build_scorer
 from alignforge.rl.summary import plot_curves, print_summary, reward_summary
 from alignforge.rollout import Rollout, TransformersEngine, chat_prompt_ids
 from alignforge.rollout.batch import behaviour_model, rollout_batch, trim_padding
-from alignforge.training import NonFiniteLossError, make_accelerator, place_frozen
+from alignforge.training import NonFiniteLossError, make_accelerator
 from alignforge.training.loop import TrainCore
 from alignforge.training.rundir import prepare_output_dir
 
 CONFIG = PPOConfig
-MIN_DRIFT_REFERENCE = 10  # RewardDriftMonitor needs at least this many reference scores
 SUMMED = ("policy/loss", "value/loss", "policy/loss_tokens")  # over processes; others averaged
 __all__ = ["PPORun", "NonFiniteLossError", "run"]
-
-
-def read_prompts(path: str, formatting: str, columns, max_samples, skip_bad: bool) -> list:
-    """The prompts of ``path`` through ``data/`` (every format SFT reads); bad rows name their line."""
-    rows = read_rows(path)[:max_samples] if max_samples else read_rows(path)
-    prompts = []
-    for i, row in enumerate(rows):
-        try:
-            prompts.append(to_prompt(row, formatting, columns))
-        except DataError as e:
-            if not skip_bad:
-                raise DataError(f"{path} row {i + 1}: {e}") from None
-    if not prompts:
-        raise DataError(f"{path}: no prompts")
-    return prompts
-
-
-def drift_monitor(cfg: PPOConfig) -> RewardDriftMonitor | None:
-    ref = cfg.drift_reference or (
-        str(Path(cfg.reward_model) / "reward_scores_eval.json") if cfg.reward_model else None
-    )
-    if ref is None:
-        return None
-    if not Path(ref).exists():
-        raise ConfigError(
-            f"drift_reference: {ref} does not exist (the RM stage writes reward_scores_eval.json next to its model)"
-        )
-    scores = json.loads(Path(ref).read_text())
-    if len(scores) < MIN_DRIFT_REFERENCE:
-        warnings.warn(
-            f"drift monitor off: {ref} holds {len(scores)} reward scores, fewer than "
-            f"{MIN_DRIFT_REFERENCE}; a distribution cannot be compared with so few (give the RM more eval pairs)",
-            stacklevel=2,
-        )
-        return None
-    return RewardDriftMonitor(
-        scores, window=cfg.drift_window, max_outlier_frac=cfg.drift_max_outlier_frac,
-        psi_threshold=cfg.drift_psi_threshold, min_samples=cfg.drift_min_samples,
-    )  # fmt: skip
-
-
-def build_scorer(cfg: PPOConfig, acc) -> Scorer:
-    from alignforge.models.heads import load_reward_model
-
-    rm = load_reward_model(cfg.reward_model, cache=cfg.cache_dir) if cfg.reward_model else None
-    fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
-    return Scorer(place_frozen(acc, rm), fn, cfg.reward_fn_kwargs,
-                  cfg.reward_model_weight, cfg.reward_fn_weight)  # fmt: skip
 
 
 def check_parallel(cfg: PPOConfig, world: int) -> None:
@@ -145,8 +96,9 @@ class PPORun:
         self.out = Path(cfg.output_dir)
         path = check_reference(cfg.model_name_or_path, cfg.cache_dir)
         self.tokenizer = load_tokenizer(path, cfg.cache_dir)
-        self.prompts = read_prompts(cfg.dataset, cfg.formatting, cfg.columns, cfg.max_samples,
-                                    cfg.skip_bad_rows)  # fmt: skip
+        self.prompts = read_prompts(
+            cfg.dataset, cfg.formatting, cfg.columns, cfg.max_samples, cfg.skip_bad_rows
+        )
         self.prompt_ids = [
             chat_prompt_ids(self.tokenizer, p)[-cfg.max_length :] for p in self.prompts
         ]
@@ -165,7 +117,8 @@ class PPORun:
         total = (
             cfg.max_steps if cfg.max_steps > 0 else int(np.ceil(per_epoch * cfg.num_train_epochs))
         )
-        self.scorer = build_scorer(cfg, acc)
+        self.scorer = build_scorer(cfg.reward_model, cfg.reward_fn, cfg.reward_fn_kwargs,
+                                   cfg.reward_model_weight, cfg.reward_fn_weight, cfg.cache_dir, acc)  # fmt: skip
         self.core = TrainCore(Trainables(model, head), cfg, total, acc, frozen=[self.scorer.rm])
         self.model, self.value_head = self.core.unwrapped.policy, self.core.unwrapped.value_head
         self.total_steps = total
@@ -174,7 +127,11 @@ class PPORun:
             if cfg.adaptive_kl
             else FixedKLController(cfg.kl_coef)
         )
-        self.monitor = drift_monitor(cfg)
+        self.monitor = monitor_from_reference(
+            cfg.drift_reference, cfg.reward_model, window=cfg.drift_window,
+            max_outlier_frac=cfg.drift_max_outlier_frac, psi_threshold=cfg.drift_psi_threshold,
+            min_samples=cfg.drift_min_samples,
+        )  # fmt: skip
         self.logger = self.core.logger
         self.generated, self.restores = 0, 0
         self.queue: deque[list[tuple[int, Rollout]]] = deque()

@@ -226,3 +226,41 @@ def decide(report: DriftReport, action: DriftAction | str) -> DriftAction | None
         allowed = ", ".join(a.value for a in DriftAction)
         raise ValueError(f"drift action {action!r} is not one of {allowed}") from None
     return chosen if report.breached else None
+
+
+MIN_DRIFT_REFERENCE = 10  # a distribution cannot be compared with fewer reference scores
+
+
+def monitor_from_reference(
+    reference: str | None, reward_model: str | None, **settings
+) -> RewardDriftMonitor | None:
+    """The monitor against ``reference`` (a JSON list of scores), by default the
+    ``reward_scores_eval.json`` the reward-model stage writes beside its model; None without one.
+
+    ``settings`` are :class:`RewardDriftMonitor`'s (window, max_outlier_frac, psi_threshold,
+    min_samples).
+    """
+    import json
+    import warnings
+    from pathlib import Path
+
+    from alignforge.config import ConfigError
+
+    ref = reference or (
+        str(Path(reward_model) / "reward_scores_eval.json") if reward_model else None
+    )
+    if ref is None:
+        return None
+    if not Path(ref).exists():
+        raise ConfigError(
+            f"drift_reference: {ref} does not exist (the RM stage writes reward_scores_eval.json next to its model)"
+        )
+    scores = json.loads(Path(ref).read_text())
+    if len(scores) < MIN_DRIFT_REFERENCE:
+        warnings.warn(
+            f"drift monitor off: {ref} holds {len(scores)} reward scores, fewer than "
+            f"{MIN_DRIFT_REFERENCE}; a distribution cannot be compared with so few (give the RM more eval pairs)",
+            stacklevel=2,
+        )
+        return None
+    return RewardDriftMonitor(scores, **settings)

@@ -83,9 +83,11 @@ def build_policy(
 
 
 def _enable_adapter_grads(model) -> None:
+    """Both adapters trainable, except the critic's LoRA on the LM head: the critic reads the
+    hidden states, never the logits, so those weights get no gradient (and DDP would stop)."""
     for name, p in model.named_parameters():
         if "lora_" in name:
-            p.requires_grad_(True)
+            p.requires_grad_(not ("lm_head" in name and f".{VALUE}." in name))
 
 
 def use_adapter(model, name: str) -> None:

@@ -109,3 +109,16 @@ class Scorer:
             fn = self.reward_fn_scores(gp, gr)[offset : offset + len(rollouts)]
             total += self.w_fn * fn
         return total, rm, fn
+
+
+def build_scorer(
+    reward_model: str | None, reward_fn: str | None, fn_kwargs: dict, w_rm: float, w_fn: float,
+    cache: str | None, acc,
+) -> Scorer:  # fmt: skip
+    """A :class:`Scorer` from the config's names: the RM loaded and placed on ``acc``'s device."""
+    from alignforge.models.heads import load_reward_model
+    from alignforge.training import place_frozen
+
+    rm = load_reward_model(reward_model, cache=cache) if reward_model else None
+    fn = load_reward_fn(reward_fn) if reward_fn else None
+    return Scorer(place_frozen(acc, rm), fn, fn_kwargs, w_rm, w_fn)

@@ -51,17 +51,28 @@ def make_accelerator(seed: int, mixed_precision: str | None = None):
     saving, so a run would train and then fail or save a shard. DDP (``torchrun`` or
     ``accelerate launch`` with the multi-GPU config) is supported.
     """
+    import os
+
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
     from alignforge.config import ConfigError
 
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
-    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    sharded = [
+        n
+        for n in ("FSDP", "DEEPSPEED")
+        if os.environ.get(f"ACCELERATE_USE_{n}", "").lower() in ("1", "true")
+    ]
+    acc = None
+    if not sharded:
+        acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            sharded = [acc.distributed_type.value]
+    if sharded:
         raise ConfigError(
-            f"accelerate config: {acc.distributed_type.value} is not supported; alignforge trains "
-            "data-parallel (DDP). Launch with `torchrun --nproc_per_node N -m alignforge.cli train ...` "
-            "or an accelerate config with distributed_type: MULTI_GPU (examples/accelerate/ddp.yaml)."
+            f"accelerate config: {sharded[0]} is not supported; alignforge trains data-parallel "
+            "(DDP). Launch with `torchrun --nproc_per_node N -m alignforge.cli train ...` or an "
+            "accelerate config with distributed_type: MULTI_GPU (examples/accelerate/ddp.yaml)."
         )
     set_seed(seed)
     return acc
@@ -85,7 +96,10 @@ def assert_on_device(module, device, what: str) -> None:
     """Every parameter and buffer of ``module`` is on ``device``, or a one-line error says which is not."""
     want = torch.device(device)
     for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        if t.device.type != want.type or (want.index is not None and t.device.index != want.index):
+        index_differs = (
+            want.type != "cpu" and want.index is not None and t.device.index != want.index
+        )
+        if t.device.type != want.type or index_differs:
             raise RuntimeError(f"{what}: {name} is on {t.device}, the run trains on {want}")
 
 
@@ -347,17 +361,19 @@ class TrainLoop(TrainCore):
         if not self.eval_units:
             return None
         self.model.eval()
+        was_training = True
         units = self.eval_units[self.rank :: self.world]
         bs = self.args.per_device_eval_batch_size
         sums: dict[str, float] = {}
         count = 0.0
         for j in range(0, len(units), bs):
             batch = self.to_device(self.collate(units[j : j + bs]))
-            with self.acc.autocast():
-                loss_sum, stats = self.objective(self.model, batch)
+            with self.acc.autocast():  # unwrapped: a DDP forward would wait for the other ranks
+                loss_sum, stats = self.objective(self.unwrapped, batch)
             count += self.objective.count(batch)
             for k, v in {"loss": loss_sum, **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+        self.model.train(was_training)
         denom = max(self.global_sum(count), 1e-12)
         return {k: v / denom for k, v in self.global_sums(sums).items()}
 

@@ -65,6 +65,11 @@ def make_accelerator(seed: int, mixed_precision: str | None = None):
     ]
     acc = None
     if not sharded:
+        from accelerate.state import AcceleratorState
+
+        # A run in the same process as an earlier one (iterate, demo, tests) must not inherit its
+        # precision: accelerate keeps the first Accelerator's state. The process group is kept.
+        AcceleratorState._reset_state()
         acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
         if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             sharded = [acc.distributed_type.value]

@@ -111,3 +111,39 @@ def test_eval_with_fewer_units_than_processes_finishes(tiny_model_dir, tmp_path)
     evals = [json.loads(x) for x in open(tmp_path / "run/metrics.jsonl")]
     evals = [r for r in evals if r["split"] == "eval"]
     assert len(evals) >= 2 and all(r["loss"] > 0 for r in evals)
+
+
+def test_mixed_precision_reaches_every_loss(tmp_path):
+    """bf16 on one process: the loss runs under autocast, whatever path the recipe takes."""
+    core = TrainCore(nn.Linear(4, 1), args(tmp_path), 1, make_accelerator(0, "bf16"))
+    seen = []
+
+    def loss_fn(model, x):
+        seen.append((x @ x.T).dtype)  # any op of the recipe's, not only the model's forward
+        return model(x).float().sum(), {}
+
+    core.accumulate([torch.ones(2, 4)], loss_fn, 1.0)
+    assert seen == [torch.bfloat16]
+
+
+def test_bf16_switch_changes_the_fast_sft_path(tiny_model_dir, tmp_path):
+    """SFT's padding-free fast path calls the decoder directly: with ``bf16: true`` it too runs
+    in bfloat16, so the first loss moves a little from the float32 one."""
+    from alignforge.config import build_config
+    from alignforge.config.stages import SFTConfig
+    from alignforge.recipes import sft
+
+    rows = json.load(open(os.path.join(ROOT, "examples/data/alpaca_en_demo.json")))[:8]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    losses = {}
+    for bf16 in (False, True):
+        out = tmp_path / f"bf16-{bf16}"
+        c = dict(model_name_or_path=tiny_model_dir, dataset=str(data), output_dir=str(out),
+                 max_length=64, max_steps=1, per_device_train_batch_size=4, progress=False,
+                 bf16=bf16)  # fmt: skip
+        sft.run(build_config(SFTConfig, c))
+        rows_ = [json.loads(x) for x in open(out / "metrics.jsonl")]
+        losses[bf16] = [r["loss"] for r in rows_ if r["split"] == "train"][0]
+    assert losses[True] != losses[False]
+    assert losses[True] == pytest.approx(losses[False], rel=0.05)

@@ -9,7 +9,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from alignforge.config.stages import DataArgs, DataSourceArgs, ModelArgs, TrainArgs
+from alignforge.config.base import StrictModel
+from alignforge.config.stages import DataSourceArgs, ModelArgs, RunArgs, TrainArgs
 
 
 class RMConfig(ModelArgs, DataSourceArgs, TrainArgs):
@@ -42,7 +43,29 @@ class RMConfig(ModelArgs, DataSourceArgs, TrainArgs):
     )
 
 
-class PPOConfig(ModelArgs, DataArgs, TrainArgs):
+class PromptArgs(StrictModel):
+    """Prompts to sample answers for: every row format SFT reads, the answer (if any) dropped."""
+
+    dataset: str = Field(
+        ..., description="Prompts: a .jsonl/.json/.parquet file, a directory, or a hub id."
+    )
+    formatting: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text"] = (
+        Field("auto", description="Row format; `auto` detects it from the columns.")
+    )
+    columns: dict[str, str] | None = Field(
+        None, description="Map our column names to the dataset's, e.g. {prompt: question}."
+    )
+    max_length: int = Field(
+        1024, gt=8, description="Prompt tokens kept (the end of a longer prompt)."
+    )
+    skip_bad_rows: bool = Field(False, description="Skip malformed rows instead of failing.")
+    max_samples: int | None = Field(None, gt=0, description="Use only the first N rows.")
+    per_device_eval_batch_size: int = Field(
+        8, gt=0, description="Sequences generated together by the in-process rollout engine."
+    )
+
+
+class PPOConfig(ModelArgs, PromptArgs, RunArgs):
     """PPO RLHF (``stage: ppo``): a LoRA policy on a merged SFT model; reference = adapter disabled.
 
     ``dataset`` holds prompts (``prompt`` as a string or message list, or ``messages`` whose last

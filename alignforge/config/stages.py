@@ -102,7 +102,10 @@ class DataArgs(DataSourceArgs):
     )
 
 
-class TrainArgs(StrictModel):
+class RunArgs(StrictModel):
+    """What every training run has: its directory, resume, optimizer, schedule, length,
+    checkpoints, trackers and precision (PPO's config, whose batches are rollouts, stops here)."""
+
     output_dir: str = Field(
         ..., description="Run directory: config, metrics, checkpoints and the final model."
     )
@@ -129,19 +132,8 @@ class TrainArgs(StrictModel):
     max_steps: int = Field(
         -1, description="If > 0, train this many optimizer steps (overrides num_train_epochs)."
     )
-    per_device_train_batch_size: int = Field(4, gt=0)
-    per_device_eval_batch_size: int = Field(8, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    logging_steps: int = Field(1, gt=0)
-    eval_steps: int | None = Field(
-        None, gt=0, description="Evaluate every N steps (and at the end) when there is eval data."
-    )
     save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps.")
     save_total_limit: int = Field(2, gt=0, description="Keep only the last K checkpoints.")
-    early_stopping_patience: int | None = Field(
-        None, gt=0, description="Stop when eval loss has not improved for this many evals."
-    )
-    early_stopping_threshold: float = Field(0.0, ge=0)
     report_to: (
         list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]]
         | Literal["none", "jsonl", "tensorboard", "wandb", "mlflow"]
@@ -165,6 +157,22 @@ class TrainArgs(StrictModel):
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16: choose one mixed precision, not both")
         return self
+
+
+class TrainArgs(RunArgs):
+    """A run over a dataset of examples or pairs: micro-batches, accumulation, eval and early stop."""
+
+    per_device_train_batch_size: int = Field(4, gt=0)
+    per_device_eval_batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    logging_steps: int = Field(1, gt=0)
+    eval_steps: int | None = Field(
+        None, gt=0, description="Evaluate every N steps (and at the end) when there is eval data."
+    )
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop when eval loss has not improved for this many evals."
+    )
+    early_stopping_threshold: float = Field(0.0, ge=0)
 
 
 class SFTConfig(ModelArgs, DataArgs, TrainArgs):

@@ -109,7 +109,7 @@ class PPORun:
             path, dtype=cfg.dtype, lora=lora, with_critic=self.use_critic, cache=cfg.cache_dir,
             quantize_4bit=cfg.finetuning_type == "qlora",
             gradient_checkpointing=cfg.gradient_checkpointing,
-            attn_implementation=getattr(cfg, "attn_implementation", None),
+            attn_implementation=cfg.attn_implementation,
         )  # fmt: skip
         if cfg.disable_dropout:
             disable_dropout(model)

@@ -71,6 +71,10 @@ def build_policy(
         base = prepare_model_for_kbit_training(
             base, use_gradient_checkpointing=gradient_checkpointing
         )
+    elif gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+        base.enable_input_require_grads()
     config = LoraConfig(task_type="CAUSAL_LM", **lora)
     model = get_peft_model(base, config, adapter_name=POLICY)
     head = None

@@ -130,3 +130,20 @@ def test_batches_that_do_not_split_over_processes_are_refused():
     c = PPOConfig.model_construct(rollout_batch_size=3, mini_batch_size=4, rollout_staleness=0)
     with pytest.raises(ConfigError, match="rollout_batch_size: 3 must be divisible by the 2"):
         ppo.check_parallel(c, 2)
+
+
+@pytest.mark.parametrize("key", ["gradient_accumulation_steps", "eval_dataset", "truncation"])
+def test_ppo_config_refuses_keys_it_would_ignore(key):
+    from alignforge.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{key}: unknown key"):
+        build_config(
+            PPOConfig, {"dataset": "p.jsonl", "output_dir": "o", "reward_fn": "m:f", key: 2}
+        )
+
+
+def test_gradient_checkpointing_trains_the_policy(tiny_model_dir, prompts, tmp_path):
+    s = ppo.run(
+        cfg(tiny_model_dir, prompts, tmp_path / "gc", gradient_checkpointing=True, max_steps=1)
+    )
+    assert s["steps"] == 1

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 DEFAULT_MODEL = "default"
@@ -115,7 +116,24 @@ def ensure_default_model(cache: str | Path | None = None) -> Path:
     out = root / "models" / DEFAULT_DIRNAME
     if _is_model_dir(out):
         return out
-    return convert_gguf(_find_default_gguf(root), out)
+    with _cache_lock(root):  # several processes (torchrun) may start on an empty cache at once
+        if _is_model_dir(out):
+            return out
+        return convert_gguf(_find_default_gguf(root), out)
+
+
+@contextmanager
+def _cache_lock(root: Path):
+    """An exclusive lock on ``root/.lock``: one process fetches and converts, the others wait."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def resolve_model_path(name_or_path: str | Path, cache: str | Path | None = None) -> str:

@@ -47,11 +47,11 @@ from alignforge.rl.drift import DriftAction, decide, monitor_from_reference
 from alignforge.rl.kl import AdaptiveKLController, FixedKLController, kl_penalty
 from alignforge.rl.policy import (
     POLICY,
-    VALUE,
     Trainables,
     build_policy,
     check_reference,
     disable_dropout,
+    save_policy,
     token_logps,
     token_values,
 )
@@ -390,7 +390,7 @@ class PPORun:
     # -- checkpoints ------------------------------------------------------------------
     def save(self) -> None:
         extra = {"kl": self.kl_ctl.state_dict(), "drift": self.monitor.state_dict() if self.monitor else None,
-                 "generated": self.generated, "restores": self.restores}  # fmt: skip
+                 "generated": self.generated, "restores": self.restores, "reward_fn": self.scorer.state_dict()}  # fmt: skip
         queue = [[(i, dataclasses.asdict(r)) for i, r in b] for b in self.queue]
         self.core.save(extra=extra, rank_extra={"queue": queue})
 
@@ -406,6 +406,7 @@ class PPORun:
             [[(i, Rollout(**r)) for i, r in b] for b in (mine or {}).get("queue", [])]
         )
         self.generated, self.restores = extra["generated"], extra["restores"]
+        self.scorer.load_state_dict(extra.get("reward_fn"))
 
     def resume(self) -> Path | None:
         path = self.core.resume_path(self.cfg.resume_from_checkpoint)
@@ -448,21 +449,11 @@ class PPORun:
 
 def save_final(run: PPORun) -> Path:
     """``final/``: the policy adapter (loadable; merge it for deployment) and ``final/value``."""
-    from safetensors.torch import save_file
-
     final = run.out / "final"
-    acc = run.core.acc
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        run.model.save_pretrained(final, selected_adapters=[POLICY], safe_serialization=True)
-        run.tokenizer.save_pretrained(final)
-        if run.use_critic:  # -> final/value
-            run.model.save_pretrained(final, selected_adapters=[VALUE], safe_serialization=True)
-            head = {
-                k: v.detach().cpu().contiguous() for k, v in run.value_head.state_dict().items()
-            }
-            save_file(head, final / VALUE / "value_head.safetensors")
-    acc.wait_for_everyone()
+    run.core.acc.wait_for_everyone()
+    if run.core.acc.is_main_process:
+        save_policy(run.model, run.value_head if run.use_critic else None, run.tokenizer, final)
+    run.core.acc.wait_for_everyone()
     return final
 
 

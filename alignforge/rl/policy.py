@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -151,3 +152,16 @@ def token_values(model, head: ScalarHead, batch: dict) -> Tensor:
 
 def policy_params_on(model, device) -> bool:
     return all(p.device == torch.device(device) for p in model.parameters())
+
+
+def save_policy(model, head, tokenizer, final) -> None:
+    """The policy adapter at the top of ``final`` (loadable, merge it to deploy) with the
+    tokenizer; with a critic, its adapter and value head in ``final/value``."""
+    from safetensors.torch import save_file
+
+    model.save_pretrained(final, selected_adapters=[POLICY], safe_serialization=True)
+    tokenizer.save_pretrained(final)
+    if head is not None:
+        model.save_pretrained(final, selected_adapters=[VALUE], safe_serialization=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+        save_file(state, Path(final) / VALUE / "value_head.safetensors")

@@ -83,6 +83,15 @@ class Scorer:
         self.rm, self.fn, self.fn_kwargs = reward_model, reward_fn, dict(fn_kwargs or {})
         self.w_rm, self.w_fn = w_rm, w_fn
 
+    def state_dict(self):
+        """The reward function's own state, when it keeps one (``fn.state_dict()``): a
+        checkpoint holds it so a resumed run rewards exactly as the uninterrupted one."""
+        return self.fn.state_dict() if hasattr(self.fn, "state_dict") else None
+
+    def load_state_dict(self, state) -> None:
+        if state is not None and hasattr(self.fn, "load_state_dict"):
+            self.fn.load_state_dict(state)
+
     def reward_fn_scores(self, prompts: list, rollouts: list[Rollout]) -> torch.Tensor:
         texts = [r.text for r in rollouts]
         ids = [r.completion_ids for r in rollouts]

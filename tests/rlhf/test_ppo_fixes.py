@@ -147,3 +147,47 @@ def test_gradient_checkpointing_trains_the_policy(tiny_model_dir, prompts, tmp_p
         cfg(tiny_model_dir, prompts, tmp_path / "gc", gradient_checkpointing=True, max_steps=1)
     )
     assert s["steps"] == 1
+
+
+_CALLS = {"n": 0}
+
+
+def counting_reward(prompts, completions, completion_ids):
+    """A stateful reward: every answer earns the number of batches rewarded before it."""
+    _CALLS["n"] += 1
+    return [float(_CALLS["n"]) + 0.01 * len(ids) for ids in completion_ids]
+
+
+counting_reward.state_dict = lambda: dict(_CALLS)
+counting_reward.load_state_dict = lambda s: _CALLS.update(s)
+
+
+def test_resume_restores_a_stateful_reward_function(tiny_model_dir, prompts, tmp_path):
+    """The reward function's state is part of the checkpoint: after a restart (its state lost)
+    the resumed run's rewards equal the uninterrupted run's."""
+    import json
+
+    kw = dict(reward_fn="test_ppo_fixes:counting_reward", reward_fn_kwargs={}, max_steps=4,
+              save_steps=2)  # fmt: skip
+    _CALLS["n"] = 0
+    ppo.run(cfg(tiny_model_dir, prompts, tmp_path / "full", **kw))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_3(run, row):
+        if run.step == 3:
+            raise Stop
+
+    _CALLS["n"] = 0
+    with pytest.raises(Stop):
+        ppo.run(cfg(tiny_model_dir, prompts, tmp_path / "cut", **kw), callbacks=[stop_after_3])
+    _CALLS["n"] = 0  # a new process: the function's state is gone
+    ppo.run(cfg(tiny_model_dir, prompts, tmp_path / "cut", **kw))
+
+    def rewards(out):
+        rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
+        return [r["reward/fn_mean"] for r in rows if r["split"] == "train"]
+
+    assert rewards(tmp_path / "cut") == pytest.approx(rewards(tmp_path / "full"))
+    assert rewards(tmp_path / "full")[3] > 4  # the fourth batch saw three before it

@@ -54,9 +54,9 @@ from alignforge.recipes.common import (
     trainable_params,
     write_summary,
 )
-from alignforge.training import TrainLoop, make_accelerator, place_frozen, to_device
+from alignforge.training import TrainLoop, place_frozen, to_device
 from alignforge.training.plots import plot_loss_curve, save_figure
-from alignforge.training.rundir import prepare_output_dir
+from alignforge.training.rundir import open_run
 
 CONFIG = DPOConfig
 
@@ -387,10 +387,7 @@ def precompute_reference(cfg, acc, tokenizer, model, ref_model, collate, splits)
 
 
 def run(cfg: DPOConfig, callbacks=()) -> dict:
-    acc = make_accelerator(cfg.seed, cfg.mixed_precision)
-    if acc.is_main_process:
-        prepare_output_dir(cfg)
-    acc.wait_for_everyone()
+    acc = open_run(cfg)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir)
     train, train_stats, evals, eval_stats = load_pairs(cfg, tokenizer)
     collate = make_collate(tokenizer.pad_token_id, cfg)

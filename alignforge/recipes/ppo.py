@@ -60,9 +60,9 @@ from alignforge.rl.scoring import build_scorer
 from alignforge.rl.summary import plot_curves, print_summary, reward_summary
 from alignforge.rollout import Rollout, TransformersEngine, chat_prompt_ids
 from alignforge.rollout.batch import behaviour_model, rollout_batch, trim_padding
-from alignforge.training import NonFiniteLossError, make_accelerator
+from alignforge.training import NonFiniteLossError
 from alignforge.training.loop import TrainCore
-from alignforge.training.rundir import prepare_output_dir
+from alignforge.training.rundir import open_run
 
 CONFIG = PPOConfig
 SUMMED = ("policy/loss", "value/loss", "policy/loss_tokens")  # over processes; others averaged
@@ -88,11 +88,8 @@ class PPORun:
 
     def __init__(self, cfg: PPOConfig, callbacks=()):
         self.cfg, self.callbacks = cfg, list(callbacks)
-        acc = make_accelerator(cfg.seed, cfg.mixed_precision)
+        acc = open_run(cfg)
         check_parallel(cfg, acc.num_processes)
-        if acc.is_main_process:
-            prepare_output_dir(cfg)
-        acc.wait_for_everyone()
         self.out = Path(cfg.output_dir)
         path = check_reference(cfg.model_name_or_path, cfg.cache_dir)
         self.tokenizer = load_tokenizer(path, cfg.cache_dir)

@@ -39,9 +39,9 @@ from alignforge.recipes.common import (
     trainable_params,
     write_summary,
 )
-from alignforge.training import TrainLoop, make_accelerator, to_device
+from alignforge.training import TrainLoop, to_device
 from alignforge.training.plots import plot_loss_curve
-from alignforge.training.rundir import prepare_output_dir
+from alignforge.training.rundir import open_run
 
 CONFIG = RMConfig
 
@@ -235,10 +235,7 @@ def plot_scores(chosen, rejected, path: Path) -> None:
 
 
 def run(cfg: RMConfig, callbacks=()) -> dict:
-    acc = make_accelerator(cfg.seed, cfg.mixed_precision)
-    if acc.is_main_process:
-        prepare_output_dir(cfg)
-    acc.wait_for_everyone()
+    acc = open_run(cfg)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir)
     train_rows, eval_rows = load_splits(
         cfg.dataset, cfg.eval_dataset, cfg.val_size, cfg.seed, cfg.max_samples

@@ -27,9 +27,9 @@ from alignforge.recipes.common import (
     trainable_params,
     write_summary,
 )
-from alignforge.training import TrainLoop, make_accelerator
+from alignforge.training import TrainLoop
 from alignforge.training.plots import plot_loss_curve
-from alignforge.training.rundir import prepare_output_dir
+from alignforge.training.rundir import open_run
 
 CONFIG = SFTConfig
 
@@ -62,7 +62,7 @@ def make_units(examples, cfg, pad_id):
     if cfg.packing:
         rows = [[examples[i] for i in row] for row in pack(examples, cfg.max_length)]
         return rows, lambda batch: collate_packed(batch, pad_id)
-    if cfg.padding_free:  # rows of up to 2 * max_length: little end-of-row padding, bounded attention
+    if cfg.padding_free:  # rows of up to 2 * max_length: little end-of-row padding
         return examples, lambda batch: collate_packed(
             [[batch[i] for i in row] for row in pack(batch, 2 * cfg.max_length)], pad_id
         )
@@ -70,10 +70,7 @@ def make_units(examples, cfg, pad_id):
 
 
 def run(cfg: SFTConfig, callbacks=()) -> dict:
-    acc = make_accelerator(cfg.seed, cfg.mixed_precision)
-    if acc.is_main_process:
-        prepare_output_dir(cfg)
-    acc.wait_for_everyone()
+    acc = open_run(cfg)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir)
 
     train_ex, train_stats, eval_ex, eval_stats = load_prepared(cfg, tokenizer, prepare_sft)

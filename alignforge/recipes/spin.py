@@ -62,8 +62,9 @@ from alignforge.recipes.dpo import (
     place_policy,
     plot_rewards,
 )
-from alignforge.training import TrainLoop, make_accelerator, to_device
+from alignforge.training import TrainLoop, to_device
 from alignforge.training.plots import plot_loss_curve, save_figure
+from alignforge.training.rundir import open_run
 
 CONFIG = SPINConfig
 
@@ -434,11 +435,8 @@ def run_iteration(k, opponent, opponent_id, tokenizer, items, eval_items, prev_r
 
 
 def run(cfg: SPINConfig, callbacks=()) -> dict:
-    acc = make_accelerator(cfg.seed, cfg.mixed_precision)
+    acc = open_run(cfg, prepare_spin_dir)
     out = Path(cfg.output_dir)
-    if acc.is_main_process:
-        prepare_spin_dir(cfg)
-    acc.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir)
     train_rows, eval_rows = load_splits(
         cfg.dataset, cfg.eval_dataset, cfg.val_size, cfg.seed, cfg.max_samples

@@ -33,3 +33,15 @@ def prepare_output_dir(cfg) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     return out
+
+
+def open_run(cfg, prepare=prepare_output_dir):
+    """The run's accelerator, with ``output_dir`` prepared (checked, config written) by rank 0
+    alone while the other processes wait: ranks never race on the run directory."""
+    from alignforge.training.loop import make_accelerator
+
+    acc = make_accelerator(cfg.seed, cfg.mixed_precision)
+    if acc.is_main_process:
+        prepare(cfg)
+    acc.wait_for_everyone()
+    return acc

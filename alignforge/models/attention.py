@@ -58,8 +58,9 @@ def check_attn_implementation(name: str) -> None:
     if name in _FLASH_INSTALL:
         from transformers.utils import import_utils as iu
 
-        available = getattr(iu, f"is_flash_attn_{name[-1]}_available")()
-        via_kernels = torch.cuda.is_available() and iu.is_kernels_available()
+        available = getattr(iu, f"is_flash_attn_{name[-1]}_available", lambda: False)()
+        kernels = getattr(iu, "is_kernels_available", lambda: False)
+        via_kernels = torch.cuda.is_available() and kernels()  # transformers' hub-kernel fallback
         if not (available or via_kernels):
             gpu = "a CUDA GPU" if torch.cuda.is_available() else "no CUDA GPU"
             raise ConfigError(

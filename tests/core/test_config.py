@@ -79,9 +79,8 @@ def test_missing_and_invalid_yaml_files(tmp_path):
     [
         ("sft", "beta", 0.1),  # a preference-loss setting
         ("sft", "share_prompt", True),
-        ("rm", "truncation", "drop"),  # the RM keeps the last max_length tokens, always
-        ("rm", "formatting", "alpaca"),  # the RM reads prompt/chosen/rejected (or `columns`)
-        ("rm", "padding_free", True),
+        ("rm", "padding_free", True),  # the RM scores left-padded pairs, always
+        ("rm", "packing", True),
         ("dpo", "num_iterations", 2),
         ("spin", "precompute_ref_logps", True),  # SPIN scores its opponent every iteration anyway
         ("spin", "use_margin", True),
@@ -91,14 +90,21 @@ def test_each_stage_rejects_a_key_its_recipe_does_not_read(tmp_path, stage, key,
     """A config holds only what its recipe reads, so a key that would do nothing is an error."""
     p = write(tmp_path, {"stage": stage, "dataset": "d", "output_dir": "o", key: value})
     with pytest.raises(ConfigError, match=f"{key}: unknown key"):
-        resolve_stage(str(p), [])
+        load_config(stage_configs()[stage], p)
 
 
 def test_each_stage_takes_the_attention_backend(tmp_path):
-    for stage in ("sft", "rm", "dpo", "spin"):
+    for stage, cls in stage_configs().items():
         p = write(tmp_path, {"stage": stage, "dataset": "d", "output_dir": "o"})
-        _, cfg = resolve_stage(str(p), ["attn_implementation=eager"])
-        assert cfg.attn_implementation == "eager"
+        assert load_config(cls, p, ["attn_implementation=eager"]).attn_implementation == "eager"
+
+
+def stage_configs():
+    """The config class of each training stage (what ``recipes.<stage>.CONFIG`` is)."""
+    from alignforge.config.preference import DPOConfig, SPINConfig
+    from alignforge.config.rlhf import RMConfig
+
+    return {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "spin": SPINConfig}
 
 
 def test_a_whole_config_check_names_its_field_without_echoing_the_config(tmp_path):

@@ -85,20 +85,20 @@ def validate(cfg: IterateConfig) -> None:
     judge kept fewer than ``min_pairs`` decisive pairs), whose reward is the task reward alone.
     """
     from alignforge.config import build_config
+    from alignforge.config.rlhf import PPOConfig, RMConfig  # recipes.reward/ppo's CONFIG
     from alignforge.models import check_attn_implementation
-    from alignforge.recipes import ppo, reward
 
     _check_keys(cfg)
     rnd_dir = Path(cfg.output_dir) / "round_1"
     prefs = rnd_dir / "judge" / "prefs"
     data = rm_data(cfg, cfg.policy, prefs / "train.jsonl", prefs / "validation.jsonl", rnd_dir)
-    built = [build_config(reward.CONFIG, data, "iterate.rm")]
+    built = [build_config(RMConfig, data, "iterate.rm")]
     for rm_path, where in (
         (str(rnd_dir / "rm" / "final"), "iterate.ppo"),
         (None, "iterate.ppo (a round without a reward model)"),
     ):
         data = ppo_fields(cfg, cfg.policy, rm_path, rnd_dir, 1, log=lambda msg: None)
-        built.append(build_config(ppo.CONFIG, data, where))
+        built.append(build_config(PPOConfig, data, where))
     for stage_cfg in built:
         check_attn_implementation(getattr(stage_cfg, "attn_implementation", "sdpa"))
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import os
 import tempfile
@@ -189,13 +190,16 @@ def build_policy(
     lora_target="all",
     gradient_checkpointing: bool = False,
     cache: str | None = None,
+    attn_implementation: str = "sdpa",
 ):
     """``(policy, frozen_reference or None)``. LoRA: the reference is the adapter-off policy.
 
     An adapter directory is merged into its base first, so the reference is the adapted model.
     """
     quant = finetuning_type == "qlora"
-    model = load_model(name, dtype=dtype, quantize_4bit=quant, cache=cache)
+    model = load_model(
+        name, dtype=dtype, quantize_4bit=quant, cache=cache, attn_implementation=attn_implementation
+    )
     if hasattr(model, "peft_config"):
         if quant:
             raise ValueError(
@@ -345,7 +349,8 @@ def attach_ref_logps(pairs, cache_file: Path, compute, acc=None) -> str:
 
 
 def load_pairs(cfg, tokenizer):
-    train, train_stats, evals, eval_stats = load_prepared(cfg, tokenizer, prepare_pairs)
+    prepare = functools.partial(prepare_pairs, max_prompt_length=cfg.max_prompt_length)
+    train, train_stats, evals, eval_stats = load_prepared(cfg, tokenizer, prepare)
     if cfg.loss_type == "ipo" and cfg.use_margin and any(p.margin is not None for p in train):
         raise ValueError("use_margin: loss_type=ipo has no margin; set use_margin=false")
     return train, train_stats, evals, eval_stats
@@ -394,6 +399,7 @@ def run(cfg: DPOConfig, callbacks=()) -> dict:
     model, ref_model = build_policy(
         cfg.model_name_or_path, cfg.finetuning_type, cfg.dtype, cfg.lora_rank, cfg.lora_alpha,
         cfg.lora_dropout, cfg.lora_target, cfg.gradient_checkpointing, cfg.cache_dir,
+        cfg.attn_implementation,
     )  # fmt: skip
     ref_model = place_frozen(acc, ref_model)
     ref_source = None

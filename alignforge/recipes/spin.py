@@ -234,9 +234,9 @@ def finished_iterations(out: Path, n: int) -> list[dict]:
     return done
 
 
-def load_opponent(source: str, dtype: str, cache: str | None):
+def load_opponent(source: str, dtype: str, cache: str | None, attn_implementation: str = "sdpa"):
     """The opponent as a plain model; an adapter directory is merged into its base."""
-    model = load_model(source, dtype=dtype, cache=cache)
+    model = load_model(source, dtype=dtype, cache=cache, attn_implementation=attn_implementation)
     return model.merge_and_unload() if hasattr(model, "peft_config") else model
 
 
@@ -350,6 +350,7 @@ def iteration_pairs(k: int, rows, eval_rows, tokenizer, cfg: SPINConfig):
     prep = dict(
         max_length=cfg.max_length,
         truncation=cfg.truncation,
+        max_prompt_length=cfg.max_prompt_length,
         formatting="explicit",
         skip_bad_rows=True,
     )
@@ -455,7 +456,9 @@ def run(cfg: SPINConfig, callbacks=()) -> dict:
         if not any(d.get("stop_reason") for d in iterations) and resumed < cfg.num_iterations:
             last = out / f"iter_{resumed - 1}"
             source = str(last / "model") if resumed else cfg.model_name_or_path
-            model = place_policy(acc, load_opponent(source, cfg.dtype, cfg.cache_dir))
+            model = place_policy(
+                acc, load_opponent(source, cfg.dtype, cfg.cache_dir, cfg.attn_implementation)
+            )
             opponent_id = (
                 fingerprint(last / "model") if resumed else model_identity(source, cfg.cache_dir)
             )

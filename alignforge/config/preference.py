@@ -13,6 +13,25 @@ from alignforge.config.base import StrictModel
 from alignforge.config.stages import DataArgs, ModelArgs, TrainArgs
 
 
+class PromptLengthArgs(StrictModel):
+    """How an over-long pair is cut: one rule for every preference stage (RM, DPO, SPIN)."""
+
+    max_prompt_length: int | None = Field(
+        None,
+        gt=0,
+        description="Prompt tokens an over-long pair keeps at least (its last ones); its answers keep "
+        "their first max_length - prompt tokens. Default max_length // 2. See docs/data.md.",
+    )
+
+    def _check_prompt_length(self):
+        limit = self.max_prompt_length
+        if limit is not None and limit >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length: {limit} leaves no answer token within max_length "
+                f"{self.max_length}; set it below max_length"
+            )
+
+
 class PreferenceArgs(StrictModel):
     """How preference pairs are batched (shared by DPO and SPIN)."""
 
@@ -46,7 +65,7 @@ class PreferenceArgs(StrictModel):
             )
 
 
-class DPOConfig(ModelArgs, DataArgs, TrainArgs, PreferenceArgs):
+class DPOConfig(ModelArgs, DataArgs, TrainArgs, PreferenceArgs, PromptLengthArgs):
     """Direct preference optimisation (`stage: dpo`; Rafailov et al. 2023) and its variants."""
 
     stage: Literal["dpo"] = "dpo"
@@ -82,6 +101,7 @@ class DPOConfig(ModelArgs, DataArgs, TrainArgs, PreferenceArgs):
     @model_validator(mode="after")
     def _check(self):
         self._check_layout()
+        self._check_prompt_length()
         if self.label_smoothing and self.loss_type not in ("robust", "conservative"):
             raise ValueError(
                 f"label_smoothing: only loss_type robust or conservative use it (loss_type is {self.loss_type})"
@@ -91,7 +111,7 @@ class DPOConfig(ModelArgs, DataArgs, TrainArgs, PreferenceArgs):
         return self
 
 
-class SPINConfig(ModelArgs, DataArgs, TrainArgs, PreferenceArgs):
+class SPINConfig(ModelArgs, DataArgs, TrainArgs, PreferenceArgs, PromptLengthArgs):
     """Self-play fine-tuning (`stage: spin`; Chen et al. 2024) on SFT data."""
 
     stage: Literal["spin"] = "spin"
@@ -142,6 +162,7 @@ class SPINConfig(ModelArgs, DataArgs, TrainArgs, PreferenceArgs):
             if any(v <= 0 for v in values):
                 raise ValueError(f"{name}: every value must be > 0 (got {value})")
         self._check_layout()
+        self._check_prompt_length()
         if self.finetuning_type == "qlora":
             raise ValueError(
                 "finetuning_type: SPIN merges the adapter after every iteration; use lora or full"

@@ -10,18 +10,25 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from alignforge.config.base import StrictModel
-from alignforge.config.stages import DataSourceArgs, ModelArgs, RunArgs, TrainArgs
+from alignforge.config.preference import PromptLengthArgs
+from alignforge.config.stages import DataArgs, ModelArgs, RunArgs, TrainArgs
 
 
-class RMConfig(ModelArgs, DataSourceArgs, TrainArgs):
+class RMConfig(ModelArgs, DataArgs, TrainArgs, PromptLengthArgs):
     """Reward model on preference pairs (``stage: rm``): a scalar head on a (merged SFT) model.
 
-    Rows are ``prompt``/``chosen``/``rejected`` (``columns`` maps other names; ShareGPT
-    ``conversations`` are read too), and a longer prompt + answer keeps its *last* ``max_length``
-    tokens (the score is read at the end), so there is no ``formatting`` or ``truncation`` to set.
+    Rows are read like DPO's (``formatting``, ``columns``; an ``agreement`` column is read too),
+    and an over-long pair is cut by the rule every preference stage shares: the end of the
+    prompt and the start of each answer are kept (``max_prompt_length``; docs/data.md). The
+    score is read at the last kept token.
     """
 
     stage: Literal["rm"] = "rm"
+    formatting: Literal["auto", "sharegpt", "explicit", "implicit"] = Field(
+        "auto",
+        description="Preference row format, as for DPO: sharegpt, explicit (prompt/chosen/rejected) "
+        "or implicit (chosen/rejected conversations sharing a prefix); auto detects it.",
+    )
     center_rewards_coef: float = Field(
         0.0,
         ge=0.0,
@@ -31,6 +38,12 @@ class RMConfig(ModelArgs, DataSourceArgs, TrainArgs):
         True,
         description="Subtract the row's `margin` column (if present) inside the Bradley-Terry sigmoid.",
     )
+    length_control: bool = Field(
+        False,
+        description="Add gamma * (log len_c - log len_r) inside the sigmoid, gamma fitted on the training "
+        "pairs' lengths alone before training, so the score learns what answer length does not explain "
+        "(length-controlled Bradley-Terry; docs/rlhf.md). The saved score has no length term.",
+    )
     agreement_ceiling: float | None = Field(
         None,
         gt=0.0,
@@ -39,8 +52,13 @@ class RMConfig(ModelArgs, DataSourceArgs, TrainArgs):
         "A column `agreement` on the eval rows is used when this is unset.",
     )
     bootstrap_samples: int = Field(
-        1000, ge=0, description="Bootstrap resamples for the accuracy's 95% interval."
+        1000, ge=100, description="Bootstrap resamples for the accuracy's 95% intervals."
     )
+
+    @model_validator(mode="after")
+    def _check(self):
+        self._check_prompt_length()
+        return self
 
 
 class PromptArgs(StrictModel):

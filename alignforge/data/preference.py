@@ -20,10 +20,15 @@ by :func:`render_prompt` (SPIN's generation uses the same function, so what the 
 generation time is what it is trained on), and each response is what the rendered
 ``prompt + response`` adds after the longest common token prefix with the prompt.
 
-Over-long pairs: ``truncation="truncate"`` keeps the first ``max_length`` tokens of each
-``prompt + response`` sequence (TRL's ``keep_start``), ``"drop"`` drops the pair. A pair whose
-prompt alone fills ``max_length`` has no response token left and is dropped either way. All are
-counted in :class:`PreferenceStats`.
+Length, one rule for every preference stage (reward model, DPO, SPIN), for a reward model
+scoring one answer, and for ``alignforge eval --task preference``: a prompt longer than
+``max_prompt_length`` (default ``max_length // 2``) keeps its *last* ``max_prompt_length`` tokens,
+and each answer keeps its *first* ``max_length - len(prompt)`` tokens. The prompt's end is what
+the answer replies to; the answer's start is what the model reads first. What a sequence keeps
+depends on its prompt and its own answer only, so a reward model scores an answer alone exactly
+as it saw it in its pair, and both answers of a pair share one prompt. No pair is dropped for
+length (``truncation="drop"`` drops every pair the rule would cut instead). A pair whose answers
+are equal once cut is dropped. All are counted in :class:`PreferenceStats`.
 
 Batch layouts (:func:`collate_pairs`), all giving the same per-sequence log-probs:
 
@@ -71,6 +76,8 @@ class PreferencePair:
     truncated: bool = False
     index: int = -1  # row index in the source
     ref: tuple[float, float] | None = None
+    lengths: tuple[int, int] | None = None  # (chosen, rejected) response tokens before truncation
+    prompt_key: str = ""  # the same for every pair of one prompt (its tokens before truncation)
 
     def __len__(self) -> int:  # tokens of the two sequences, as trained without sharing
         return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
@@ -84,8 +91,10 @@ class PreferencePair:
 class PreferenceStats:
     rows: int = 0
     used: int = 0
-    truncated: int = 0
-    dropped_too_long: int = 0
+    truncated: int = 0  # pairs cut to max_length (prompt, answers or both)
+    prompt_truncated: int = 0  # ... whose prompt lost its start
+    answer_truncated: int = 0  # ... whose longer answer lost its end
+    dropped_too_long: int = 0  # truncation="drop" only
     dropped_identical: int = 0  # chosen == rejected once truncated
     bad_rows: int = 0
     with_margin: int = 0
@@ -253,20 +262,57 @@ def tokenize_pair(tokenizer, prompt, chosen, rejected) -> tuple[list[int], list[
     return p_ids[:n], full[0][n:], full[1][n:]
 
 
-def fit_pair(pair: PreferencePair, max_length: int, truncation: str) -> PreferencePair | str:
-    """Apply the length policy; returns the pair or the reason it is dropped
+def prompt_budget(max_length: int, max_prompt_length: int | None) -> int:
+    """The most prompt tokens a sequence keeps: ``max_prompt_length``, by default half of
+    ``max_length``."""
+    budget = max_length // 2 if max_prompt_length is None else max_prompt_length
+    if not 0 < budget < max_length:
+        raise ValueError(
+            f"max_prompt_length: must be between 1 and max_length - 1 ({max_length - 1}), "
+            f"got {budget}"
+        )
+    return budget
+
+
+def cut(
+    prompt: list[int], answer: list[int], max_length: int, max_prompt_length: int | None = None
+) -> tuple[list[int], list[int]]:
+    """The module doc's length rule on one sequence: the prompt's last ``max_prompt_length``
+    tokens, then the answer's first ``max_length - len(prompt)``."""
+    keep = min(len(prompt), prompt_budget(max_length, max_prompt_length))
+    return prompt[len(prompt) - keep :], answer[: max_length - keep]
+
+
+def fit_pair(
+    pair: PreferencePair, max_length: int, truncation: str, max_prompt_length: int | None = None
+) -> PreferencePair | str:
+    """Apply the length rule of the module doc; returns the pair or the reason it is dropped
     (``"too_long"`` or ``"identical"``)."""
-    p = len(pair.prompt_ids)
-    longest = p + max(len(pair.chosen_ids), len(pair.rejected_ids))
-    if longest <= max_length:
+    prompt, chosen = cut(pair.prompt_ids, pair.chosen_ids, max_length, max_prompt_length)
+    rejected = cut(pair.prompt_ids, pair.rejected_ids, max_length, max_prompt_length)[1]
+    if (len(prompt), len(chosen), len(rejected)) == (
+        len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids),
+    ):  # fmt: skip
         return pair
-    if truncation == "drop" or p >= max_length:
+    if truncation == "drop":
         return "too_long"
-    room = max_length - p
-    chosen, rejected = pair.chosen_ids[:room], pair.rejected_ids[:room]
     if chosen == rejected:
         return "identical"
-    return PreferencePair(pair.prompt_ids, chosen, rejected, pair.margin, True, pair.index)
+    return PreferencePair(
+        prompt, chosen, rejected, pair.margin, True, pair.index, None, pair.lengths, pair.prompt_key
+    )
+
+
+def encode_answer(
+    tokenizer, prompt, answer, max_length: int, max_prompt_length: int | None = None
+) -> list[int]:
+    """``prompt + answer`` token ids of one answer (a string, message or messages), cut as in
+    a pair: what a reward model reads when it scores an answer alone."""
+    p = _messages(prompt, "user", "prompt")
+    a = _messages(answer, "assistant", "answer")
+    p_ids, a_ids, _ = tokenize_pair(tokenizer, p, a, a)
+    p_ids, a_ids = cut(p_ids, a_ids, max_length, max_prompt_length)
+    return p_ids + a_ids
 
 
 def prepare_pairs(
@@ -278,9 +324,11 @@ def prepare_pairs(
     columns: dict[str, str] | None = None,
     skip_bad_rows: bool = False,
     source: str = "dataset",
+    max_prompt_length: int | None = None,
 ) -> tuple[list[PreferencePair], PreferenceStats]:
-    """Tokenize preference rows; a bad row raises with its index unless ``skip_bad_rows``
-    (then it is counted in ``stats.bad_rows``)."""
+    """Tokenize preference rows and fit them to ``max_length`` (:func:`fit_pair`); a bad row
+    raises with its index unless ``skip_bad_rows`` (then it is counted in ``stats.bad_rows``)."""
+    prompt_budget(max_length, max_prompt_length)  # a bad budget fails before any row is read
     stats = PreferenceStats(rows=len(rows))
     out: list[PreferencePair] = []
     for idx, row in enumerate(rows):
@@ -299,7 +347,10 @@ def prepare_pairs(
             stats.bad_rows += 1
             stats.bad_examples.append(f"row {idx}: {e}")
             continue
-        fitted = fit_pair(PreferencePair(*ids, margin=margin, index=idx), max_length, truncation)
+        lengths = (len(ids[1]), len(ids[2]))
+        key = hashlib.sha1(json.dumps(ids[0]).encode()).hexdigest()[:16]
+        pair = PreferencePair(*ids, margin=margin, index=idx, lengths=lengths, prompt_key=key)
+        fitted = fit_pair(pair, max_length, truncation, max_prompt_length)
         if fitted == "too_long":
             stats.dropped_too_long += 1
             continue
@@ -307,6 +358,10 @@ def prepare_pairs(
             stats.dropped_identical += 1
             continue
         stats.truncated += fitted.truncated
+        stats.prompt_truncated += len(fitted.prompt_ids) < len(ids[0])
+        stats.answer_truncated += max(len(fitted.chosen_ids), len(fitted.rejected_ids)) < max(
+            lengths
+        )
         stats.with_margin += margin is not None
         stats.tokens += len(fitted)
         out.append(fitted)

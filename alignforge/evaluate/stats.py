@@ -53,6 +53,31 @@ def bootstrap_ci(
     return Estimate(point, float(low), float(high))
 
 
+def bootstrap_by_group(
+    values: Sequence[float] | np.ndarray,
+    groups: Sequence,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> Estimate:
+    """Percentile interval of the mean of ``values`` resampling whole groups (cluster bootstrap).
+
+    Items of one group (e.g. several answer pairs of one prompt) are not independent; resampling
+    groups with replacement and taking ``sum(values) / count`` over the drawn groups gives the
+    interval a new sample of *groups* would give. With one group the interval has zero width:
+    nothing is known about other groups.
+    """
+    x = np.asarray(values, dtype=float)
+    if x.shape[0] == 0 or len(groups) != x.shape[0]:
+        raise ValueError(f"bootstrap_by_group: {x.shape[0]} values and {len(groups)} groups")
+    _, g = np.unique(np.asarray([str(k) for k in groups]), return_inverse=True)
+    sums, counts = np.bincount(g, weights=x), np.bincount(g).astype(float)
+    idx = np.random.default_rng(seed).integers(0, len(sums), size=(n_boot, len(sums)))
+    stats = sums[idx].sum(1) / counts[idx].sum(1)
+    low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
+    return Estimate(float(x.mean()), float(low), float(high))
+
+
 class WinTieLoss(NamedTuple):
     n: int
     win: Estimate

@@ -74,10 +74,18 @@ class ScalarHead(nn.Module):
 class RewardModel(nn.Module):
     """A causal LM (plain, or with a LoRA adapter) plus a ``ScalarHead`` read at the last token."""
 
-    def __init__(self, lm, head: ScalarHead, tokenizer=None, max_length: int = 1024):
+    def __init__(
+        self,
+        lm,
+        head: ScalarHead,
+        tokenizer=None,
+        max_length: int = 1024,
+        max_prompt_length: int | None = None,
+    ):
         super().__init__()
         self.lm, self.head = lm, head
         self.tokenizer, self.max_length = tokenizer, max_length
+        self.max_prompt_length = max_prompt_length
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Scores ``(B,)`` from ``input_ids``/``attention_mask`` ``(B, T)``."""
@@ -103,6 +111,7 @@ class RewardModel(nn.Module):
             "score_position": "last_non_pad_token",
             "hidden_size": self.head.summary.in_features,
             "max_length": self.max_length,
+            "max_prompt_length": self.max_prompt_length,
             "adapter": hasattr(self.lm, "peft_config"),
             **(meta or {}),
         }
@@ -117,7 +126,7 @@ class RewardModel(nn.Module):
                 "RewardModel.score needs a tokenizer (pass tokenizer= or use load_reward_model)"
             )
         ids = [
-            encode_pair(self.tokenizer, p, c, self.max_length)
+            encode_pair(self.tokenizer, p, c, self.max_length, self.max_prompt_length)
             for p, c in zip(prompts, completions, strict=True)
         ]
         device = next(self.parameters()).device
@@ -128,20 +137,17 @@ class RewardModel(nn.Module):
         return out
 
 
-def encode_pair(tokenizer, prompt, completion, max_length: int) -> list[int]:
-    """Token ids of prompt + completion (chat template when the tokenizer has one).
-
-    Longer than ``max_length``: the *last* ``max_length`` tokens are kept, because the score is
-    read at the end of the answer.
+def encode_pair(
+    tokenizer, prompt, completion, max_length: int, max_prompt_length: int | None = None
+) -> list[int]:
+    """Token ids of prompt + completion (chat template when the tokenizer has one), cut by the
+    rule every preference stage trains with: the prompt's last ``max_prompt_length`` tokens
+    (default ``max_length // 2``) and the completion's first ones
+    (:func:`alignforge.data.preference.encode_answer`). The score is read at the last kept token.
     """
-    from alignforge.data import to_example, tokenize_example
+    from alignforge.data.preference import encode_answer
 
-    row = {"prompt": prompt, "completion": completion}
-    plain = getattr(tokenizer, "chat_template", None) is None
-    ids = tokenize_example(
-        tokenizer, to_example(row, "prompt_completion", plain_strings=plain)
-    ).input_ids
-    return ids[-max_length:]
+    return encode_answer(tokenizer, prompt, completion, max_length, max_prompt_length)
 
 
 def pad_left(seqs: list[list[int]], pad_id: int) -> dict[str, Tensor]:
@@ -174,5 +180,7 @@ def load_reward_model(
     head = ScalarHead(lm.config.hidden_size)
     head.load_state_dict(load_file(path / HEAD_FILE))
     tok = load_tokenizer(str(path), cache)
-    rm = RewardModel(lm, head, tokenizer=tok, max_length=int(meta.get("max_length", 1024)))
+    rm = RewardModel(
+        lm, head, tok, int(meta.get("max_length", 1024)), meta.get("max_prompt_length")
+    )
     return rm.eval().requires_grad_(False)

@@ -1,25 +1,31 @@
 """Reward model on preference pairs (``stage: rm``): a scalar head on a (merged SFT) model.
 
     alignforge train examples/rm.yaml
-    alignforge train examples/rm.yaml finetuning_type=full agreement_ceiling=0.78
+    alignforge train examples/rm.yaml finetuning_type=full length_control=true
 
-Recipe, top to bottom: read ``prompt``/``chosen``/``rejected`` rows (strings or message lists;
-optional ``margin`` and ``agreement`` columns, the annotation export's columns), tokenize both
-answers with the chat template, build the LM (LoRA or full) plus a ``ScalarHead`` read at the
-last non-pad token, train the Bradley-Terry loss on the shared loop, then score the held-out
-pairs: accuracy with a bootstrap interval beside the 50% coin flip and the annotators'
-agreement ceiling, and the score distribution (``reward_scores_eval.json``) that the PPO drift
-monitor compares policy samples with.
+Recipe, top to bottom: read and tokenize the pairs as DPO does
+(:func:`alignforge.data.preference.prepare_pairs`: the same formats, and over-long pairs cut by
+the one rule every preference stage shares: the end of the prompt, the start of each answer),
+build the LM (LoRA or full), score the held-out pairs with the *untrained* model for the
+baselines, add a ``ScalarHead`` read at the last token, train the Bradley-Terry loss on the shared
+loop, then report the held-out accuracy once (the loop's final evaluation records every pair's
+scores) beside a coin flip, "prefer the longer answer", the base model's mean log-prob per
+token and 1,000 untrained score heads (:mod:`alignforge.evaluate.preference`), with a warning
+when the held-out set is too small to tell anything. The scores (``reward_scores_eval.json``)
+are what the PPO drift monitor compares policy samples with.
 
-Loss: ``mean_pairs[-log sigmoid(r_c - r_r - margin) + center_coef (r_c + r_r)^2]``
-(:func:`alignforge.losses.pairwise.bradley_terry_loss`).
+Loss: ``mean_pairs[-log sigmoid(r_c - r_r + gamma * (log n_c - log n_r) - margin)
++ center_coef (r_c + r_r)^2]`` (:func:`alignforge.losses.pairwise.bradley_terry_loss`), with
+``n`` an answer's token count before truncation and ``gamma = 0`` unless ``length_control``
+(then fitted on the training pairs by :func:`fit_length_coef`). The length term explains the
+part of the preferences that answer length predicts, so the score is pushed to learn the rest.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +33,12 @@ import torch
 
 from alignforge.config.rlhf import RMConfig
 from alignforge.data import DataError
-from alignforge.evaluate.stats import bootstrap_ci
+from alignforge.data.preference import PreferencePair, prepare_pairs
+from alignforge.evaluate import preference as pref
+from alignforge.evaluate.pair_scores import last_token_features, mean_token_logps, sequences
 from alignforge.losses.pairwise import bradley_terry_loss
 from alignforge.models import load_tokenizer
-from alignforge.models.heads import RewardModel, ScalarHead, encode_pair, pad_left
+from alignforge.models.heads import RewardModel, ScalarHead, pad_left
 from alignforge.recipes.common import (
     Timer,
     build_trainable_model,
@@ -39,109 +47,59 @@ from alignforge.recipes.common import (
     trainable_params,
     write_summary,
 )
-from alignforge.training import TrainLoop, to_device
+from alignforge.recipes.memory import warn_if_memory_short
+from alignforge.training import TrainLoop, make_accelerator
 from alignforge.training.plots import plot_loss_curve
-from alignforge.training.rundir import open_run
+from alignforge.training.rundir import prepare_output_dir
 
 CONFIG = RMConfig
 
 
-@dataclass
-class Pair:
-    chosen: list[int]
-    rejected: list[int]
-    margin: float
-    agreement: float | None = None
+def log_length_ratio(pairs: list[PreferencePair]) -> torch.Tensor:
+    """``log n_c - log n_r`` per pair ``(P,)``, from the answers' lengths before truncation."""
+    lengths = [p.lengths or (len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    return torch.tensor([math.log(c) - math.log(r) for c, r in lengths], dtype=torch.float32)
 
 
-def _answer(value, field: str, where: str):
-    if isinstance(value, str) and value.strip():
-        return value
-    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
-        return value
-    raise DataError(f"{where}: {field!r} must be a non-empty string or a list of messages")
-
-
-def normalise_pair_row(row: dict, columns: dict[str, str] | None = None) -> dict:
-    """Map a row onto prompt/chosen/rejected/margin.
-
-    Accepts our columns (the annotation export), a ``columns`` renaming, and the LLaMA-Factory
-    ShareGPT layout (``conversations`` + ``chosen``/``rejected`` as ``{from, value}``).
-    """
-    if columns:
-        row = {**row, **{ours: row[theirs] for ours, theirs in columns.items() if theirs in row}}
-    if "prompt" not in row and isinstance(row.get("conversations"), list):
-        from alignforge.data.formats import SHAREGPT_ROLES
-
-        conv = row["conversations"]
-        prompt = [
-            {"role": SHAREGPT_ROLES.get(m.get("from"), "user"), "content": m.get("value", "")}
-            for m in conv
-        ]
-        row = {**row, "prompt": prompt}
-        for key in ("chosen", "rejected"):
-            if isinstance(row.get(key), dict) and "value" in row[key]:
-                row[key] = row[key]["value"]
-    return row
-
-
-def prepare_pairs(
-    rows: list[dict],
-    tokenizer,
-    max_length: int,
-    source: str,
-    skip_bad_rows: bool = False,
-    columns: dict[str, str] | None = None,
-):
-    """Tokenized pairs and a count of skipped rows; errors name the file, row and column."""
-    pairs, bad = [], 0
-    for i, row in enumerate(rows):
-        where = f"{source} row {i}"
-        try:
-            row = normalise_pair_row(row, columns)
-            missing = [c for c in ("prompt", "chosen", "rejected") if c not in row]
-            if missing:
-                raise DataError(f"{where}: column {missing[0]!r} is missing; row has {sorted(row)}")
-            prompt = row["prompt"]
-            if not isinstance(prompt, str | list):
-                raise DataError(f"{where}: 'prompt' must be a string or a list of messages")
-            margin = row.get("margin", 0.0)
-            if margin is None:
-                margin = 0.0
-            if not isinstance(margin, int | float) or not math.isfinite(margin):
-                raise DataError(f"{where}: 'margin' must be a finite number, got {margin!r}")
-            chosen = encode_pair(
-                tokenizer, prompt, _answer(row["chosen"], "chosen", where), max_length
-            )
-            rejected = encode_pair(
-                tokenizer, prompt, _answer(row["rejected"], "rejected", where), max_length
-            )
-            agreement = row.get("agreement")
-            pairs.append(Pair(chosen, rejected, float(margin), agreement))
-        except DataError:
-            if not skip_bad_rows:
-                raise
-            bad += 1
-    if not pairs:
-        raise DataError(f"{source}: no usable preference pairs")
-    return pairs, bad
+def fit_length_coef(x: torch.Tensor, ridge: float = 1.0, steps: int = 50) -> float:
+    """Maximum-likelihood ``gamma`` of ``P(chosen preferred) = sigmoid(gamma * x)`` (``x`` the
+    log length ratios ``(P,)``), with an L2 penalty ``ridge/2 * gamma^2`` that keeps it finite
+    when every chosen answer is the longer one. Newton's method on a concave objective."""
+    x = x.double()
+    gamma = 0.0
+    for _ in range(steps):
+        p = torch.sigmoid(gamma * x)
+        grad = float((x * (1 - p)).sum()) - ridge * gamma
+        hess = -float((x * x * p * (1 - p)).sum()) - ridge
+        gamma -= grad / hess
+    return gamma
 
 
 class PairCollator:
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    """Left-padded ``prompt + chosen`` rows, then ``prompt + rejected`` rows; per pair its
+    ``margin``, its ``length_offset`` ``gamma * (log n_c - log n_r)`` and its row ``index``."""
 
-    def __call__(self, pairs: list[Pair]) -> dict:
-        enc = pad_left([p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad_id)
-        enc["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
+    def __init__(self, pad_id: int, length_coef: float = 0.0):
+        self.pad_id, self.length_coef = pad_id, length_coef
+
+    def __call__(self, pairs: list[PreferencePair]) -> dict:
+        enc = pad_left(sequences(pairs), self.pad_id)
+        enc["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
+        enc["length_offset"] = self.length_coef * log_length_ratio(pairs)
+        enc["index"] = torch.tensor([p.index for p in pairs])
         return enc
 
 
 class BradleyTerryObjective:
-    """Summed Bradley-Terry loss over a micro-batch of pairs; ``count`` is the number of pairs."""
+    """Summed Bradley-Terry loss over a micro-batch of pairs; ``count`` is the number of pairs.
+
+    In eval mode it also records each pair's ``(chosen, rejected)`` scores by row index in
+    ``eval_scores``, so the loop's final evaluation is the one scoring of the held-out set.
+    """
 
     def __init__(self, center_coef: float, use_margin: bool):
         self.center_coef, self.use_margin = center_coef, use_margin
+        self.eval_scores: dict[int, tuple[float, float]] = {}
 
     def count(self, batch: dict) -> float:
         return float(batch["margin"].shape[0])
@@ -152,31 +110,31 @@ class BradleyTerryObjective:
     def __call__(self, model, batch: dict):
         scores = model(batch["input_ids"], batch["attention_mask"])  # (2B,)
         n = batch["margin"].shape[0]
+        offset = batch["margin"] * self.use_margin - batch["length_offset"]
         out = bradley_terry_loss(
             scores[:n],
             scores[n:],
-            margin=batch["margin"] if self.use_margin else None,
+            margin=offset,
             center_coef=self.center_coef,
             num_pairs=1,  # summed: the loop divides by the global number of pairs
         )
+        if not model.training:
+            c, r, idx = scores[:n].tolist(), scores[n:].tolist(), batch["index"].tolist()
+            self.eval_scores.update({i: (a, b) for i, a, b in zip(idx, c, r, strict=True)})
         return out.loss, {"accuracy": out.accuracy * n, "reward_margin": out.reward_margin * n}
 
 
-@torch.no_grad()
-def score_pairs(
-    model, pairs: list[Pair], collate, batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Chosen and rejected scores ``(N,)`` of every pair."""
-    model.eval()
-    device = next(model.parameters()).device
-    chosen, rejected = [], []
-    for i in range(0, len(pairs), batch_size):
-        batch = to_device(collate(pairs[i : i + batch_size]), device)
-        s = model(batch["input_ids"], batch["attention_mask"]).cpu()
-        n = len(pairs[i : i + batch_size])
-        chosen += s[:n].tolist()
-        rejected += s[n:].tolist()
-    return np.asarray(chosen), np.asarray(rejected)
+def recorded_scores(objective, pairs: list[PreferencePair], acc) -> np.ndarray:
+    """``(N, 2)`` scores of ``pairs`` recorded by every rank's last evaluation."""
+    from accelerate.utils import gather_object
+
+    merged: dict[int, tuple[float, float]] = {}
+    parts = (
+        gather_object([objective.eval_scores]) if acc.num_processes > 1 else [objective.eval_scores]
+    )
+    for part in parts:
+        merged.update(part)
+    return np.array([merged[p.index] for p in pairs], dtype=float)
 
 
 def freeze_unused_lm_head(lm) -> bool:
@@ -191,27 +149,68 @@ def freeze_unused_lm_head(lm) -> bool:
     return True
 
 
-def accuracy_report(chosen, rejected, ceiling: float | None, n_boot: int, seed: int) -> dict:
-    """Held-out accuracy with a bootstrap 95% interval, beside the coin flip and the ceiling."""
-    correct = (chosen > rejected).astype(float)
-    est = bootstrap_ci(correct, n_boot=max(n_boot, 1), seed=seed) if n_boot else None
-    report = {
-        "n_pairs": int(correct.size),
-        "accuracy": float(correct.mean()),
-        "accuracy_ci95": [est.low, est.high] if est else None,
-        "coin_flip": 0.5,
-        "agreement_ceiling": ceiling,
-        "beats_coin_flip": bool(est.low > 0.5) if est else None,
-        "share_of_ceiling": float(correct.mean() / ceiling) if ceiling else None,
-        "mean_margin": float((chosen - rejected).mean()),
+def load_pairs(cfg: RMConfig, tokenizer):
+    """Train and held-out pairs (with their stats) and the held-out rows (for ``agreement``
+    and ``category`` columns)."""
+    train_rows, eval_rows = load_splits(
+        cfg.dataset, cfg.eval_dataset, cfg.val_size, cfg.seed, cfg.max_samples
+    )
+    if not eval_rows:
+        raise DataError(
+            "eval_dataset / val_size: a reward model needs held-out pairs to report its accuracy; "
+            "set eval_dataset or val_size (e.g. 0.1)"
+        )
+    prep = functools.partial(
+        prepare_pairs, tokenizer=tokenizer, max_length=cfg.max_length, truncation=cfg.truncation,
+        formatting=cfg.formatting, columns=cfg.columns, skip_bad_rows=cfg.skip_bad_rows,
+        max_prompt_length=cfg.max_prompt_length,
+    )  # fmt: skip
+    train, train_stats = prep(train_rows, source=cfg.dataset)
+    evals, eval_stats = prep(eval_rows, source=cfg.eval_dataset or "held-out split")
+    return train, train_stats, evals, eval_stats, eval_rows
+
+
+@torch.no_grad()
+def base_features(lm, pairs, pad_id: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The untrained model's mean log-prob per answer token ``(N, 2)`` and last-token features
+    ``(N, 2, H)`` on ``pairs``: two of the baselines the trained model is compared with."""
+    was_training = lm.training
+    logps = mean_token_logps(lm, pairs, pad_id, batch_size)
+    features = last_token_features(lm, pairs, pad_id, batch_size)
+    lm.train(was_training)
+    return logps, features
+
+
+def column(rows: list[dict], pairs: list[PreferencePair], name: str) -> list | None:
+    """Each pair's value of column ``name`` in its source row; None when no row has it."""
+    values = [rows[p.index].get(name) for p in pairs]
+    return values if any(v is not None for v in values) else None
+
+
+def honest_report(scores, pairs, rows, base_logps, features, ceiling, n_boot: int, seed: int):
+    """``(report, baselines)``: the held-out accuracy beside the baselines
+    (:func:`alignforge.evaluate.preference.system_report`), plus the agreement ceiling."""
+    lengths = np.array([p.lengths for p in pairs])
+    groups = [p.prompt_key for p in pairs]
+    baselines = {
+        "longer_answer": pref.outcomes(lengths[:, 0], lengths[:, 1]),
+        "base_logp": pref.outcomes(base_logps[:, 0], base_logps[:, 1]),
     }
-    return report
+    heads = pref.random_head_accuracies(features, seed=seed)
+    won = pref.outcomes(scores[:, 0], scores[:, 1])
+    cats = column(rows, pairs, "category")
+    report = pref.system_report(won, lengths, groups, baselines, heads, cats, n_boot, 0.05, seed)
+    report["agreement_ceiling"] = ceiling
+    report["share_of_ceiling"] = float(won.mean() / ceiling) if ceiling else None
+    report["mean_margin"] = float((scores[:, 0] - scores[:, 1]).mean())
+    base = pref.baseline_report(baselines, lengths, groups, heads, n_boot, 0.05, seed)
+    return report, base
 
 
-def _ceiling(cfg: RMConfig, pairs: list[Pair]) -> float | None:
+def _ceiling(cfg: RMConfig, rows: list[dict], pairs: list[PreferencePair]) -> float | None:
     if cfg.agreement_ceiling is not None:
         return cfg.agreement_ceiling
-    values = [p.agreement for p in pairs if isinstance(p.agreement, int | float)]
+    values = [v for v in column(rows, pairs, "agreement") or [] if isinstance(v, int | float)]
     return float(np.mean(values)) if values else None
 
 
@@ -235,49 +234,37 @@ def plot_scores(chosen, rejected, path: Path) -> None:
 
 
 def run(cfg: RMConfig, callbacks=()) -> dict:
-    acc = open_run(cfg)
-    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir)
-    train_rows, eval_rows = load_splits(
-        cfg.dataset, cfg.eval_dataset, cfg.val_size, cfg.seed, cfg.max_samples
-    )
-    if not eval_rows:
-        raise DataError(
-            "eval_dataset / val_size: a reward model needs held-out pairs to report its accuracy; "
-            "set eval_dataset or val_size (e.g. 0.1)"
-        )
-    train_pairs, bad = prepare_pairs(
-        train_rows, tokenizer, cfg.max_length, cfg.dataset, cfg.skip_bad_rows, cfg.columns
-    )
-    eval_pairs, bad_eval = prepare_pairs(
-        eval_rows,
-        tokenizer,
-        cfg.max_length,
-        cfg.eval_dataset or "held-out split",
-        cfg.skip_bad_rows,
-        cfg.columns,
-    )
-    collate = PairCollator(tokenizer.pad_token_id)
+    from alignforge.recipes.dpo import place_policy
 
-    lm = build_trainable_model(cfg)
+    acc = make_accelerator(cfg.seed, cfg.mixed_precision)
+    if acc.is_main_process:
+        prepare_output_dir(cfg)
+    acc.wait_for_everyone()
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir)
+    train, train_stats, evals, eval_stats, eval_rows = load_pairs(cfg, tokenizer)
+    gamma = fit_length_coef(log_length_ratio(train)) if cfg.length_control else 0.0
+    collate = PairCollator(tokenizer.pad_token_id, gamma)
+    lm = place_policy(acc, build_trainable_model(cfg))
     freeze_unused_lm_head(lm)
-    model = RewardModel(lm, ScalarHead(lm.config.hidden_size), tokenizer, cfg.max_length)
-    n_train, n_total = trainable_params(model)
-    loop = TrainLoop(
-        model,
-        BradleyTerryObjective(cfg.center_rewards_coef, cfg.use_margin),
-        train_pairs,
-        collate,
-        cfg,
-        eval_units=eval_pairs,
-        accelerator=acc,
-        callbacks=callbacks,
+    warn_if_memory_short(lm.config, cfg, sequences_per_batch=2 * cfg.per_device_train_batch_size)
+    base_logps, features = base_features(
+        lm, evals, tokenizer.pad_token_id, cfg.per_device_eval_batch_size
     )
+    head = ScalarHead(lm.config.hidden_size)
+    model = RewardModel(lm, head, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    n_train, n_total = trainable_params(model)
+    objective = BradleyTerryObjective(cfg.center_rewards_coef, cfg.use_margin)
+    loop = TrainLoop(
+        model, objective, train, collate, cfg, eval_units=evals, accelerator=acc,
+        callbacks=callbacks,
+    )  # fmt: skip
     with Timer() as t:
         result = loop.fit()
     trained = acc.unwrap_model(loop.model)
-    chosen, rejected = score_pairs(trained, eval_pairs, collate, cfg.per_device_eval_batch_size)
-    report = accuracy_report(
-        chosen, rejected, _ceiling(cfg, eval_pairs), cfg.bootstrap_samples, cfg.seed
+    scores = recorded_scores(objective, evals, acc)  # from the loop's final evaluation
+    ceiling = _ceiling(cfg, eval_rows, evals)
+    report, baselines = honest_report(
+        scores, evals, eval_rows, base_logps, features, ceiling, cfg.bootstrap_samples, cfg.seed
     )
     final = loop.out / "final"
     summary = {
@@ -287,25 +274,25 @@ def run(cfg: RMConfig, callbacks=()) -> dict:
         "trainable_params": n_train,
         "total_params": n_total,
         "final_model": str(final),
-        "train_pairs": len(train_pairs),
-        "bad_rows_skipped": bad + bad_eval,
+        "train_pairs": len(train),
+        "data": train_stats.as_dict(),
+        "eval_data": eval_stats.as_dict(),
+        "length_coef": gamma,
         "eval": report,
-        "score_mean": float(np.concatenate([chosen, rejected]).mean()),
-        "score_std": float(np.concatenate([chosen, rejected]).std()),
+        "baselines": baselines,
+        "score_mean": float(scores.mean()),
+        "score_std": float(scores.std()),
         **result,
         "seconds": t.seconds,
         "peak_memory_mb": peak_memory_mb(),
     }
     if acc.is_main_process:
-        trained.save(
-            final,
-            tokenizer,
-            meta={"base": cfg.model_name_or_path, "finetuning_type": cfg.finetuning_type},
-        )
-        scores = [float(x) for x in np.concatenate([chosen, rejected])]
+        meta = {"base": cfg.model_name_or_path, "finetuning_type": cfg.finetuning_type}
+        trained.save(final, tokenizer, meta=meta)
+        flat = [float(x) for x in np.concatenate([scores[:, 0], scores[:, 1]])]
         for where in (loop.out, final):  # the PPO drift monitor reads it next to the model
-            (where / "reward_scores_eval.json").write_text(json.dumps(scores))
-        plot_scores(chosen, rejected, loop.out / "reward_scores_eval.png")
+            (where / "reward_scores_eval.json").write_text(json.dumps(flat))
+        plot_scores(scores[:, 0], scores[:, 1], loop.out / "reward_scores_eval.png")
         plot_loss_curve(
             loop.logger.rows(), loop.out / "loss_curve.png", title=f"RM {cfg.model_name_or_path}"
         )
@@ -316,19 +303,18 @@ def run(cfg: RMConfig, callbacks=()) -> dict:
 
 
 def print_summary(s: dict) -> None:
-    e = s["eval"]
-    ci = e["accuracy_ci95"]
+    e, d = s["eval"], s["data"]
     lines = [
-        f"RM finished in {s['seconds']:.0f}s: {s['steps']}/{s['total_steps']} steps on {s['train_pairs']} pairs",
-        f"  held-out accuracy: {100 * e['accuracy']:.1f}%"
-        + (f" [95% CI {100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
-        + f" on {e['n_pairs']} pairs; coin flip 50.0%"
-        + (
-            f"; annotator agreement ceiling {100 * e['agreement_ceiling']:.1f}%"
-            if e["agreement_ceiling"]
-            else ""
-        ),
+        f"RM finished in {s['seconds']:.0f}s: {s['steps']}/{s['total_steps']} steps on "
+        f"{s['train_pairs']} pairs"
+        + (f", length term gamma {s['length_coef']:.3f}" if s["length_coef"] else ""),
+        f"  pairs: {d['truncated']} of {d['used']} truncated ({d['prompt_truncated']} prompts, "
+        f"{d['answer_truncated']} answers), {d['dropped_too_long']} dropped too long, "
+        f"{d['dropped_identical']} identical once cut, {d['bad_rows']} bad rows skipped",
+        *pref.report_lines(e, s["baselines"]),
         f"  eval scores: mean {s['score_mean']:.3f}, std {s['score_std']:.3f} (reward_scores_eval.json)",
         f"  model: {s['final_model']}",
     ]
+    if e["agreement_ceiling"]:
+        lines.insert(-2, f"  annotator agreement ceiling {100 * e['agreement_ceiling']:.1f}%")
     print("\n".join(lines))

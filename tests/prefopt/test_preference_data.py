@@ -7,7 +7,14 @@ import pytest
 from transformers import AutoTokenizer
 
 from alignforge.data import DataError, read_rows
-from alignforge.data.preference import prepare_pairs, render_prompt, split_pair
+from alignforge.data.preference import (
+    PreferencePair,
+    cut,
+    fit_pair,
+    prepare_pairs,
+    render_prompt,
+    split_pair,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 Q = [{"role": "user", "content": "Name a colour."}]
@@ -77,22 +84,44 @@ def test_bad_row_fails_with_its_index_or_is_counted(tok, bad, msg):
     assert len(pairs) == 1 and stats.bad_rows == 1 and "row 1" in stats.bad_examples[0]
 
 
+def test_the_length_rule_keeps_the_prompts_end_and_the_answers_start():
+    """max_length 16, max_prompt_length 6: the prompt 1..10 keeps its last 6 tokens (5..10);
+    each answer keeps its first 16 - 6 = 10 (chosen 11..20; rejected, 5 tokens, whole). The
+    default budget is max_length // 2 = 8: prompt 3..10, answers' first 8 tokens. A prompt
+    longer than the budget is cut even when the pair would fit, so what a sequence keeps
+    depends on its prompt and its own answer only."""
+    pair = PreferencePair(list(range(1, 11)), list(range(11, 31)), list(range(31, 36)))
+    fit = fit_pair(pair, 16, "truncate", max_prompt_length=6)
+    assert fit.prompt_ids == list(range(5, 11)) and fit.truncated
+    assert fit.chosen_ids == list(range(11, 21)) and fit.rejected_ids == list(range(31, 36))
+    fit = fit_pair(pair, 16, "truncate")
+    assert (fit.prompt_ids, fit.chosen_ids) == (list(range(3, 11)), list(range(11, 19)))
+    short = PreferencePair([1, 2, 3, 4], [5, 6], [7, 8])
+    assert fit_pair(short, 16, "truncate") is short and fit_pair(short, 16, "drop") is short
+    assert fit_pair(PreferencePair(list(range(10)), [5], [6]), 16, "truncate").prompt_ids == list(
+        range(2, 10)
+    )
+    assert fit_pair(pair, 16, "drop") == "too_long"
+    assert cut(list(range(10)), [7, 8, 9], 16, 6) == (list(range(4, 10)), [7, 8, 9])
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        fit_pair(pair, 16, "truncate", max_prompt_length=16)
+
+
 def test_over_long_pairs_are_truncated_or_dropped_and_counted(tok):
     long = " ".join(["word"] * 200)
     rows = [
         {"prompt": "short", "chosen": "yes " + long, "rejected": "no " + long},
-        {"prompt": long, "chosen": "a", "rejected": "b"},  # the prompt alone fills max_length
+        {"prompt": long, "chosen": "a", "rejected": "b"},  # the prompt is cut, nothing dropped
         {"prompt": "short", "chosen": long + " yes", "rejected": long + " no"},  # same once cut
         {"prompt": "short", "chosen": "a", "rejected": "b"},
     ]
     pairs, stats = prepare_pairs(rows, tok, max_length=48, truncation="truncate")
-    assert (stats.used, stats.truncated, stats.dropped_too_long, stats.dropped_identical) == (
-        2,
-        1,
-        1,
-        1,
-    )
+    counts = (stats.used, stats.truncated, stats.prompt_truncated, stats.answer_truncated)
+    assert counts == (3, 2, 1, 1)
+    assert (stats.dropped_too_long, stats.dropped_identical) == (0, 1)
     assert all(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) <= 48 for p in pairs)
+    assert all(len(p.prompt_ids) <= 24 for p in pairs)
+    assert pairs[0].lengths[0] > 200 > 48 > len(pairs[0].chosen_ids)  # lengths before the cut
     pairs, stats = prepare_pairs(rows, tok, max_length=48, truncation="drop")
     assert (stats.used, stats.dropped_too_long) == (1, 3)
 

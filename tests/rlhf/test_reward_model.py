@@ -73,12 +73,19 @@ def trained_rm(tiny_model_dir, tmp_path_factory):
 
 def test_rm_learns_preferences_well_above_coin_flip(trained_rm):
     summary, out = trained_rm
-    ev = summary["eval"]
-    assert ev["n_pairs"] == 40
-    assert ev["accuracy"] >= 0.8 and ev["accuracy_ci95"][0] > 0.5 and ev["beats_coin_flip"]
-    assert ev["coin_flip"] == 0.5 and ev["agreement_ceiling"] == 0.9
+    ev, base = summary["eval"], summary["baselines"]
+    held = summary["eval_data"]  # 40 rows; a pair whose answers are equal once cut is dropped
+    assert ev["n_pairs"] == held["used"] == 40 - held["dropped_identical"] >= 36
+    assert ev["n_prompts"] >= ev["n_pairs"] - 3  # a few instructions repeat
+    assert ev["accuracy"] >= 0.8 and ev["ci_pairs"][0] > 0.5 and ev["vs"]["coin_flip"]["beats"]
+    assert ev["agreement_ceiling"] == 0.9
+    assert len(ev["warnings"]) == 1 and ev["warnings"][0].startswith(f"only {ev['n_pairs']} pairs")
+    # praise words, not length, decide these pairs: the RM beats the length rule and random heads
+    assert ev["vs"]["longer_answer"]["beats"] and ev["vs"]["untrained_heads"]["beats"]
+    assert 0.3 < base["untrained_heads"]["mean"] < 0.7 and base["coin_flip"]["accuracy"] == 0.5
+    assert summary["data"]["rows"] == 120 and summary["data"]["dropped_too_long"] == 0
     scores = json.loads((out / "reward_scores_eval.json").read_text())
-    assert len(scores) == 80 and all(isinstance(s, float) for s in scores)
+    assert len(scores) == 2 * ev["n_pairs"] and all(isinstance(s, float) for s in scores)
     assert (out / "final" / "reward_scores_eval.json").exists()
     assert (out / "reward_scores_eval.png").exists()
 
@@ -94,32 +101,6 @@ def test_saved_rm_loads_and_scores_like_the_trained_one(trained_rm):
     assert sum(c > r for c, r in zip(sc, sr, strict=True)) >= 5
     # batch composition does not change a score (left padding + rebuilt positions)
     assert rm.score(prompts[:1], chosen[:1])[0] == pytest.approx(sc[0], abs=1e-4)
-
-
-def test_bad_rows_are_named(tiny_model_dir, tmp_path):
-    tok = load_tokenizer(tiny_model_dir)
-    with pytest.raises(DataError, match=r"f.jsonl row 1: column 'rejected' is missing"):
-        reward.prepare_pairs(
-            [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}],
-            tok,
-            32,
-            "f.jsonl",
-        )
-    with pytest.raises(DataError, match="row 0: 'margin' must be a finite number"):
-        reward.prepare_pairs(
-            [{"prompt": "a", "chosen": "b", "rejected": "c", "margin": "x"}], tok, 32, "f.jsonl"
-        )
-    pairs, bad = reward.prepare_pairs(
-        [
-            {"prompt": "a", "chosen": "", "rejected": "c"},
-            {"prompt": "a", "chosen": "b", "rejected": "c"},
-        ],
-        tok,
-        32,
-        "f.jsonl",
-        skip_bad_rows=True,
-    )
-    assert len(pairs) == 1 and bad == 1
 
 
 def test_rm_needs_held_out_pairs(tiny_model_dir, tmp_path):
@@ -150,7 +131,7 @@ def test_saved_rm_reproduces_the_eval_scores(tiny_model_dir, tmp_path, finetunin
             max_steps=2,
             max_length=48,
             progress=False,
-            bootstrap_samples=0,
+            bootstrap_samples=100,
         ),
     )
     reward.run(cfg)
@@ -165,17 +146,6 @@ def test_saved_rm_reproduces_the_eval_scores(tiny_model_dir, tmp_path, finetunin
         prompts, [r["rejected"] for r in rows[18:]]
     )
     assert again == pytest.approx(saved, abs=1e-4)
-
-
-def test_sharegpt_pairs_and_column_mapping_are_read(tiny_model_dir):
-    tok = load_tokenizer(tiny_model_dir)
-    demo = json.loads(open("examples/data/dpo_en_demo.json").read())[:3]
-    pairs, bad = reward.prepare_pairs(demo, tok, 64, "dpo_en_demo.json")
-    assert len(pairs) == 3 and bad == 0 and pairs[0].chosen != pairs[0].rejected
-    renamed = [{"question": "q", "good": "yes", "bad": "no", "strength": 2}]
-    cols = {"prompt": "question", "chosen": "good", "rejected": "bad", "margin": "strength"}
-    (pair,), _ = reward.prepare_pairs(renamed, tok, 64, "f", columns=cols)
-    assert pair.margin == 2.0
 
 
 def test_full_rm_two_processes_equal_one_with_an_untied_lm_head(tiny_model_dir, tmp_path):
@@ -195,7 +165,7 @@ def test_full_rm_two_processes_equal_one_with_an_untied_lm_head(tiny_model_dir, 
         dataset=write_jsonl(tmp_path / "t.jsonl", rows[:32]),
         eval_dataset=write_jsonl(tmp_path / "e.jsonl", rows[32:]), finetuning_type="full",
         max_length=48, gradient_accumulation_steps=2, learning_rate=1e-3, max_steps=3,
-        bootstrap_samples=0, progress=False, report_to="none",
+        bootstrap_samples=100, progress=False, report_to="none",
         center_rewards_coef=0.01,  # else the head's bias has no gradient, and Adam moves it by noise
     )  # fmt: skip
     two, one = tmp_path / "two", tmp_path / "one"
@@ -211,3 +181,28 @@ def test_full_rm_two_processes_equal_one_with_an_untied_lm_head(tiny_model_dir, 
     saved = load_file(two / "final/model.safetensors")
     torch.testing.assert_close(saved["lm_head.weight"], lm.lm_head.weight.detach())
     assert not torch.equal(saved["model.embed_tokens.weight"], lm.model.embed_tokens.weight)
+
+
+def test_rm_and_dpo_cut_an_over_long_pair_identically(tiny_model_dir, tmp_path):
+    """One length rule: the reward model, DPO and a reward model scoring one answer alone keep
+    the same tokens of a pair whose prompt and answers are all over-long."""
+    from alignforge.config.preference import DPOConfig
+    from alignforge.models.heads import encode_pair
+    from alignforge.recipes import dpo
+
+    long = " ".join(["word"] * 80)
+    row = {"prompt": "Why? " + long, "chosen": "Yes, " + long, "rejected": "No, " + long}
+    data = write_jsonl(tmp_path / "p.jsonl", [row, row])
+    common = dict(
+        model_name_or_path=tiny_model_dir, dataset=data, eval_dataset=data,
+        output_dir=str(tmp_path / "o"), max_length=40, max_prompt_length=16,
+    )  # fmt: skip
+    tok = load_tokenizer(tiny_model_dir)
+    rm_pair = reward.load_pairs(build_config(RMConfig, common), tok)[0][0]
+    dpo_pair = dpo.load_pairs(build_config(DPOConfig, common), tok)[0][0]
+    assert rm_pair == dpo_pair and rm_pair.truncated
+    assert len(rm_pair.prompt_ids) == 16 and len(rm_pair.chosen_ids) == 24
+    alone = encode_pair(tok, row["prompt"], row["chosen"], 40, 16)
+    assert alone == rm_pair.prompt_ids + rm_pair.chosen_ids
+    batch = reward.PairCollator(tok.pad_token_id)([rm_pair])  # left-padded, as the RM reads it
+    assert batch["input_ids"][0].tolist() == rm_pair.prompt_ids + rm_pair.chosen_ids

@@ -33,7 +33,7 @@ def eval_command(
     task: str = typer.Option(
         "extraction",
         "--task",
-        help="Registered task: extraction, instruction, or one you registered.",
+        help="Registered task: extraction, instruction, or one you registered; or preference: pairs scored by reward models and DPO adapters (--system), beside baselines.",
     ),
     model: str = typer.Option(
         None,
@@ -92,6 +92,15 @@ def eval_command(
         min=0,
         help="Lowest-scoring items per system written to failures.jsonl (parse failures are always written).",
     ),
+    max_length: int = typer.Option(
+        1024, "--max-length", min=9, help="--task preference: tokens of prompt + answer kept."
+    ),
+    max_prompt_length: int = typer.Option(
+        None,
+        "--max-prompt-length",
+        min=1,
+        help="--task preference: prompt tokens kept (its last ones; default max-length // 2).",
+    ),
 ) -> None:
     """Score one or more systems on a task's test split, with bootstrap CIs, latency and failures.
 
@@ -112,6 +121,15 @@ def eval_command(
     specs = [parse_system(s) for s in system or []]
     if systems_file:
         specs += load_systems(systems_file)
+    if task == "preference":  # pairs scored by reward models and adapters, --model is the base
+        from alignforge.evaluate.preference_run import run_preference_eval
+
+        run_preference_eval(
+            data, output_dir, specs, model or "default", max_length, max_prompt_length, limit,
+            split, batch_size, n_boot, alpha, seed,
+        )  # fmt: skip
+        typer.echo((Path(output_dir) / "results.md").read_text())
+        return
     if model:
         # "runs/sft/final" -> "sft-final"; an endpoint -> its served model name
         default = (

@@ -21,7 +21,7 @@ be sampled, not how a second training run would score. A system *beats* a baseli
 by-prompt interval of its paired accuracy difference lies above 0, and beats the untrained heads
 when its accuracy is above their 97.5th percentile. Length-split accuracy: on the pairs whose
 chosen answer is the longer one, and on the rest (where length does not decide the preference);
-their mean is 50% for any rule that looks at length alone.
+the mean of the longer and the shorter cases is 50% for any rule that looks at length alone.
 """
 
 from __future__ import annotations
@@ -82,12 +82,21 @@ def accuracy_block(won: np.ndarray, groups, n_boot: int, alpha: float, seed: int
 
 
 def length_split(won: np.ndarray, lengths: np.ndarray) -> dict:
-    """Accuracy where the chosen answer is longer, where it is not, and their mean."""
-    longer = lengths[:, 0] > lengths[:, 1]
-    a = float(won[longer].mean()) if longer.any() else None
-    b = float(won[~longer].mean()) if (~longer).any() else None
-    balanced = None if a is None or b is None else (a + b) / 2
-    return {"when_chosen_longer": a, "when_length_does_not_decide": b, "length_balanced": balanced}
+    """Accuracy where the chosen answer is longer, where it is not (shorter or equal: length
+    does not decide), where it is shorter, and ``length_balanced``: the mean of the longer and
+    shorter cases, 50% for any rule that looks at length alone."""
+
+    def acc(where):
+        return float(won[where].mean()) if where.any() else None
+
+    longer, shorter = lengths[:, 0] > lengths[:, 1], lengths[:, 0] < lengths[:, 1]
+    a, b = acc(longer), acc(shorter)
+    return {
+        "when_chosen_longer": a,
+        "when_length_does_not_decide": acc(~longer),
+        "when_chosen_shorter": b,
+        "length_balanced": None if a is None or b is None else (a + b) / 2,
+    }
 
 
 def compare(won, base_won, groups, n_boot: int, alpha: float, seed: int) -> dict:

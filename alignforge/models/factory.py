@@ -163,14 +163,15 @@ def disabled_adapter(model):
 def merge_adapter(
     adapter_dir: str, output_dir: str, dtype: str = "float32", cache: str | None = None
 ) -> Path:
-    """Merge a LoRA adapter into its full-precision base and save a plain HF model + tokenizer."""
+    """Merge a LoRA adapter into its base at float32, then save a plain HF model + tokenizer in
+    ``dtype``: merging in bf16 would round the base and the adapter's delta before adding them."""
     if not is_adapter_dir(adapter_dir):
         raise ModelLoadError(
             f"merge: {adapter_dir} is not a PEFT adapter directory (no adapter_config.json)"
         )
     # merging runs no attention; eager loads every architecture (Gemma 2 has no sdpa path)
-    model = load_model(adapter_dir, dtype=dtype, cache=cache, attn_implementation="eager")
-    merged = model.merge_and_unload()
+    model = load_model(adapter_dir, dtype="float32", cache=cache, attn_implementation="eager")
+    merged = model.merge_and_unload().to(DTYPES[dtype])
     out = Path(output_dir)
     merged.save_pretrained(out, safe_serialization=True)
     load_tokenizer(adapter_dir, cache).save_pretrained(out)

@@ -18,8 +18,9 @@ Beside every system, on the same pairs, cut by the same rule as training (``fit_
 Accuracy has two 95% bootstrap intervals: resampling pairs, and resampling whole prompts (the
 pairs of one prompt share it and are not independent). Both say only which *pairs* happened to
 be sampled, not how a second training run would score. A system *beats* a baseline when the
-by-prompt interval of its paired accuracy difference lies above 0, and beats the untrained heads
-when its accuracy is above their 97.5th percentile. Length-split accuracy: on the pairs whose
+by-prompt interval of its paired accuracy difference lies above 0 (the coin flip: when its
+by-prompt interval lies above 50% and its accuracy above the coin's range), and beats the
+untrained heads when its accuracy is above their 97.5th percentile. Length-split accuracy: on the pairs whose
 chosen answer is the longer one, and on the rest (where length does not decide the preference);
 the mean of the longer and the shorter cases is 50% for any rule that looks at length alone.
 """
@@ -130,7 +131,10 @@ def system_report(
         name: compare(won, base, groups, n_boot, alpha, seed)
         for name, base in {"coin_flip": coin, **baselines}.items()
     }
-    report["vs"]["coin_flip"]["beats"] = bool(report["ci_prompts"][0] > 0.5)
+    # a coin's own range too: a bootstrap of 3 right pairs out of 3 has zero width
+    coin_high = coin_range(won.size, alpha, seed)[1]
+    beats_coin = report["ci_prompts"][0] > 0.5 and won.mean() > coin_high
+    report["vs"]["coin_flip"]["beats"] = bool(beats_coin)
     if head_accuracies is not None:
         top = float(np.quantile(head_accuracies, 1 - alpha / 2))
         report["vs"]["untrained_heads"] = {"above": top, "beats": bool(won.mean() > top)}
@@ -162,6 +166,23 @@ def size_warnings(n: int, n_prompts: int, alpha: float = 0.05, seed: int = 0) ->
     if n_prompts < 2:
         out.append("one prompt: the by-prompt interval has zero width and means nothing")
     return out
+
+
+def heldout_report(scores, base_logps, pairs, features=None, categories=None, n_boot=1000, seed=0):
+    """``(report, baselines)`` of a training run's held-out pairs (``PreferencePair`` list):
+    ``scores`` and ``base_logps`` ``(N, 2)`` (chosen, rejected) of the trained model and of the
+    model it started from; ``features`` ``(N, 2, H)`` add the untrained heads."""
+    lengths = np.array([p.lengths or (len(p.chosen_ids), len(p.rejected_ids)) for p in pairs])
+    groups = [p.prompt_key for p in pairs]
+    baselines = {
+        "longer_answer": outcomes(lengths[:, 0], lengths[:, 1]),
+        "base_logp": outcomes(base_logps[:, 0], base_logps[:, 1]),
+    }
+    heads = None if features is None else random_head_accuracies(features, seed=seed)
+    won = outcomes(scores[:, 0], scores[:, 1])
+    report = system_report(won, lengths, groups, baselines, heads, categories, n_boot, 0.05, seed)
+    base = baseline_report(baselines, lengths, groups, heads, n_boot, 0.05, seed)
+    return report, base
 
 
 def baseline_report(

@@ -100,6 +100,9 @@ class PreferenceObjective:
 
     ``ref_model`` is the frozen reference (full fine-tuning); None means the policy with its
     adapter disabled. Batches that carry ``ref_logps`` (pre-computed) skip the reference pass.
+    In eval mode it records, by row index, each pair's implicit rewards (chosen, rejected) and
+    the reference's mean log-prob per token of each answer in ``eval_records``: the held-out
+    report is built from the loop's final evaluation, without scoring the pairs again.
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class PreferenceObjective:
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.use_margin, self.ref_model = use_margin, ref_model
         self.average = loss_type == "ipo"  # IPO on length-averaged log-probs, as TRL
+        self.eval_records: dict[int, tuple[float, float, float, float]] = {}
 
     def count(self, batch: dict) -> float:
         return float(batch["n_pairs"])
@@ -147,6 +151,8 @@ class PreferenceObjective:
     def __call__(self, model, batch: dict):
         logps, n_tok = pair_logps(model, batch)
         ref = self.reference(model, batch)
+        if not model.training and "index" in batch:
+            self.record(batch["index"], logps - ref, ref / n_tok.clamp_min(1))
         if self.average:
             logps, ref = logps / n_tok.clamp_min(1), ref / n_tok.clamp_min(1)
         out = self.loss(logps, ref, batch)
@@ -161,6 +167,12 @@ class PreferenceObjective:
         )
         return out.losses.sum(), dict(zip(STATS, values, strict=True))
 
+    def record(self, index: torch.Tensor, rewards: torch.Tensor, ref_mean: torch.Tensor) -> None:
+        P = index.shape[0]
+        rows = torch.stack([rewards[:P], rewards[P:], ref_mean[:P], ref_mean[P:]], 1)
+        for i, row in zip(index.tolist(), rows.float().tolist(), strict=True):
+            self.eval_records[i] = tuple(row)
+
 
 def make_collate(pad_id: int, cfg):
     """Batches of pairs in the layout ``cfg`` (DPO or SPIN config) asks for, with a token count."""
@@ -172,6 +184,7 @@ def make_collate(pad_id: int, cfg):
         batch = collate_pairs(pairs, pad_id, layout=layout, pack_length=pack_length)
         n_prompt = sum(len(p.prompt_ids) for p in pairs) * (1 if share_prompt else 2)
         batch["tokens"] = n_prompt + sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+        batch["index"] = torch.tensor([p.index for p in pairs])
         return batch
 
     return collate
@@ -426,6 +439,7 @@ def run(cfg: DPOConfig, callbacks=()) -> dict:
     with Timer() as t:
         result = loop.fit()
     final = save_final(loop.model, tokenizer, loop.out, acc)
+    heldout = heldout_report(objective, evals, acc) if evals else (None, None)
     summary = {
         "stage": "dpo",
         "model": cfg.model_name_or_path,
@@ -440,6 +454,8 @@ def run(cfg: DPOConfig, callbacks=()) -> dict:
         "layout": "shared" if cfg.share_prompt else ("packed" if cfg.padding_free else "padded"),
         "ref_logps": ref_source,
         "last_train": last_train_stats(loop.logger.rows()),
+        "eval": heldout[0],
+        "baselines": heldout[1],
         **result,
         "seconds": t.seconds,
         "pairs_per_s": result["steps"] * loop.global_batch / max(result["train_seconds"], 1e-9),
@@ -458,6 +474,17 @@ def run(cfg: DPOConfig, callbacks=()) -> dict:
         print_summary(summary)
     loop.logger.close()
     return summary
+
+
+def heldout_report(objective: PreferenceObjective, evals, acc) -> tuple[dict, dict]:
+    """The held-out implicit-reward accuracy beside a coin flip, the longer answer and the
+    reference's mean log-prob per token (:mod:`alignforge.evaluate.preference`), from what the
+    loop's final evaluation recorded."""
+    from alignforge.evaluate.preference import heldout_report as report
+    from alignforge.recipes.reward import recorded_scores
+
+    rec = recorded_scores(objective.eval_records, evals, acc)  # (N, 4)
+    return report(rec[:, :2], rec[:, 2:], evals)
 
 
 def last_train_stats(rows: list[dict]) -> dict:
@@ -495,8 +522,9 @@ def print_summary(s: dict) -> None:
     lines = [
         f"DPO ({s['loss_type']}, beta={s['beta']}) finished in {s['seconds']:.0f}s: {s['steps']}/{s['total_steps']} steps"
         + (" (stopped early)" if s["stopped_early"] else ""),
-        f"  pairs: {d['used']} used of {d['rows']} rows; {d['truncated']} truncated, {d['dropped_too_long']} dropped "
-        f"too long, {d['dropped_identical']} identical once truncated, {d['bad_rows']} bad rows skipped",
+        f"  pairs: {d['used']} used of {d['rows']} rows; {d['truncated']} truncated ({d['prompt_truncated']} "
+        f"prompts, {d['answer_truncated']} answers), {d['dropped_too_long']} dropped too long, "
+        f"{d['dropped_identical']} identical once truncated, {d['bad_rows']} bad rows skipped",
         f"  layout: {s['layout']}; {s['pairs_per_s']:.2f} pairs/s, {s['tokens_per_s']:.0f} tokens/s",
     ]
     if s.get("ref_logps"):
@@ -506,5 +534,9 @@ def print_summary(s: dict) -> None:
         lines.append(
             f"  eval: loss {ev['loss']:.4f}, accuracy {ev['rewards/accuracies']:.3f}, margin {ev['rewards/margins']:.3f}"
         )
+    if s.get("eval"):
+        from alignforge.evaluate.preference import report_lines
+
+        lines += report_lines(s["eval"], s["baselines"])
     lines.append(f"  model: {s['final_model']}")
     print("\n".join(lines))

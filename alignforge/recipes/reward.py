@@ -124,15 +124,13 @@ class BradleyTerryObjective:
         return out.loss, {"accuracy": out.accuracy * n, "reward_margin": out.reward_margin * n}
 
 
-def recorded_scores(objective, pairs: list[PreferencePair], acc) -> np.ndarray:
-    """``(N, 2)`` scores of ``pairs`` recorded by every rank's last evaluation."""
+def recorded_scores(records: dict, pairs: list[PreferencePair], acc) -> np.ndarray:
+    """The rows an objective recorded by pair index during every rank's last evaluation,
+    gathered across ranks, in the order of ``pairs``: ``(N, k)``."""
     from accelerate.utils import gather_object
 
-    merged: dict[int, tuple[float, float]] = {}
-    parts = (
-        gather_object([objective.eval_scores]) if acc.num_processes > 1 else [objective.eval_scores]
-    )
-    for part in parts:
+    merged: dict[int, tuple] = {}
+    for part in gather_object([records]) if acc.num_processes > 1 else [records]:
         merged.update(part)
     return np.array([merged[p.index] for p in pairs], dtype=float)
 
@@ -188,22 +186,14 @@ def column(rows: list[dict], pairs: list[PreferencePair], name: str) -> list | N
 
 
 def honest_report(scores, pairs, rows, base_logps, features, ceiling, n_boot: int, seed: int):
-    """``(report, baselines)``: the held-out accuracy beside the baselines
-    (:func:`alignforge.evaluate.preference.system_report`), plus the agreement ceiling."""
-    lengths = np.array([p.lengths for p in pairs])
-    groups = [p.prompt_key for p in pairs]
-    baselines = {
-        "longer_answer": pref.outcomes(lengths[:, 0], lengths[:, 1]),
-        "base_logp": pref.outcomes(base_logps[:, 0], base_logps[:, 1]),
-    }
-    heads = pref.random_head_accuracies(features, seed=seed)
-    won = pref.outcomes(scores[:, 0], scores[:, 1])
+    """``(report, baselines)``: :func:`alignforge.evaluate.preference.heldout_report` with the
+    untrained heads, the ``category`` column and the annotators' agreement ceiling."""
     cats = column(rows, pairs, "category")
-    report = pref.system_report(won, lengths, groups, baselines, heads, cats, n_boot, 0.05, seed)
+    report, base = pref.heldout_report(scores, base_logps, pairs, features, cats, n_boot, seed)
+    won = pref.outcomes(scores[:, 0], scores[:, 1])
     report["agreement_ceiling"] = ceiling
     report["share_of_ceiling"] = float(won.mean() / ceiling) if ceiling else None
     report["mean_margin"] = float((scores[:, 0] - scores[:, 1]).mean())
-    base = pref.baseline_report(baselines, lengths, groups, heads, n_boot, 0.05, seed)
     return report, base
 
 
@@ -261,7 +251,7 @@ def run(cfg: RMConfig, callbacks=()) -> dict:
     with Timer() as t:
         result = loop.fit()
     trained = acc.unwrap_model(loop.model)
-    scores = recorded_scores(objective, evals, acc)  # from the loop's final evaluation
+    scores = recorded_scores(objective.eval_scores, evals, acc)  # from the loop's final evaluation
     ceiling = _ceiling(cfg, eval_rows, evals)
     report, baselines = honest_report(
         scores, evals, eval_rows, base_logps, features, ceiling, cfg.bootstrap_samples, cfg.seed

@@ -74,6 +74,10 @@ def test_untrained_heads_spread_by_hand():
 
 
 def test_small_sets_warn_and_report_the_coin_range():
+    """3 right pairs of 3: the bootstrap interval is [1, 1], yet a coin gets 3 of 3 one time in
+    8; the report warns and does not call it better than a coin flip."""
+    three = pref.system_report(np.ones(3), np.ones((3, 2)), [0, 1, 2], {}, n_boot=200)
+    assert three["ci_pairs"] == [1.0, 1.0] and not three["vs"]["coin_flip"]["beats"]
     warn = pref.size_warnings(3, 3)
     assert len(warn) == 1 and warn[0].startswith(
         "only 3 pairs: a coin flip scores anywhere from 0%"

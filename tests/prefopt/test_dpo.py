@@ -185,6 +185,16 @@ def test_tiny_model_learns_held_out_preferences(tiny_model_dir, data, tmp_path):
     ev = s["final_eval"]
     assert ev["rewards/accuracies"] >= 0.8, ev
     assert ev["rewards/margins"] > 0 and ev["loss"] < 0.69
+    # the held-out report comes from the same final evaluation, beside the baselines; here
+    # every chosen answer ("Yes, gladly: ...") is the longer one, so length alone scores 100%
+    rep, base = s["eval"], s["baselines"]
+    assert (
+        rep["accuracy"] == pytest.approx(ev["rewards/accuracies"])
+        and rep["n_pairs"] == len(WORDS) - 28
+    )
+    assert base["chosen_longer_share"] == 1.0 and base["longer_answer"]["accuracy"] == 1.0
+    assert not rep["vs"]["longer_answer"]["beats"] and rep["when_chosen_shorter"] is None
+    assert rep["warnings"][0].startswith(f"only {rep['n_pairs']} pairs")
     rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert all(k in rows[0] for k in dpo.STATS)
     assert [r["split"] for r in rows].count("eval") == 2

@@ -2,6 +2,7 @@
 
     alignforge train examples/sft_default.yaml learning_rate=1e-4
     alignforge merge runs/sft/final --output runs/sft-merged
+    alignforge export runs/sft/final -o runs/sft-q4_k_m.gguf --format gguf --quant q4_k_m
     alignforge generate runs/sft-merged --prompt "Extract the entities: ..."
 
 Heavy libraries (torch, transformers, the web stack) are imported inside the commands so
@@ -38,6 +39,7 @@ _COMMANDS = [
     ("alignforge.evaluate.cli", "eval_command", "eval"),
     ("alignforge.evaluate.cli", "report_command", "report"),
     ("alignforge.rollout.cli", "serve_command", "serve"),
+    ("alignforge.export.cli", "export_command", "export"),
     ("alignforge.workflow.cli", "iterate_command", "iterate"),
     ("alignforge.workflow.cli", "demo_command", "demo"),
 ]

@@ -38,7 +38,7 @@ def eval_command(
     model: str = typer.Option(
         None,
         "--model",
-        help="Local model directory (or adapter directory); with --endpoint, the served model name.",
+        help="Local model directory, adapter directory or .gguf file (run by llama.cpp); with --endpoint, the served model name.",
     ),
     adapter: str = typer.Option(
         None, "--adapter", help="PEFT adapter directory applied on top of --model."
@@ -54,7 +54,7 @@ def eval_command(
     system: list[str] = typer.Option(
         None,
         "--system",
-        help="Repeatable: name=PATH, or name=key=value,... with keys model, adapter, endpoint, api_key_env.",
+        help="Repeatable: name=PATH (a model dir, adapter dir or .gguf file), or name=key=value,... with keys model, adapter, endpoint, api_key_env.",
     ),
     systems_file: Path = typer.Option(
         None,
@@ -149,6 +149,13 @@ def eval_command(
         raise ConfigError("--endpoint and --adapter need --model")
     if not specs:
         raise ConfigError("no system to evaluate: give --model, --system or --systems")
+    if any(s.model.endswith(".gguf") and not s.endpoint for s in specs):
+        from alignforge.export.gguf import ExportError, llama_cpp_version
+
+        try:  # before any system runs, not after the first ones
+            llama_cpp_version()
+        except ExportError as e:
+            raise ConfigError(str(e)) from None
     try:
         t = get_task(task)
         examples = load_examples(t, data, split, limit)

@@ -153,6 +153,74 @@ class TransformersGenerator:
         return gens
 
 
+# ---- GGUF files in llama.cpp ---------------------------------------------------------------
+
+
+class LlamaCppGenerator:
+    """Greedy generation from a GGUF file in llama.cpp (``llama-cpp-python``), one prompt at a time.
+
+    The prompt is the GGUF's own chat template rendered by llama-cpp-python's formatter, as its
+    server and Ollama do; without a template, the same ``role: content`` fallback as
+    :func:`render_chat`. Tokens are counted as generated (an end-of-generation token included,
+    as :class:`TransformersGenerator` counts it). llama.cpp reuses the KV cache of the longest
+    prompt prefix shared with the previous request (the task's instructions), which is part of
+    what it measures.
+    """
+
+    def __init__(
+        self, path: str, max_new_tokens: int = 256, n_ctx: int = 4096, threads: int | None = None
+    ) -> None:
+        from alignforge.export.gguf import llama_cpp_version
+
+        llama_cpp_version()  # a one-line error naming the extra when it is missing
+        import llama_cpp
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        threads = threads or len(os.sched_getaffinity(0))
+        self.llm = llama_cpp.Llama(
+            model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+            verbose=False,
+        )  # fmt: skip
+        self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self.is_eog = llama_cpp.llama_vocab_is_eog
+        self.max_new_tokens, self.batch_size = max_new_tokens, 8  # batch: cache flush granularity
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        eos, bos = (self._token_text(t) for t in (self.llm.token_eos(), self.llm.token_bos()))
+        self.formatter = template and Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
+
+    def _token_text(self, token: int) -> str:
+        return self.llm.detokenize([token], special=True).decode() if token >= 0 else ""
+
+    @classmethod
+    def from_path(cls, path: str, **kwargs: Any) -> LlamaCppGenerator:
+        return cls(path, **kwargs)
+
+    def prompt_ids(self, messages: Messages) -> list[int]:
+        if self.formatter:
+            text = self.formatter(messages=messages).prompt
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=not self.formatter, special=True)
+
+    def generate(self, batch: Sequence[Messages]) -> list[Generation]:
+        return [self._generate_one(m) for m in batch]
+
+    def _generate_one(self, messages: Messages) -> Generation:
+        prompt = self.prompt_ids(messages)
+        out: list[int] = []
+        first, start = None, time.perf_counter()
+        for token in self.llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0,
+                                       repeat_penalty=1.0):  # fmt: skip
+            first = first or time.perf_counter()
+            out.append(token)
+            if self.is_eog(self.vocab, token) or len(out) >= self.max_new_tokens:
+                break
+        seconds = time.perf_counter() - start
+        body = out[:-1] if out and self.is_eog(self.vocab, out[-1]) else out
+        text = self.llm.detokenize(body).decode("utf-8", "replace")
+        return Generation(text, first - start if first else None, len(out), seconds)
+
+
 # ---- OpenAI-compatible endpoints -----------------------------------------------------------
 
 

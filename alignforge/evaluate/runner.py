@@ -50,6 +50,11 @@ class SystemSpec(StrictModel):
             raise ValueError(f"name {self.name!r} must be non-empty, without '/' or leading '.'")
         if self.endpoint and self.adapter:
             raise ValueError("adapter cannot be combined with endpoint")
+        if self.adapter and self.model.endswith(".gguf"):
+            raise ValueError(
+                f"adapter: {self.model} is a GGUF file; export the adapter merged "
+                "(alignforge export ADAPTER -o OUT.gguf) and evaluate OUT.gguf"
+            )
         return self
 
 
@@ -86,7 +91,11 @@ def load_systems(path: str | Path) -> list[SystemSpec]:
 def build_generator(
     spec: SystemSpec, max_new_tokens: int = 256, batch_size: int = 8, concurrency: int = 4
 ) -> Generator:
-    from alignforge.evaluate.generation import OpenAIGenerator, TransformersGenerator
+    from alignforge.evaluate.generation import (
+        LlamaCppGenerator,
+        OpenAIGenerator,
+        TransformersGenerator,
+    )
 
     if spec.endpoint:
         return OpenAIGenerator(
@@ -96,6 +105,8 @@ def build_generator(
             max_tokens=max_new_tokens,
             concurrency=concurrency,
         )
+    if spec.model.endswith(".gguf"):  # run by llama.cpp, as it will be served
+        return LlamaCppGenerator.from_path(spec.model, max_new_tokens=max_new_tokens)
     return TransformersGenerator.from_path(
         spec.model, spec.adapter, max_new_tokens=max_new_tokens, batch_size=batch_size
     )

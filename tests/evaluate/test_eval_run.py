@@ -206,3 +206,11 @@ def test_interrupted_eval_resumes_from_cache(tmp_path, examples):
     res = run_eval(task, examples, spec, tmp_path, n_boot=100, generators={"s": second})
     assert len(second.calls) == 2  # only the two items the interrupted run had not reached
     assert res["systems"][0]["metrics"]["f1"]["value"] == 1.0
+
+
+def test_system_spec_refuses_an_adapter_on_a_gguf():
+    from alignforge.config import ConfigError
+    from alignforge.evaluate.runner import parse_system
+
+    with pytest.raises(ConfigError, match="is a GGUF file; export the adapter merged"):
+        parse_system("q4=model=m.gguf,adapter=runs/ppo/final")

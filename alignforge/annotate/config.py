@@ -76,6 +76,9 @@ class AnnotateConfig(StrictModel):
     )
     aspects: list[Aspect] = Field(default_factory=lambda: list(DEFAULT_ASPECTS), min_length=1)
     scale: Literal["ab", "likert5"] = Field("ab", description="A/tie/B or a 5-point scale")
+    expect_json: bool = Field(
+        True, description="completions should be JSON: flag those with no JSON at all"
+    )
     overlap: float = Field(0.2, ge=0.0, le=1.0, description="share of a batch every member sees")
     alert_margin: float = Field(
         0.1, ge=0.0, le=2.0, description="alert when alpha < trial baseline - margin"

@@ -6,12 +6,16 @@
     segs = highlight("Acme hired Bo.", {"acme": "both"})   # [Segment('Acme', 'both'), ...]
 
 Key names are read leniently (``entities``/``entity_list``/``nodes``, ``relations``/
-``relationships``/``edges``/``triples``, ``source``/``head``/``subject`` ...), code fences and
-chatter around the JSON are ignored, and anything that is not JSON is shown as plain text.
+``relationships``/``edges``/``triples``, ``source``/``head``/``subject`` ...) and anything that
+is not JSON is shown as plain text. Leniency must not hide failures the model has to unlearn,
+so every format problem is returned as a ``Flag`` and shown on the page: no JSON, JSON cut off
+(or ``finish_reason == "length"``), text around the JSON, a code fence, more than one JSON
+value, and entries dropped because they do not parse.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from typing import Any, NamedTuple
@@ -40,6 +44,16 @@ class Relation(NamedTuple):
     description: str
 
 
+class Flag(NamedTuple):
+    """A format problem the annotator should see: the model has to unlearn it."""
+
+    code: str  # one of FLAG_CODES
+    message: str
+
+
+FLAG_CODES = ("not_parsed", "truncated", "text_around", "fenced", "multiple", "dropped")
+
+
 class Parsed(NamedTuple):
     kind: str  # 'extraction' (entities/relations found), 'json' (other JSON), 'text'
     entities: list[Entity]
@@ -47,6 +61,8 @@ class Parsed(NamedTuple):
     summary: list[str]
     other: str  # pretty JSON of keys not shown in the tables ('' if none)
     text: str  # the raw completion
+    flags: list[Flag] = []
+    finish_reason: str | None = None
 
 
 class Segment(NamedTuple):
@@ -54,25 +70,83 @@ class Segment(NamedTuple):
     cls: str  # '' (plain), 'a', 'b' or 'both': which completion(s) mention it
 
 
-def extract_json(text: str) -> Any | None:
-    """The first JSON object/array in ``text`` (fences and surrounding prose ignored)."""
-    t = text.strip()
-    fence = re.search(r"```(?:json|JSON)?\s*(.*?)```", t, re.S)
-    if fence:
-        t = fence.group(1).strip()
-    try:
-        return json.loads(t)
-    except (json.JSONDecodeError, ValueError):
-        pass
-    dec = json.JSONDecoder()
-    for m in re.finditer(r"[{\[]", t):
-        try:
-            obj, _ = dec.raw_decode(t[m.start() :])
-            if isinstance(obj, (dict, list)):
-                return obj
-        except json.JSONDecodeError:
+class JsonSpan(NamedTuple):
+    start: int
+    end: int
+    value: Any
+
+
+class Scan(NamedTuple):
+    values: list[JsonSpan]  # complete top-level JSON objects/arrays, in order
+    cut: JsonSpan | None  # an object/array still open at the end of the text (value: repaired)
+    n_malformed: int  # bracketed spans that are not valid JSON
+
+
+_FENCE = re.compile(r"```[A-Za-z]*")
+_OPEN = re.compile(r"[{\[]")
+
+
+def _open_end(text: str, i: int) -> tuple[int | None, int | None, list[str]]:
+    """Scan the brackets of the value opening at ``text[i]`` (strings respected).
+
+    Returns (end, safe, stack): ``end`` is the index after the matching bracket, or None when
+    the text ends first; then ``safe`` is the index after the last nested value that closed and
+    ``stack`` the brackets still open there, from which a cut-off value can be closed.
+    """
+    stack: list[str] = []
+    safe, safe_stack = None, []
+    in_str = esc = False
+    for j in range(i, len(text)):
+        ch = text[j]
+        if in_str:
+            esc, in_str = (False, True) if esc else (ch == "\\", ch != '"')
             continue
-    return None
+        if ch == '"':
+            in_str = True
+        elif ch in "{[":
+            stack.append("}" if ch == "{" else "]")
+        elif ch in "}]":
+            if not stack or stack.pop() != ch:
+                return j + 1, None, []  # mismatched: not JSON, resume after it
+            if not stack:
+                return j + 1, None, []
+            safe, safe_stack = j + 1, list(stack)
+    return None, safe, safe_stack
+
+
+def scan_json(text: str) -> Scan:
+    """Every top-level JSON object or array in ``text``, and one left open by a cut-off.
+
+    Objects nested inside a broken or cut-off value are not reported on their own: a truncated
+    answer must not pass for a small valid one.
+    """
+    dec = json.JSONDecoder()
+    values: list[JsonSpan] = []
+    pos = n_bad = 0
+    while (m := _OPEN.search(text, pos)) is not None:
+        i = m.start()
+        end, safe, stack = _open_end(text, i)
+        if end is None:
+            repaired = None
+            if safe is not None:
+                with contextlib.suppress(json.JSONDecodeError):
+                    repaired = json.loads(text[i:safe] + "".join(reversed(stack)))
+            return Scan(values, JsonSpan(i, len(text), repaired), n_bad)
+        try:
+            obj, used = dec.raw_decode(text[i:end])
+            if used != end - i:
+                raise json.JSONDecodeError("trailing data", text, i + used)
+            values.append(JsonSpan(i, end, obj))
+        except json.JSONDecodeError:
+            n_bad += 1
+        pos = end
+    return Scan(values, None, n_bad)
+
+
+def extract_json(text: str) -> Any | None:
+    """The first complete JSON object/array in ``text`` (fences and surrounding prose ignored)."""
+    values = scan_json(text).values
+    return values[0].value if values else None
 
 
 def _pick(d: dict[str, Any], keys: tuple[str, ...]) -> Any:
@@ -115,15 +189,69 @@ def _relation(r: Any) -> Relation | None:
     return None
 
 
-def parse_completion(text: str) -> Parsed:
-    obj = extract_json(text)
+def _rows(raw: Any, make, what: str, flags: list[Flag]) -> list:
+    """Parse a list of entities/relations, flagging entries (or the field) that do not parse."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        flags.append(Flag("dropped", f"field '{what}' is not a list; it is not shown as a table"))
+        return []
+    rows = [x for x in map(make, raw) if x]
+    if len(rows) < len(raw):
+        n = len(raw) - len(rows)
+        flags.append(Flag("dropped", f"{n} of {len(raw)} {what} dropped as invalid"))
+    return rows
+
+
+def _snippet(s: str) -> str:
+    s = " ".join(s.split())
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _format_flags(text: str, scan: Scan, finish_reason: str | None, expect_json: bool):
+    flags: list[Flag] = []
+    if finish_reason == "length":
+        flags.append(Flag("truncated", "generation stopped at the length limit "
+                                       "(finish_reason=length)"))  # fmt: skip
+    if scan.cut is not None:
+        kept = "" if scan.cut.value is None else "; the complete entries before the cut are shown"
+        flags.append(Flag("truncated", f"JSON cut off at character {len(text)}: a closing "
+                                       f"bracket is missing{kept}"))  # fmt: skip
+    spans = [*scan.values, *([scan.cut] if scan.cut else [])]
+    if not spans:
+        if scan.n_malformed:
+            flags.append(Flag("not_parsed", "malformed JSON; shown as plain text"))
+        elif expect_json and text.strip():
+            flags.append(Flag("not_parsed", "no JSON found; shown as plain text"))
+        return flags
+    if len(scan.values) > 1 or (scan.values and scan.cut):
+        flags.append(Flag("multiple", f"{len(spans)} JSON values; only the first is shown "
+                                      "(switch to raw to see all)"))  # fmt: skip
+    outside = text[: spans[0].start] + " " + text[spans[-1].end :]
+    fences = _FENCE.findall(outside)
+    prose = _FENCE.sub(" ", outside).strip()
+    if prose:
+        flags.append(Flag("text_around", f'text around the JSON: "{_snippet(prose)}"'))
+    elif fences:
+        flags.append(Flag("fenced", "JSON wrapped in a Markdown code fence"))
+    return flags
+
+
+def parse_completion(
+    text: str, finish_reason: str | None = None, expect_json: bool = True
+) -> Parsed:
+    """Tables for the task page plus every format problem of ``text`` (see ``FLAG_CODES``)."""
+    scan = scan_json(text)
+    flags = _format_flags(text, scan, finish_reason, expect_json)
+    obj = scan.values[0].value if scan.values else (scan.cut.value if scan.cut else None)
     if isinstance(obj, list):  # a bare list of entities
         obj = {"entities": obj}
     if not isinstance(obj, dict):
-        return Parsed("text", [], [], [], "", text)
-    ents_raw, rels_raw = _pick(obj, ENTITY_KEYS), _pick(obj, RELATION_KEYS)
-    ents = [e for e in map(_entity, ents_raw if isinstance(ents_raw, list) else []) if e]
-    rels = [r for r in map(_relation, rels_raw if isinstance(rels_raw, list) else []) if r]
+        if scan.cut is not None and obj is None:
+            flags.append(Flag("not_parsed", "the cut-off JSON could not be read; plain text"))
+        return Parsed("text", [], [], [], "", text, flags, finish_reason)
+    ents = _rows(_pick(obj, ENTITY_KEYS), _entity, "entities", flags)
+    rels = _rows(_pick(obj, RELATION_KEYS), _relation, "relations", flags)
     summ = _pick(obj, SUMMARY_KEYS)
     summary = [_s(x) for x in summ] if isinstance(summ, list) else ([_s(summ)] if summ else [])
     used = {k for k in obj if str(k).lower() in ENTITY_KEYS + RELATION_KEYS + SUMMARY_KEYS}
@@ -132,7 +260,7 @@ def parse_completion(text: str) -> Parsed:
     kind = "extraction" if ents or rels or summary else "json"
     if kind == "json":
         other = json.dumps(obj, indent=2, ensure_ascii=False)
-    return Parsed(kind, ents, rels, summary, other, text)
+    return Parsed(kind, ents, rels, summary, other, text, flags, finish_reason)
 
 
 def split_prompt(prompt: str | list[dict[str, str]], source_document: str | None = None):

@@ -211,8 +211,11 @@ def _login_routes(app: FastAPI, store: Store, cfg: AnnotateConfig, templates) ->
 def item_view(store: Store, cfg: AnnotateConfig, conn, user: User, served) -> dict[str, Any]:
     """Everything the task page (and ``GET /api/next``) shows, in display order."""
     it = store.item(conn, served.item_id)
-    left, right = (it["b_text"], it["a_text"]) if served.swapped else (it["a_text"], it["b_text"])
-    pa, pb = parse_completion(left), parse_completion(right)
+    sides = ("b", "a") if served.swapped else ("a", "b")
+    meta = it["meta"] or {}
+    pa, pb = (
+        parse_completion(it[f"{s}_text"], _finish_reason(meta, s), cfg.expect_json) for s in sides
+    )
     instruction, document = split_prompt(it["prompt"], it.get("source_document"))
     return {
         "item_id": it["id"],
@@ -226,6 +229,12 @@ def item_view(store: Store, cfg: AnnotateConfig, conn, user: User, served) -> di
         "draft": store.draft(conn, user.id, it["id"]),
         "progress": store.progress(conn, user),
     }
+
+
+def _finish_reason(meta: dict[str, Any], side: str) -> str | None:
+    got = meta.get(side)
+    reason = got.get("finish_reason") if isinstance(got, dict) else None
+    return str(reason) if reason is not None else None
 
 
 def _task_routes(app: FastAPI, store: Store, cfg: AnnotateConfig, templates) -> None:
@@ -327,6 +336,7 @@ def _api_routes(app: FastAPI, store: Store, cfg: AnnotateConfig) -> None:
             "item": {
                 "item_id": v["item_id"], "trial": v["trial"], "instruction": v["instruction"],
                 "document": v["document"], "a": v["a"].text, "b": v["b"].text,
+                "flags": {"a": _clean(v["a"].flags), "b": _clean(v["b"].flags)},
                 "draft": v["draft"],
             },
             "aspects": [x.key for x in cfg.aspects],

@@ -90,6 +90,20 @@ def sample_rows(n_prompts: int = 6, k: int = 3, seed: int = 0) -> list[dict]:
     return rows
 
 
+CHATTY = "Sure! Here is the extraction:\n```json\n{}\n```\nLet me know if you need more."
+
+
+def flagged_rows() -> list[dict]:
+    """One prompt, two completions that each carry format problems: a chatty answer holding two
+    JSON objects, and one cut off at the length limit."""
+    row = sample_rows(1, 2)[0]
+    full = extraction([("Acme Corp", "ORG"), ("Jane Doe", "PER"), ("Paris", "LOC")])
+    second = json.dumps({"entities": [{"name": "Beta Ltd", "type": "ORG"}]})
+    row["completions"][0].update(text=CHATTY.format(full + "\n" + second))
+    row["completions"][1].update(text=full[: full.index("Paris") + 2], finish_reason="length")
+    return [row]
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -103,8 +117,11 @@ def make_project(
     trial: int = 0,
     overlap: float = 0.5,
     cfg: AnnotateConfig | None = None,
+    rows: list[dict] | None = None,
 ) -> tuple[Store, dict[str, str]]:
-    """A released project: ``trial`` trial items, the rest in one batch; tokens by user name."""
+    """A released project: ``trial`` trial items, the rest in one batch; tokens by user name.
+
+    ``rows`` replaces the generated sampling rows."""
     from alignforge.annotate.importer import read_items
 
     store = Store.create(root)
@@ -112,7 +129,8 @@ def make_project(
     tokens = {"admin": store.add_user("admin", role="admin")}
     for name in annotators:
         tokens[name] = store.add_user(name)
-    items, _ = read_items(write_jsonl(root / "samples.jsonl", sample_rows(n_prompts, k)))
+    rows = rows if rows is not None else sample_rows(n_prompts, k)
+    items, _ = read_items(write_jsonl(root / "samples.jsonl", rows))
     store.insert_items(items)
     if trial:
         store.release("trial", trial, trial=True)

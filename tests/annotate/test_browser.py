@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from alignforge.annotate.export import export_dataset
-from tests.annotate.helpers import make_project
+from tests.annotate.helpers import flagged_rows, make_project
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -33,6 +33,36 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         yield b
         b.close()
+
+
+def _login(page, url: str, token: str) -> None:
+    page.goto(url + "/login")
+    page.fill("#token", token)
+    page.press("#token", "Enter")
+    page.wait_for_selector("#task, #queue-empty")
+
+
+def test_raw_toggle_and_format_flags(tmp_path, live_server, browser):
+    store, tokens = make_project(tmp_path / "p", annotators=["alice"], rows=flagged_rows())
+    srv = live_server(store.dir)
+    page = browser.new_page(viewport={"width": 1366, "height": 768})
+    page.set_default_timeout(60_000)
+    _login(page, srv.url, tokens["alice"])
+    flags = page.locator("li.flag")
+    assert {flags.nth(i).get_attribute("data-flag") for i in range(flags.count())} == {
+        "text_around", "multiple", "truncated"}  # fmt: skip
+    assert flags.first.is_visible() and page.is_visible(".flag-summary")
+    assert page.locator(".finish.bad").inner_text() == "finish: length"
+    raw, parsed = page.locator(".raw-view"), page.locator(".parsed-view")
+    assert not raw.first.is_visible() and parsed.first.is_visible()
+    page.keyboard.press("r")
+    assert raw.first.is_visible() and raw.nth(1).is_visible() and not parsed.first.is_visible()
+    texts = raw.first.inner_text() + raw.nth(1).inner_text()
+    assert "Sure! Here is the extraction:" in texts and '"Beta Ltd"' in texts
+    page.keyboard.press("r")
+    assert not raw.first.is_visible() and parsed.first.is_visible()
+    page.click("label.toggle-raw")  # the mouse toggles it too
+    assert raw.first.is_visible()
 
 
 def test_keyboard_only_annotation_ends_up_in_the_export(tmp_path, live_server, browser):

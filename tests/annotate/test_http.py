@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from alignforge.annotate.server import create_app
-from tests.annotate.helpers import answers_for, key_for, login, make_project
+from tests.annotate.helpers import answers_for, flagged_rows, key_for, login, make_project
 
 
 @pytest.fixture
@@ -258,3 +258,18 @@ def test_trial_items_come_first_and_admin_dashboard_alerts(tmp_path):
         r = admin.get(f"/admin/plot/{name}.png")
         assert r.status_code == 200 and r.content[:4] == b"\x89PNG"
     assert admin.get("/admin/plot/nope.png").status_code == 404
+
+
+def test_task_page_flags_format_problems_and_carries_the_raw_answers(tmp_path):
+    store, tokens = make_project(tmp_path / "p", annotators=["alice"], rows=flagged_rows())
+    c = client(create_app(store.dir))
+    login(c, tokens["alice"])
+    html = c.get("/task").text
+    flags = set(re.findall(r'data-flag="([a-z_]+)"', html))
+    assert flags == {"text_around", "multiple", "truncated"}
+    assert "finish: length" in html and "finish: stop" in html
+    assert 'id="show-raw"' in html
+    raw = re.findall(r'<pre class="plain raw-view">(.*?)</pre>', html, re.S)
+    assert len(raw) == 2 and any("Sure! Here is the extraction:" in r for r in raw)
+    nxt = c.get("/api/next").json()["item"]
+    assert {f["code"] for s in "ab" for f in nxt["flags"][s]} == flags

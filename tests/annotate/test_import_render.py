@@ -117,3 +117,44 @@ def test_split_prompt():
     assert split_prompt(msgs) == ("[system] Extract.", "Doc text")
     assert split_prompt("just a doc") == ("", "just a doc")
     assert split_prompt("Extract:", "the doc") == ("Extract:", "the doc")
+
+
+CLEAN = json.dumps(
+    {"entities": [{"name": "Acme Corp", "type": "ORG"}, {"name": "Jane Doe", "type": "PER"},
+                  {"name": "Paris", "type": "LOC"}], "summary": "Acme hired Jane."}
+)  # fmt: skip
+
+
+def _codes(p):
+    return [f.code for f in p.flags]
+
+
+def test_clean_json_has_no_flags_and_every_format_problem_is_flagged():
+    assert _codes(parse_completion(CLEAN)) == []
+    chatty = parse_completion(f"Sure! Here it is:\n```json\n{CLEAN}\n```\nAnything else?")
+    assert _codes(chatty) == ["text_around"] and "Sure! Here it is:" in chatty.flags[0].message
+    assert len(chatty.entities) == 3  # the tables still show what it said
+    assert _codes(parse_completion(f"```json\n{CLEAN}\n```")) == ["fenced"]
+    two = parse_completion(CLEAN + "\n" + json.dumps({"entities": [{"name": "Extra"}]}))
+    assert _codes(two) == ["multiple"] and [e.name for e in two.entities][0] == "Acme Corp"
+    assert _codes(parse_completion("I could not find any entities.")) == ["not_parsed"]
+    assert _codes(parse_completion("I could not find any.", expect_json=False)) == []
+    assert _codes(parse_completion('{"entities": [{"name": "A"}] oops }')) == ["not_parsed"]
+    dropped = parse_completion('{"entities": [{"name": "A"}, {"foo": 1}, 5], "relations": "x"}')
+    assert _codes(dropped) == ["dropped", "dropped"]
+    assert "2 of 3 entities" in dropped.flags[0].message
+    assert "'relations' is not a list" in dropped.flags[1].message
+    stopped = parse_completion(CLEAN, finish_reason="length")
+    assert _codes(stopped) == ["truncated"] and stopped.finish_reason == "length"
+
+
+def test_json_cut_off_at_the_length_limit_is_flagged_not_shown_as_a_valid_small_answer():
+    cut = CLEAN[: CLEAN.index("Paris") + 3]  # inside the third entity
+    p = parse_completion(cut)
+    assert _codes(p) == ["truncated"]
+    # the two entities complete before the cut are shown, nothing is invented
+    assert [e.name for e in p.entities] == ["Acme Corp", "Jane Doe"]
+    # cut inside the first entity: nothing complete, no nested object passes for the answer
+    early = parse_completion(CLEAN[:25])
+    assert early.kind == "text" and "truncated" in _codes(early)
+    assert "not_parsed" in _codes(early)

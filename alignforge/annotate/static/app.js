@@ -13,6 +13,7 @@
   const status = document.getElementById("status");
   const timer = document.getElementById("timer");
   const comment = document.getElementById("comment");
+  const rawToggle = document.getElementById("show-raw");
 
   function newId() {
     const b = new Uint8Array(16);
@@ -163,6 +164,8 @@
       ev.preventDefault(); skip();
     } else if (ev.key === "c") {
       ev.preventDefault(); comment.focus();
+    } else if (ev.key === "r") {
+      ev.preventDefault(); rawToggle.checked = !rawToggle.checked;
     }
   });
   document.querySelectorAll("fieldset.aspect input[type=radio]").forEach((r) => {

@@ -6,9 +6,10 @@ Training memory on one device is the weights plus the optimizer state of the tra
 plus the activations kept for backward; on a small model the activations dominate. They grow
 with every token of a micro-batch in every layer, and attention adds a ``T x T`` score matrix per
 head. The constants below were measured on the default model (SmolLM2-135M, 30 layers, hidden
-576, 9 heads), LoRA, float32, CPU: ``examples/rm.yaml`` at ``max_length`` 512 (8 sequences of up to
-512 tokens per micro-batch) peaked at 15 GB; see docs/results.md. It is an estimate, printed with
-its inputs; gradient checkpointing keeps about one layer's activations instead of all.
+576, 9 heads), LoRA, float32, CPU: the reward model at ``max_length`` 512 and 256 with 4 pairs
+(8 sequences) per micro-batch peaked at about 15 and 6 GB (docs/results.md), which these two
+constants reproduce within 1.5 GB. It is an estimate, printed with its inputs; gradient
+checkpointing keeps about one layer's activations instead of all.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from __future__ import annotations
 import os
 import warnings
 
-PER_TOKEN_HIDDEN = 26  # float32 activations kept per token per layer, in units of hidden size
-PER_SCORE = 1.0  # attention scores kept per head per (query, key) pair, in float32 values
-SHARE = 0.6  # warn above this share of the device's memory
+PER_TOKEN_HIDDEN = 16  # float32 activations kept per token per layer, in units of hidden size
+PER_SCORE = 4  # float32 values kept per head per (query, key) pair (scores, softmax, dropout)
+SHARE = 0.5  # warn above this share of the device's memory
 
 
 def device_memory_bytes() -> int:

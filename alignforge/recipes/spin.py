@@ -536,7 +536,9 @@ def print_summary(s: dict) -> None:
     for d in s["iterations"]:
         g, f = d["generation"], d["final"]
         lines.append(
-            f"  iter {d['iteration']}: {d['pairs']} pairs, gen {g['mean_tokens']:.1f} tokens, "
+            f"  iter {d['iteration']}: {d['pairs']} pairs ({d['data']['truncated']} cut to "
+            f"max_length, {d['data']['dropped_identical']} dropped identical once cut), "
+            f"gen {g['mean_tokens']:.1f} tokens, "
             f"{g['truncation_rate']:.0%} truncated, {g['exact_match_rate']:.0%} exact; "
             f"margin {f.get('rewards/margins', float('nan')):.3f}, accuracy {f.get('rewards/accuracies', float('nan')):.3f}"
             + (f" — stop: {d['stop_reason']}" if d.get("stop_reason") else "")

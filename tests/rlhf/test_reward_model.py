@@ -1,6 +1,7 @@
 """Reward model: score position, padding invariance, learnable preferences, save/load, bad rows."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -206,3 +207,24 @@ def test_rm_and_dpo_cut_an_over_long_pair_identically(tiny_model_dir, tmp_path):
     assert alone == rm_pair.prompt_ids + rm_pair.chosen_ids
     batch = reward.PairCollator(tok.pad_token_id)([rm_pair])  # left-padded, as the RM reads it
     assert batch["input_ids"][0].tolist() == rm_pair.prompt_ids + rm_pair.chosen_ids
+
+
+def test_memory_estimate_by_hand_and_the_warning(monkeypatch):
+    """1 layer, hidden 10, 2 heads, 3 sequences of 4 tokens: per token 16 * 10 + 4 * 2 heads *
+    4 keys = 192 floats, times 12 tokens, times 4 bytes = 9216 bytes. Checkpointing adds each
+    layer's input (12 * 10 floats) to one layer's activations: 9216 + 480 = 9696."""
+    from types import SimpleNamespace
+
+    from alignforge.recipes import memory
+
+    config = SimpleNamespace(num_hidden_layers=1, hidden_size=10, num_attention_heads=2)
+    assert memory.activation_bytes(config, 3, 4, checkpointing=False) == 9216
+    assert memory.activation_bytes(config, 3, 4, checkpointing=True) == 9696
+    cfg = SimpleNamespace(max_length=4, per_device_train_batch_size=2, gradient_checkpointing=False)
+    monkeypatch.setattr(memory, "device_memory_bytes", lambda: 100_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        memory.warn_if_memory_short(config, cfg, sequences_per_batch=3)  # below half of 100,000
+    monkeypatch.setattr(memory, "device_memory_bytes", lambda: 10_000)
+    with pytest.warns(UserWarning, match="max_length 4: about 0 GiB .* gradient_checkpointing"):
+        memory.warn_if_memory_short(config, cfg, sequences_per_batch=3)

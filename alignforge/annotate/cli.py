@@ -249,27 +249,33 @@ def stats(
     project_dir: Path = PROJECT,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
-    """Annotation rates, agreement per aspect (trial baseline vs since) and alerts."""
+    """Annotation rates, agreement per window (trial, since, batches, days) and alerts."""
     from alignforge.annotate.dashboard import project_stats
     from alignforge.annotate.server import _clean
 
     store, cfg = _store(project_dir), _cfg(project_dir)
     with store.connect() as conn:
-        s = project_stats(store, conn, [a.key for a in cfg.aspects], cfg.alert_margin,
-                          cfg.idle_cap_seconds)  # fmt: skip
+        s = project_stats(store, conn, [a.key for a in cfg.aspects], cfg.level, cfg.alert_rules(),
+                          cfg.idle_cap_seconds, cfg.bootstrap_samples)  # fmt: skip
     if as_json:
-        typer.echo(json.dumps(_clean(s), indent=2))
+        typer.echo(json.dumps(_clean(s._asdict()), indent=2))
         return
     typer.echo(f"{s.n_judgements} judgements, {s.n_released}/{s.n_items} items released")
-    typer.echo(f"{'annotator':24} {'items':>6} {'items/h':>8} {'s/item':>7} {'active s':>8}")
-    for r in s.rates:
+    typer.echo(f"{'annotator':24} {'items':>6} {'items/h':>8} {'s/item':>7} {'active s':>8} "
+               f"{'skips':>5} {'majority':>8}")  # fmt: skip
+    for r in s.annotators:
         typer.echo(f"{r.user:24} {r.n_items:6d} {_f(r.items_per_hour):>8} "
-                   f"{_f(r.median_server_seconds):>7} {_f(r.median_client_seconds):>8}")  # fmt: skip
-    typer.echo(f"{'aspect':20} {'ties':5} {'trial n':>7} {'alpha':>6} {'kappa':>6} "
-               f"{'since n':>7} {'alpha':>6} {'kappa':>6}")  # fmt: skip
-    for t, m in zip(s.agreement["trial"], s.agreement["main"], strict=True):
-        typer.echo(f"{t.aspect:20} {'yes' if t.ties else 'no':5} {t.n_items:7d} {_f(t.alpha):>6} "
-                   f"{_f(t.mean_kappa):>6} {m.n_items:7d} {_f(m.alpha):>6} {_f(m.mean_kappa):>6}")  # fmt: skip
+                   f"{_f(r.median_server_seconds):>7} {_f(r.median_client_seconds):>8} "
+                   f"{r.skips:5d} {_f(r.majority_agreement):>8}")  # fmt: skip
+    typer.echo(f"{'window':28} {'aspect':16} {'n':>5} {'alpha':>6} {'95% CI':>15} {'fleiss':>6} "
+               f"{'kappa':>6} {'no-tie a':>8}")  # fmt: skip
+    for w in s.windows:
+        for r, nt in zip(w.rows[::2], w.rows[1::2], strict=True):
+            ci = f"[{_f(r.alpha_lo)}, {_f(r.alpha_hi)}]"
+            typer.echo(f"{w.title[:28]:28} {r.aspect[:16]:16} {r.n_items:5d} {_f(r.alpha):>6} "
+                       f"{ci:>15} {_f(r.fleiss):>6} {_f(r.mean_kappa):>6} {_f(nt.alpha):>8}")  # fmt: skip
+    for n in s.notes:
+        typer.echo(f"note: {n}")
     for a in s.alerts:
         typer.secho(f"ALERT: {a}", fg=typer.colors.RED)
 

@@ -83,6 +83,15 @@ class AnnotateConfig(StrictModel):
     alert_margin: float = Field(
         0.1, ge=0.0, le=2.0, description="alert when alpha < trial baseline - margin"
     )
+    alpha_floor: float = Field(
+        0.4, ge=-1.0, le=1.0, description="alert when a window's alpha is below this, trial or not"
+    )
+    min_agreement_items: int = Field(
+        20, ge=2, description="shared items a window needs before it can raise an alert"
+    )
+    bootstrap_samples: int = Field(
+        1000, ge=0, le=100_000, description="resamples for alpha's 95% interval (0: none)"
+    )
     max_text_chars: int = Field(100_000, ge=100, description="longest prompt/completion kept")
     max_comment_chars: int = Field(2000, ge=0, le=100_000)
     max_body_bytes: int = Field(65_536, ge=1024, description="largest request body accepted")
@@ -106,6 +115,16 @@ class AnnotateConfig(StrictModel):
     @property
     def choices(self) -> list[Choice]:
         return SCALES[self.scale]
+
+    @property
+    def level(self) -> str:
+        """Krippendorff's level of measurement of the aspect answers."""
+        return "ordinal" if self.scale == "likert5" else "nominal"
+
+    def alert_rules(self):
+        from alignforge.annotate.dashboard import AlertRules
+
+        return AlertRules(self.alpha_floor, self.alert_margin, self.min_agreement_items)
 
 
 def load_project_config(project_dir: str | Path, overrides: list[str] | None = None):

@@ -17,6 +17,7 @@ JSON API (all require auth): ``GET /api/next``, ``POST /api/submit``, ``POST /ap
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -377,12 +378,19 @@ def _admin_routes(app: FastAPI, store: Store, cfg: AnnotateConfig, templates) ->
     from alignforge.annotate import dashboard as db
 
     aspects = [a.key for a in cfg.aspects]
+    cache: dict[str, Any] = {"key": None}
+    lock = threading.Lock()
 
     def stats():
-        with store.connect() as conn:
-            s = db.project_stats(store, conn, aspects, cfg.alert_margin, cfg.idle_cap_seconds)
-            js = store.judgements(conn)
-        return s, js
+        """The statistics, computed once per change of the data (the page and its three plots
+        share them) and not per request."""
+        with store.connect() as conn, lock:
+            key = store.stats_version(conn)
+            if cache["key"] != key:
+                s = db.project_stats(store, conn, aspects, cfg.level, cfg.alert_rules(),
+                                     cfg.idle_cap_seconds, cfg.bootstrap_samples)  # fmt: skip
+                cache.update(key=key, value=(s, store.judgements(conn)))
+            return cache["value"]
 
     @app.get("/admin", response_class=HTMLResponse)
     def admin(request: Request, a: Auth = Depends(admin_auth)):
@@ -393,11 +401,7 @@ def _admin_routes(app: FastAPI, store: Store, cfg: AnnotateConfig, templates) ->
     @app.get("/admin/api/stats")
     def admin_stats(a: Auth = Depends(admin_auth)):
         s, _ = stats()
-        return {
-            "n_items": s.n_items, "n_released": s.n_released, "n_judgements": s.n_judgements,
-            "rates": _clean(s.rates), "agreement": _clean(s.agreement),
-            "annotator_kappa": _clean(s.annotator_kappa), "alerts": s.alerts,
-        }  # fmt: skip
+        return _clean(s._asdict())
 
     @app.get("/admin/plot/{name}.png")
     def plot(name: str, a: Auth = Depends(admin_auth)):
@@ -407,12 +411,11 @@ def _admin_routes(app: FastAPI, store: Store, cfg: AnnotateConfig, templates) ->
         makers = {
             "rate": lambda: db.plot_rate(js),
             "time": lambda: db.plot_time(js, cfg.idle_cap_seconds),
-            "agreement": lambda: db.plot_agreement(s),
+            "agreement": lambda: db.plot_agreement(s, cfg.alpha_floor),
         }
         if name not in makers:
             raise HTTPException(404, "no such plot")
-        return Response(makers[name](), media_type="image/png",
-                        headers={"Cache-Control": "no-store"})  # fmt: skip
+        return Response(makers[name](), media_type="image/png")
 
 
 def _clean(x: Any) -> Any:

@@ -100,6 +100,7 @@ class Judgement(NamedTuple):
     server_seconds: float | None
     client_seconds: float | None
     created_at: float
+    comment: str | None = None
 
 
 class SubmitResult(NamedTuple):
@@ -463,18 +464,27 @@ class Store:
             )  # fmt: skip
         return cur.rowcount == 1
 
+    def stats_version(self, conn: sqlite3.Connection) -> tuple:
+        """Changes whenever anything the dashboard statistics read changes."""
+        return tuple(conn.execute(
+            "SELECT (SELECT COUNT(*) FROM judgements), (SELECT MAX(id) FROM judgements), "
+            "(SELECT COUNT(*) FROM assignments WHERE status='skipped'), "
+            "(SELECT COUNT(*) FROM items WHERE batch_id IS NOT NULL), "
+            "(SELECT COUNT(*) FROM users)"
+        ).fetchone())  # fmt: skip
+
     def judgements(
         self, conn: sqlite3.Connection, item_ids: list[int] | None = None
     ) -> list[Judgement]:
         sql = (
             "SELECT j.id, j.user_id, u.name, u.role, j.item_id, j.scores_json, j.overall, "
-            "j.server_seconds, j.client_seconds, j.created_at FROM judgements j "
+            "j.server_seconds, j.client_seconds, j.created_at, j.comment FROM judgements j "
             "JOIN users u ON u.id = j.user_id"
         )
         rows = conn.execute(sql + " ORDER BY j.id").fetchall()
         keep = set(item_ids) if item_ids is not None else None
         return [
-            Judgement(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8], r[9])
+            Judgement(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8], r[9], r[10])
             for r in rows
             if keep is None or r[4] in keep
         ]

@@ -177,8 +177,9 @@ def serve(
 
     _store(project_dir)
     typer.echo(f"serving {project_dir} on http://{host}:{port}/login", err=True)
+    # proxy headers are handled by the app, from annotate.yaml's trusted_proxies only
     uvicorn.run(create_app(project_dir, _cfg(project_dir)), host=host, port=port,
-                log_level=log_level)  # fmt: skip
+                log_level=log_level, proxy_headers=False)  # fmt: skip
 
 
 @app.command()

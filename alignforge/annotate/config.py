@@ -96,6 +96,11 @@ class AnnotateConfig(StrictModel):
     max_comment_chars: int = Field(2000, ge=0, le=100_000)
     max_body_bytes: int = Field(65_536, ge=1024, description="largest request body accepted")
     session_hours: float = Field(12.0, gt=0)
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="addresses (or CIDR ranges) of reverse proxies whose X-Forwarded-Proto and "
+        "X-Forwarded-For are believed; '*' trusts any. Empty: forwarded headers are ignored",
+    )
     idle_cap_seconds: float = Field(
         600.0, gt=0, description="time on one item counted at most this long in rates"
     )

@@ -27,6 +27,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Red
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import MutableHeaders
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from alignforge.annotate.config import AnnotateConfig, load_project_config
 from alignforge.annotate.render import highlight, mention_classes, parse_completion, split_prompt
@@ -63,7 +65,11 @@ class DraftIn(ItemIn):
 
 
 class BodyLimit:
-    """Reject request bodies over ``max_bytes`` with 413, declared or streamed."""
+    """Reject request bodies over ``max_bytes`` with 413, whether declared or streamed (chunked).
+
+    A streamed body is cut off inside ``receive`` by raising ``HTTPException(413)``, which the
+    route's body parsing lets through (any other exception there would become a 400).
+    """
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max = app, max_bytes
@@ -81,17 +87,44 @@ class BodyLimit:
             msg = await receive()
             seen += len(msg.get("body", b""))
             if seen > self.max:
-                raise _TooLarge
+                raise HTTPException(413, "request body too large")
             return msg
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await PlainTextResponse("request body too large", 413)(scope, receive, send)
+        await self.app(scope, limited, send)
 
 
-class _TooLarge(Exception):
-    pass
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+)
+
+
+class SecurityHeaders:
+    """CSP, no framing, no MIME sniffing, no referrer on every response; ``no-store`` on all but
+    the static files (pages and API answers carry annotation data); HSTS over HTTPS."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        static = scope["path"].startswith("/static/")
+
+        async def with_headers(msg):
+            if msg["type"] == "http.response.start":
+                h = MutableHeaders(scope=msg)
+                h["Content-Security-Policy"] = CSP
+                h["X-Frame-Options"] = "DENY"
+                h["X-Content-Type-Options"] = "nosniff"
+                h["Referrer-Policy"] = "no-referrer"
+                if not static:
+                    h["Cache-Control"] = "no-store"
+                if scope.get("scheme") == "https":
+                    h["Strict-Transport-Security"] = "max-age=31536000"
+            await send(msg)
+
+        await self.app(scope, receive, with_headers)
 
 
 def create_app(project_dir: str | Path, cfg: AnnotateConfig | None = None) -> FastAPI:
@@ -100,6 +133,10 @@ def create_app(project_dir: str | Path, cfg: AnnotateConfig | None = None) -> Fa
     app = FastAPI(title="alignforge annotate", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store, app.state.cfg = store, cfg
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    app.add_middleware(SecurityHeaders)
+    if cfg.trusted_proxies:
+        # behind a TLS-terminating proxy: its X-Forwarded-Proto makes the cookies Secure
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=cfg.trusted_proxies)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     app.state.templates = templates

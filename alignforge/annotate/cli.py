@@ -3,6 +3,8 @@
     alignforge annotate init ann/ --config aspects.yaml
     alignforge annotate add-user ann/ admin --role admin
     alignforge annotate add-user ann/ alice --role annotator --group team1   # prints the token
+    alignforge annotate users ann/ ; alignforge annotate revoke ann/ alice
+    alignforge annotate reset-token ann/ alice ; alignforge annotate set-role ann/ bob --role admin
     alignforge annotate import ann/ samples.jsonl
     alignforge annotate release ann/ --batch trial --size 20 --trial
     alignforge annotate release ann/ --batch b1 --size 200 --overlap 0.2
@@ -90,16 +92,73 @@ def add_user(
     name: str = typer.Argument(..., help="Login name (letters, digits, _.@-)."),
     role: str = typer.Option("annotator", help="annotator or admin."),
     group: str = typer.Option("default", help="Annotator group; batches can target one group."),
-) -> None:
+    annotates: bool = typer.Option(
+        None, "--annotates/--no-annotates",
+        help="Count the user's judgements as an annotator's (default: yes for annotators, no "
+        "for admins).",
+    ),
+) -> None:  # fmt: skip
     """Create a user and print its login token ONCE (only its hash is stored)."""
     from alignforge.annotate.store import StoreError
 
     try:
-        token = _store(project_dir).add_user(name, role=role, group=group)
+        token = _store(project_dir).add_user(name, role=role, group=group, annotates=annotates)
     except StoreError as e:
         _fail(str(e))
     typer.echo(token)
     typer.secho(f"token for {name} ({role}); it is not shown again", err=True)
+
+
+@app.command()
+def users(project_dir: Path = PROJECT) -> None:
+    """List the users: role, group, whether they count as annotators, status, judgements."""
+    store = _store(project_dir)
+    with store.connect() as conn:
+        rows = store.user_rows(conn)
+    typer.echo(f"{'name':24} {'role':9} {'group':12} {'annotates':9} {'status':8} {'judged':>6}")
+    for r in rows:
+        typer.echo(f"{r.name:24} {r.role:9} {r.group:12} {'yes' if r.annotates else 'no':9} "
+                   f"{'active' if r.active else 'revoked':8} {r.n_judgements:6d}")  # fmt: skip
+
+
+@app.command()
+def revoke(project_dir: Path = PROJECT, name: str = typer.Argument(..., help="User name.")) -> None:
+    """Refuse a user's token and end their sessions at once (their judgements are kept)."""
+    _user_change(project_dir, "revoke", name)
+    typer.echo(f"{name} revoked; `reset-token` gives them a new token")
+
+
+@app.command("reset-token")
+def reset_token(
+    project_dir: Path = PROJECT, name: str = typer.Argument(..., help="User name.")
+) -> None:
+    """Print a new token for a user ONCE; the old one and its sessions stop working."""
+    typer.echo(_user_change(project_dir, "reset_token", name))
+    typer.secho(f"new token for {name}; it is not shown again", err=True)
+
+
+@app.command("set-role")
+def set_role(
+    project_dir: Path = PROJECT,
+    name: str = typer.Argument(..., help="User name."),
+    role: str = typer.Option(..., help="annotator or admin."),
+    annotates: bool = typer.Option(
+        None, "--annotates/--no-annotates",
+        help="Count their judgements as an annotator's (default: the role's).",
+    ),
+) -> None:  # fmt: skip
+    """Change a user's role and whether their judgements count as an annotator's."""
+    _user_change(project_dir, "set_role", name, role, annotates)
+    typer.echo(f"{name} is now {role}")
+
+
+def _user_change(project_dir: Path, method: str, *args):
+    from alignforge.annotate.store import StoreError
+
+    try:
+        return getattr(_store(project_dir), method)(*args)
+    except StoreError as e:
+        _fail(str(e))
 
 
 @app.command("import")
@@ -189,7 +248,9 @@ def export(
     ties: str = typer.Option("drop", help="drop | margin0 (keep, margin 0) | both (both orders)."),
     low_agreement: str = typer.Option("drop", help="drop (below --min-agreement) | majority."),
     min_agreement: float = typer.Option(0.0, help="Least share of raters on the majority side."),
-    annotators: str = typer.Option("humans", help="humans | judge | all | one user name."),
+    annotators: str = typer.Option(
+        "humans", help="humans (annotators and annotating admins) | admins | judge | all | NAME."
+    ),
     fmt: str = typer.Option("jsonl", "--format", help="jsonl | parquet | both."),
 ) -> None:
     """Write the preference dataset (prompt, chosen, rejected, margin, ...) for DPO / RM training."""
@@ -311,7 +372,9 @@ def blind_import(
 @blind_app.command("report")
 def blind_report_cmd(
     project_dir: Path = PROJECT,
-    annotators: str = typer.Option("humans", help="humans | judge | all | one user name."),
+    annotators: str = typer.Option(
+        "humans", help="humans (annotators and annotating admins) | admins | judge | all | NAME."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Win / tie / loss of system A against B with 95% bootstrap intervals."""

@@ -95,7 +95,8 @@ class ProjectStats(NamedTuple):
 
 
 def humans(judgements: list[Judgement]) -> list[Judgement]:
-    return [j for j in judgements if j.role != "judge"]
+    """Annotators' judgements (admins count only when marked as annotating)."""
+    return [j for j in judgements if j.role == "annotator"]
 
 
 def item_scores(judgements: list[Judgement], aspect: str) -> dict[int, dict[str, int]]:

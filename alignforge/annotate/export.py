@@ -72,9 +72,12 @@ def aggregate(js: list[Judgement], low_agreement: str, min_agreement: float) -> 
 
 
 def select(js: list[Judgement], annotators: str) -> list[Judgement]:
-    """'humans' (default), 'judge' (every AI judge), 'all', or one user name."""
+    """'humans' (default: annotators, and admins marked as annotating), 'admins' (the other
+    admins' judgements), 'judge' (every AI judge), 'all', or one user name."""
     if annotators == "humans":
-        return [j for j in js if j.role != "judge"]
+        return [j for j in js if j.role == "annotator"]
+    if annotators == "admins":
+        return [j for j in js if j.role == "admin"]
     if annotators == "judge":
         return [j for j in js if j.role == "judge"]
     if annotators == "all":

@@ -321,7 +321,7 @@ def judge_human_agreement(judgements, judge_user: str, aspects: list[str]) -> li
     """Cohen's kappa between the judge and the humans, pooled over every human judgement of an
     item the judge also judged (one pair of labels per human judgement)."""
     judge = {j.item_id: j for j in judgements if j.user == judge_user}
-    humans = [j for j in judgements if j.role != "judge" and j.item_id in judge]
+    humans = [j for j in judgements if j.role == "annotator" and j.item_id in judge]
     out = []
     for a in [*aspects, "overall"]:
         pairs = []

@@ -62,6 +62,7 @@ class ItemIn(BaseModel):
 
 class DraftIn(ItemIn):
     answers: dict[str, str] = Field(max_length=9)
+    comment: str = Field("", max_length=100_000)
 
 
 class BodyLimit:
@@ -156,6 +157,7 @@ def create_app(project_dir: str | Path, cfg: AnnotateConfig | None = None) -> Fa
     _task_routes(app, store, cfg, templates)
     _api_routes(app, store, cfg)
     _admin_routes(app, store, cfg, templates)
+    _user_routes(app, store, templates)
     return app
 
 
@@ -375,7 +377,7 @@ def _api_routes(app: FastAPI, store: Store, cfg: AnnotateConfig) -> None:
                 "item_id": v["item_id"], "trial": v["trial"], "instruction": v["instruction"],
                 "document": v["document"], "a": v["a"].text, "b": v["b"].text,
                 "flags": {"a": _clean(v["a"].flags), "b": _clean(v["b"].flags)},
-                "draft": v["draft"],
+                "draft": v["draft"].answers, "draft_comment": v["draft"].comment,
             },
             "aspects": [x.key for x in cfg.aspects],
             "choices": {c.key: c.label for c in cfg.choices},
@@ -403,9 +405,11 @@ def _api_routes(app: FastAPI, store: Store, cfg: AnnotateConfig) -> None:
     def api_draft(request: Request, body: DraftIn, a: Auth = Depends(auth)):
         _csrf(request, a)
         _display_scores(cfg, body.answers, partial=True)
+        if len(body.comment) > cfg.max_comment_chars:
+            raise HTTPException(422, f"comment longer than {cfg.max_comment_chars} characters")
         try:
             with store.connect() as conn:
-                store.save_draft(conn, a.user, body.item_id, body.answers)
+                store.save_draft(conn, a.user, body.item_id, body.answers, body.comment)
         except StoreError as e:
             raise HTTPException(e.status, str(e)) from None
         return {"ok": True}
@@ -453,6 +457,63 @@ def _admin_routes(app: FastAPI, store: Store, cfg: AnnotateConfig, templates) ->
         if name not in makers:
             raise HTTPException(404, "no such plot")
         return Response(makers[name](), media_type="image/png")
+
+
+def _user_routes(app: FastAPI, store: Store, templates) -> None:
+    """``/admin/users``: list, add, revoke, reset a token, change a role. A new token is shown
+    once, in the answer to the POST that made it (never in a URL)."""
+
+    def page(request: Request, a: Auth, new_token: tuple[str, str] | None = None):
+        with store.connect() as conn:
+            rows = store.user_rows(conn)
+        ctx = {"user": a.user, "csrf": a.csrf or "", "rows": rows, "new_token": new_token,
+               "title": "Users"}  # fmt: skip
+        return templates.TemplateResponse(request, "users.html", ctx)
+
+    async def form(request: Request, a: Auth) -> dict[str, str]:
+        got = {k: str(v) for k, v in (await request.form()).items()}
+        check_csrf(a, got.get("csrf"))
+        return got
+
+    def run(fn, *args):
+        try:
+            return fn(*args)
+        except StoreError as e:
+            raise HTTPException(e.status, str(e)) from None
+
+    @app.get("/admin/users", response_class=HTMLResponse)
+    def users(request: Request, a: Auth = Depends(admin_auth)):
+        return page(request, a)
+
+    @app.post("/admin/users", response_class=HTMLResponse)
+    async def add(request: Request, a: Auth = Depends(admin_auth)):
+        f = await form(request, a)
+        name = f.get("name", "").strip()
+        token = run(store.add_user, name, f.get("role", "annotator"),
+                    f.get("group", "").strip() or "default", _annotates(f))  # fmt: skip
+        return page(request, a, (name, token))
+
+    @app.post("/admin/users/{name}/revoke")
+    async def revoke(request: Request, name: str, a: Auth = Depends(admin_auth)):
+        await form(request, a)
+        run(store.revoke, name)
+        return RedirectResponse("/admin/users", 303)
+
+    @app.post("/admin/users/{name}/reset", response_class=HTMLResponse)
+    async def reset(request: Request, name: str, a: Auth = Depends(admin_auth)):
+        await form(request, a)
+        return page(request, a, (name, run(store.reset_token, name)))
+
+    @app.post("/admin/users/{name}/role")
+    async def role(request: Request, name: str, a: Auth = Depends(admin_auth)):
+        f = await form(request, a)
+        run(store.set_role, name, f.get("role", ""), _annotates(f))
+        return RedirectResponse("/admin/users", 303)
+
+
+def _annotates(form: dict[str, str]) -> bool | None:
+    """The form's 'annotates' choice: 'yes', 'no', or absent (the role's default)."""
+    return {"yes": True, "no": False}.get(form.get("annotates", ""))
 
 
 def _clean(x: Any) -> Any:

@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS users (
   id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL,
   role TEXT NOT NULL CHECK (role IN ('annotator', 'admin', 'judge')),
-  grp TEXT NOT NULL DEFAULT 'default', token_hash TEXT UNIQUE, created_at REAL NOT NULL);
+  grp TEXT NOT NULL DEFAULT 'default', token_hash TEXT UNIQUE, created_at REAL NOT NULL,
+  annotates INTEGER NOT NULL DEFAULT 1, revoked_at REAL);
 CREATE TABLE IF NOT EXISTS sessions (
   sid_hash TEXT PRIMARY KEY, user_id INTEGER NOT NULL REFERENCES users(id),
   csrf TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL);
@@ -61,11 +62,28 @@ CREATE TABLE IF NOT EXISTS judgements (
   item_id INTEGER NOT NULL REFERENCES items(id), submission_id TEXT NOT NULL,
   swapped INTEGER NOT NULL, scores_json TEXT NOT NULL, overall REAL NOT NULL,
   answers_json TEXT NOT NULL, server_seconds REAL, client_seconds REAL, comment TEXT,
-  created_at REAL NOT NULL, UNIQUE (user_id, item_id));
+  created_at REAL NOT NULL, updated_at REAL, revisions INTEGER NOT NULL DEFAULT 0,
+  UNIQUE (user_id, item_id));
 CREATE TABLE IF NOT EXISTS drafts (
   user_id INTEGER NOT NULL, item_id INTEGER NOT NULL, answers_json TEXT NOT NULL,
-  updated_at REAL NOT NULL, PRIMARY KEY (user_id, item_id));
+  updated_at REAL NOT NULL, comment TEXT, PRIMARY KEY (user_id, item_id));
+CREATE TABLE IF NOT EXISTS audit (
+  id INTEGER PRIMARY KEY, user_id INTEGER NOT NULL REFERENCES users(id), item_id INTEGER,
+  action TEXT NOT NULL, detail_json TEXT, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS audit_user ON audit(user_id, at);
+CREATE TABLE IF NOT EXISTS adjudications (
+  item_id INTEGER PRIMARY KEY REFERENCES items(id), user_id INTEGER NOT NULL REFERENCES users(id),
+  scores_json TEXT NOT NULL, overall REAL NOT NULL, note TEXT, created_at REAL NOT NULL);
 """
+SCHEMA_VERSION = "2"
+# columns added after version 1: (table, column, declaration)
+ADDED_COLUMNS = [
+    ("users", "annotates", "INTEGER NOT NULL DEFAULT 1"),
+    ("users", "revoked_at", "REAL"),
+    ("judgements", "updated_at", "REAL"),
+    ("judgements", "revisions", "INTEGER NOT NULL DEFAULT 0"),
+    ("drafts", "comment", "TEXT"),
+]
 
 
 class StoreError(ValueError):
@@ -81,6 +99,19 @@ class User(NamedTuple):
     name: str
     role: str
     group: str
+    annotates: bool = True  # an admin's judgements count as an annotator's only when set
+
+
+class UserRow(NamedTuple):
+    name: str
+    role: str
+    group: str
+    annotates: bool
+    active: bool  # False once revoked
+    created_at: float
+    revoked_at: float | None
+    n_judgements: int
+    last_at: float | None
 
 
 class Served(NamedTuple):
@@ -93,7 +124,7 @@ class Judgement(NamedTuple):
     id: int
     user_id: int
     user: str
-    role: str
+    role: str  # as counted: 'annotator' (an admin who annotates too), 'admin' or 'judge'
     item_id: int
     scores: dict[str, int]
     overall: float
@@ -101,6 +132,11 @@ class Judgement(NamedTuple):
     client_seconds: float | None
     created_at: float
     comment: str | None = None
+
+
+class Draft(NamedTuple):
+    answers: dict[str, str]  # aspect -> choice key, as displayed
+    comment: str
 
 
 class SubmitResult(NamedTuple):
@@ -132,6 +168,8 @@ class Store:
             raise FileNotFoundError(
                 f"{self.path} does not exist; run `alignforge annotate init {self.dir}` first"
             )
+        with self.connect() as conn:
+            _migrate(conn)
 
     @classmethod
     def create(cls, project_dir: str | Path) -> Store:
@@ -141,7 +179,9 @@ class Store:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(SCHEMA)
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', '1')")
+            conn.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
+            )
             conn.commit()
         finally:
             conn.close()
@@ -160,20 +200,93 @@ class Store:
             conn.close()
 
     # ---------------------------------------------------------------- users and sessions
-    def add_user(self, name: str, role: str = "annotator", group: str = "default") -> str:
-        """Create a user and return its login token (only the hash is stored)."""
-        if role not in ("annotator", "admin"):
-            raise StoreError(f"role must be annotator or admin, got {role!r}")
+    def add_user(
+        self, name: str, role: str = "annotator", group: str = "default",
+        annotates: bool | None = None,
+    ) -> str:  # fmt: skip
+        """Create a user and return its login token (only the hash is stored).
+
+        ``annotates`` (default: True for annotators, False for admins) says whether the user's
+        judgements count as an annotator's in agreement and exports.
+        """
+        _check_role(role)
         _check_name(name)
         token = secrets.token_urlsafe(32)
+        ann = role == "annotator" if annotates is None else bool(annotates)
         with self.connect() as conn, _tx(conn):
             if conn.execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone():
                 raise StoreError(f"user {name!r} already exists", 409)
             conn.execute(
-                "INSERT INTO users (name, role, grp, token_hash, created_at) VALUES (?,?,?,?,?)",
-                (name, role, group, hash_secret(token), time.time()),
+                "INSERT INTO users (name, role, grp, token_hash, created_at, annotates) "
+                "VALUES (?,?,?,?,?,?)",
+                (name, role, group, hash_secret(token), time.time(), int(ann)),
             )
         return token
+
+    def user_rows(self, conn: sqlite3.Connection) -> list[UserRow]:
+        """Every login (the AI judges excluded) with its status and activity."""
+        rows = conn.execute(
+            "SELECT u.name, u.role, u.grp, u.annotates, u.revoked_at IS NULL, u.created_at, "
+            "u.revoked_at, COUNT(j.id), MAX(j.created_at) FROM users u LEFT JOIN judgements j "
+            "ON j.user_id = u.id WHERE u.role != 'judge' GROUP BY u.id ORDER BY u.name"
+        ).fetchall()
+        return [UserRow(r[0], r[1], r[2], bool(r[3]), bool(r[4]), *r[5:]) for r in rows]
+
+    def revoke(self, name: str) -> None:
+        """Refuse the user's token and end their sessions at once; their open items go back."""
+        with self.connect() as conn, _tx(conn):
+            uid = self._login_id(conn, name)
+            self._keep_an_admin(conn, uid)
+            conn.execute(
+                "UPDATE users SET token_hash=NULL, revoked_at=? WHERE id=?", (time.time(), uid)
+            )
+            conn.execute("DELETE FROM sessions WHERE user_id=?", (uid,))
+            conn.execute(
+                "UPDATE items SET claimed_by=NULL WHERE claimed_by=? AND id IN (SELECT item_id "
+                "FROM assignments WHERE user_id=? AND status='served')",
+                (uid, uid),
+            )
+            conn.execute("DELETE FROM assignments WHERE user_id=? AND status='served'", (uid,))
+            conn.execute("DELETE FROM drafts WHERE user_id=?", (uid,))
+
+    def reset_token(self, name: str) -> str:
+        """A new token for the user (the old one and its sessions stop working); re-activates."""
+        token = secrets.token_urlsafe(32)
+        with self.connect() as conn, _tx(conn):
+            uid = self._login_id(conn, name)
+            conn.execute(
+                "UPDATE users SET token_hash=?, revoked_at=NULL WHERE id=?",
+                (hash_secret(token), uid),
+            )
+            conn.execute("DELETE FROM sessions WHERE user_id=?", (uid,))
+        return token
+
+    def set_role(self, name: str, role: str, annotates: bool | None = None) -> None:
+        """Change a user's role (and whether their judgements count as an annotator's)."""
+        _check_role(role)
+        ann = role == "annotator" if annotates is None else bool(annotates)
+        with self.connect() as conn, _tx(conn):
+            uid = self._login_id(conn, name)
+            if role != "admin":
+                self._keep_an_admin(conn, uid)
+            conn.execute("UPDATE users SET role=?, annotates=? WHERE id=?", (role, int(ann), uid))
+
+    def _login_id(self, conn: sqlite3.Connection, name: str) -> int:
+        row = conn.execute(
+            "SELECT id FROM users WHERE name=? AND role != 'judge'", (name,)
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"no user named {name!r}", 404)
+        return row[0]
+
+    def _keep_an_admin(self, conn: sqlite3.Connection, uid: int) -> None:
+        others = conn.execute(
+            "SELECT COUNT(*) FROM users WHERE role='admin' AND revoked_at IS NULL AND id != ?",
+            (uid,),
+        ).fetchone()[0]
+        is_admin = conn.execute("SELECT role='admin' FROM users WHERE id=?", (uid,)).fetchone()[0]
+        if is_admin and others == 0:
+            raise StoreError("this is the last active admin; make another admin first", 409)
 
     def judge_user(self, conn: sqlite3.Connection, model: str) -> User:
         """The pseudo-user ``judge:<model>`` under which AI judgements are stored."""
@@ -182,19 +295,18 @@ class Store:
             "INSERT OR IGNORE INTO users (name, role, grp, created_at) VALUES (?, 'judge', '*', ?)",
             (name, time.time()),
         )
-        row = conn.execute("SELECT id, name, role, grp FROM users WHERE name=?", (name,)).fetchone()
-        return User(*row)
+        row = conn.execute(
+            "SELECT id, name, role, grp, 0 FROM users WHERE name=?", (name,)
+        ).fetchone()
+        return User(*row[:4], False)
 
     def user_by_token(self, conn: sqlite3.Connection, token: str) -> User | None:
         row = conn.execute(
-            "SELECT id, name, role, grp FROM users WHERE token_hash=? AND role != 'judge'",
+            "SELECT id, name, role, grp, annotates FROM users WHERE token_hash=? "
+            "AND role != 'judge' AND revoked_at IS NULL",
             (hash_secret(token),),
         ).fetchone()
-        return User(*row) if row else None
-
-    def users(self, conn: sqlite3.Connection) -> list[User]:
-        rows = conn.execute("SELECT id, name, role, grp FROM users ORDER BY id").fetchall()
-        return [User(*r) for r in rows]
+        return User(*row[:4], bool(row[4])) if row else None
 
     def new_session(self, conn: sqlite3.Connection, user_id: int, hours: float) -> tuple[str, str]:
         """Return (session id for the cookie, CSRF token for forms and the JSON API)."""
@@ -210,11 +322,11 @@ class Store:
 
     def session_user(self, conn: sqlite3.Connection, sid: str) -> tuple[User, str] | None:
         row = conn.execute(
-            "SELECT u.id, u.name, u.role, u.grp, s.csrf FROM sessions s JOIN users u "
-            "ON u.id = s.user_id WHERE s.sid_hash=? AND s.expires_at > ?",
+            "SELECT u.id, u.name, u.role, u.grp, u.annotates, s.csrf FROM sessions s JOIN users u "
+            "ON u.id = s.user_id WHERE s.sid_hash=? AND s.expires_at > ? AND u.revoked_at IS NULL",
             (hash_secret(sid), time.time()),
         ).fetchone()
-        return (User(*row[:4]), row[4]) if row else None
+        return (User(*row[:4], bool(row[4])), row[5]) if row else None
 
     def end_session(self, conn: sqlite3.Connection, sid: str) -> None:
         with _tx(conn, durable=False):
@@ -381,21 +493,25 @@ class Store:
             )
             conn.execute("DELETE FROM drafts WHERE user_id=? AND item_id=?", (user.id, item_id))
 
-    def save_draft(self, conn: sqlite3.Connection, user: User, item_id: int, answers: dict):
+    def save_draft(
+        self, conn: sqlite3.Connection, user: User, item_id: int, answers: dict, comment: str = ""
+    ) -> None:
         with _tx(conn, durable=False):
             a = self.assignment(conn, user.id, item_id)
             if a is None or a[1] != "served":
                 raise StoreError(f"item {item_id} is not open in your queue", 404)
             conn.execute(
-                "INSERT OR REPLACE INTO drafts VALUES (?,?,?,?)",
-                (user.id, item_id, json.dumps(answers), time.time()),
+                "INSERT OR REPLACE INTO drafts (user_id, item_id, answers_json, updated_at, "
+                "comment) VALUES (?,?,?,?,?)",
+                (user.id, item_id, json.dumps(answers), time.time(), comment),
             )
 
-    def draft(self, conn: sqlite3.Connection, user_id: int, item_id: int) -> dict:
+    def draft(self, conn: sqlite3.Connection, user_id: int, item_id: int) -> Draft:
         row = conn.execute(
-            "SELECT answers_json FROM drafts WHERE user_id=? AND item_id=?", (user_id, item_id)
+            "SELECT answers_json, comment FROM drafts WHERE user_id=? AND item_id=?",
+            (user_id, item_id),
         ).fetchone()
-        return json.loads(row[0]) if row else {}
+        return Draft(json.loads(row[0]), row[1] or "") if row else Draft({}, "")
 
     # ---------------------------------------------------------------- judgements
     def submit(
@@ -470,14 +586,17 @@ class Store:
             "SELECT (SELECT COUNT(*) FROM judgements), (SELECT MAX(id) FROM judgements), "
             "(SELECT COUNT(*) FROM assignments WHERE status='skipped'), "
             "(SELECT COUNT(*) FROM items WHERE batch_id IS NOT NULL), "
-            "(SELECT COUNT(*) FROM users)"
+            "(SELECT SUM(revisions) FROM judgements), (SELECT MAX(created_at) FROM adjudications), "
+            "(SELECT COUNT(*) FROM adjudications), "
+            "(SELECT group_concat(id || role || annotates, ',') FROM users)"
         ).fetchone())  # fmt: skip
 
     def judgements(
         self, conn: sqlite3.Connection, item_ids: list[int] | None = None
     ) -> list[Judgement]:
         sql = (
-            "SELECT j.id, j.user_id, u.name, u.role, j.item_id, j.scores_json, j.overall, "
+            "SELECT j.id, j.user_id, u.name, CASE WHEN u.role = 'admin' AND u.annotates = 1 "
+            "THEN 'annotator' ELSE u.role END, j.item_id, j.scores_json, j.overall, "
             "j.server_seconds, j.client_seconds, j.created_at, j.comment FROM judgements j "
             "JOIN users u ON u.id = j.user_id"
         )
@@ -517,6 +636,30 @@ def _tx(conn: sqlite3.Connection, durable: bool = True) -> Iterator[None]:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a project made by an older version to ``SCHEMA_VERSION`` (new tables, columns)."""
+    got = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    if got and got[0] == SCHEMA_VERSION:
+        return
+    with _tx(conn):
+        for stmt in SCHEMA.split(";"):
+            if stmt.strip():
+                conn.execute(stmt)
+        for table, col, decl in ADDED_COLUMNS:
+            have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+            if col not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
+                if (table, col) == ("users", "annotates"):
+                    # admins' judgements used to count as human; now only when they annotate
+                    conn.execute("UPDATE users SET annotates=0 WHERE role='admin'")
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+
+
+def _check_role(role: str) -> None:
+    if role not in ("annotator", "admin"):
+        raise StoreError(f"role must be annotator or admin, got {role!r}")
 
 
 def _check_name(name: str) -> None:

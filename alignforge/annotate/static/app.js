@@ -32,11 +32,16 @@
   };
   let lastInput = Date.now();
   document.getElementById("submission_id").value = state.submissionId;
+  if (typeof saved.comment === "string" && saved.comment && !comment.value) {
+    comment.value = saved.comment;  // typed after the last server draft
+  }
+  comment.addEventListener("input", saveDraft);
 
   function persist() {
     try {
       localStorage.setItem(storeKey, JSON.stringify({
         answers: state.answers, activeMs: state.activeMs, submissionId: state.submissionId,
+        comment: comment.value,
       }));
     } catch (e) { /* storage full or disabled: the server draft still holds the answers */ }
   }
@@ -48,7 +53,7 @@
       fetch("/api/draft", {
         method: "POST", credentials: "same-origin",
         headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
-        body: JSON.stringify({ item_id: itemId, answers: state.answers }),
+        body: JSON.stringify({ item_id: itemId, answers: state.answers, comment: comment.value }),
       }).catch(() => {});
     }, 400);
   }
@@ -143,7 +148,7 @@
 
   document.addEventListener("keydown", (ev) => {
     if (ev.target === comment) {
-      if (ev.key === "Escape") comment.blur();
+      if (ev.key === "Escape") { comment.blur(); saveDraft(); }
       else if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); submit(); }
       return;
     }

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from alignforge.config import StrictModel, load_config
 
@@ -47,6 +47,25 @@ DEFAULT_ASPECTS = [
 ]
 
 
+class Shortcuts(StrictModel):
+    """Keys of the task page's actions, as ``KeyboardEvent.key`` names ("Enter", "ArrowDown",
+    "u" ...). The answer keys come from the scale (1-3 or 1-5)."""
+
+    save: str = Field("Enter", min_length=1, max_length=20)
+    skip: str = Field("Backspace", min_length=1, max_length=20, description="asks to confirm")
+    undo_skip: str = Field("u", min_length=1, max_length=20)
+    next_question: str = Field("j", min_length=1, max_length=20)
+    prev_question: str = Field("k", min_length=1, max_length=20)
+    scroll_down: str = Field("ArrowDown", min_length=1, max_length=20, description="both answers")
+    scroll_up: str = Field("ArrowUp", min_length=1, max_length=20)
+    page_down: str = Field("PageDown", min_length=1, max_length=20)
+    page_up: str = Field("PageUp", min_length=1, max_length=20)
+    raw: str = Field("r", min_length=1, max_length=20, description="raw answers on / off")
+    guidelines: str = Field("g", min_length=1, max_length=20)
+    comment: str = Field("c", min_length=1, max_length=20)
+    revise_previous: str = Field("p", min_length=1, max_length=20, description="last judged item")
+
+
 class Choice(NamedTuple):
     key: str  # keyboard key shown on screen
     label: str
@@ -70,11 +89,12 @@ class AnnotateConfig(StrictModel):
 
     title: str = Field("Which extraction is better?", max_length=200)
     instructions: str = Field(
-        "Read the document, compare the two extractions aspect by aspect, answer with the "
-        "number keys, Enter to save, Backspace to skip.",
+        "Read the document, then compare the two extractions aspect by aspect. Answer with the "
+        "number keys; Enter saves, Backspace twice skips.",
         max_length=20000,
     )
     aspects: list[Aspect] = Field(default_factory=lambda: list(DEFAULT_ASPECTS), min_length=1)
+    shortcuts: Shortcuts = Field(default_factory=Shortcuts)
     scale: Literal["ab", "likert5"] = Field("ab", description="A/tie/B or a 5-point scale")
     expect_json: bool = Field(
         True, description="completions should be JSON: flag those with no JSON at all"
@@ -116,6 +136,15 @@ class AnnotateConfig(StrictModel):
         if len(v) > 9:
             raise ValueError("at most 9 aspects (one screen, one key each)")
         return v
+
+    @model_validator(mode="after")
+    def _keys_distinct(self) -> AnnotateConfig:
+        used: dict[str, str] = {c.key: f"answer {c.label!r}" for c in SCALES[self.scale]}
+        for action, key in self.shortcuts.model_dump().items():
+            if key in used:
+                raise ValueError(f"shortcuts.{action}: key {key!r} is already taken by {used[key]}")
+            used[key] = f"shortcuts.{action}"
+        return self
 
     @property
     def choices(self) -> list[Choice]:

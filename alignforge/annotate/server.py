@@ -11,7 +11,8 @@ field, or the ``X-CSRF-Token`` header for the JSON API). Scripts may instead sen
 own queue; ``/admin`` is for admins.
 
 JSON API (all require auth): ``GET /api/next``, ``POST /api/submit``, ``POST /api/skip``,
-``POST /api/draft``, ``GET /api/me``; admins: ``GET /admin/api/stats``.
+``POST /api/unskip``, ``POST /api/revise``, ``POST /api/draft``, ``GET /api/me``; admins:
+``GET /admin/api/stats``. Skips, undone skips and revisions are kept in an audit trail.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from alignforge.annotate.config import AnnotateConfig, load_project_config
 from alignforge.annotate.render import highlight, mention_classes, parse_completion, split_prompt
-from alignforge.annotate.store import Store, StoreError, User
+from alignforge.annotate.store import Draft, Store, StoreError, User
 
 HERE = Path(__file__).parent
 SESSION_COOKIE = "af_session"
@@ -52,6 +53,13 @@ class SubmitIn(BaseModel):
     submission_id: str = Field(pattern=SUBMISSION_ID)
     answers: dict[str, str] = Field(max_length=9)
     client_active_ms: int = Field(0, ge=0, le=86_400_000)
+    comment: str = Field("", max_length=100_000)
+
+
+class ReviseIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    item_id: int = Field(ge=1, le=MAX_ITEM_ID)
+    answers: dict[str, str] = Field(max_length=9)
     comment: str = Field("", max_length=100_000)
 
 
@@ -248,8 +256,17 @@ def _login_routes(app: FastAPI, store: Store, cfg: AnnotateConfig, templates) ->
         return RedirectResponse("/admin" if a.user.role == "admin" else "/task", 303)
 
 
-def item_view(store: Store, cfg: AnnotateConfig, conn, user: User, served) -> dict[str, Any]:
-    """Everything the task page (and ``GET /api/next``) shows, in display order."""
+UNDO_WINDOW_S = 1800  # a skip can be undone from the task page for this long
+
+
+def item_view(
+    store: Store, cfg: AnnotateConfig, conn, user: User, served, mode: str = "judge"
+) -> dict[str, Any]:
+    """Everything the task page (and ``GET /api/next``) shows, in display order.
+
+    ``mode`` 'judge' shows a served item with its draft; 'revise' an item the user judged,
+    with their saved answers.
+    """
     it = store.item(conn, served.item_id)
     sides = ("b", "a") if served.swapped else ("a", "b")
     meta = it["meta"] or {}
@@ -257,18 +274,23 @@ def item_view(store: Store, cfg: AnnotateConfig, conn, user: User, served) -> di
         parse_completion(it[f"{s}_text"], _finish_reason(meta, s), cfg.expect_json) for s in sides
     )
     instruction, document = split_prompt(it["prompt"], it.get("source_document"))
+    if mode == "revise":
+        own = store.own_judgement(conn, user.id, it["id"])
+        key_of = {c.score: c.key for c in cfg.choices}
+        draft = Draft({k: key_of[v] for k, v in own["display_scores"].items()}, own["comment"])
+    else:
+        own, draft = None, store.draft(conn, user.id, it["id"])
+    last = store.last_skip(conn, user, time.time() - UNDO_WINDOW_S)
+    previous = store.history(conn, user.id, 1)
     return {
-        "item_id": it["id"],
-        "trial": bool(it["trial"]),
-        "instruction": instruction,
-        "document": document,
-        "segments": highlight(document, mention_classes(pa, pb)),
-        "a": pa,
-        "b": pb,
-        "served_at": served.served_at,
-        "draft": store.draft(conn, user.id, it["id"]),
-        "progress": store.progress(conn, user),
-    }
+        "item_id": it["id"], "mode": mode, "judged": own, "trial": bool(it["trial"]),
+        "instruction": instruction, "document": document,
+        "segments": highlight(document, mention_classes(pa, pb)), "a": pa, "b": pb,
+        "served_at": served.served_at, "draft": draft, "progress": store.progress(conn, user),
+        "submission_id": secrets.token_urlsafe(18),
+        "last_skip": last if last != it["id"] else None,
+        "previous": previous[0]["item_id"] if previous else None,
+    }  # fmt: skip
 
 
 def _finish_reason(meta: dict[str, Any], side: str) -> str | None:
@@ -279,10 +301,12 @@ def _finish_reason(meta: dict[str, Any], side: str) -> str | None:
 
 def _task_routes(app: FastAPI, store: Store, cfg: AnnotateConfig, templates) -> None:
     def page(request: Request, a: Auth, view: dict | None):
-        ctx = {"user": a.user, "csrf": a.csrf or "", "cfg": cfg, "v": view}
+        ctx = {"user": a.user, "csrf": a.csrf or "", "cfg": cfg, "v": view,
+               "keys": cfg.shortcuts.model_dump()}  # fmt: skip
         if view is None:
             with store.connect() as conn:
                 ctx["progress"] = store.progress(conn, a.user)
+                ctx["last_skip"] = store.last_skip(conn, a.user, time.time() - UNDO_WINDOW_S)
             return templates.TemplateResponse(request, "done.html", ctx)
         return templates.TemplateResponse(request, "task.html", ctx)
 
@@ -295,29 +319,68 @@ def _task_routes(app: FastAPI, store: Store, cfg: AnnotateConfig, templates) -> 
 
     @app.get("/task/{item_id}", response_class=HTMLResponse)
     def task_item(request: Request, item_id: int, a: Auth = Depends(auth)):
+        """A served item, or one already judged (to revise it)."""
         with store.connect() as conn:
             got = store.assignment(conn, a.user.id, _item_id(item_id))
-            if got is None or got[1] != "served":
-                raise HTTPException(404, "no such item in your queue")
-            view = item_view(store, cfg, conn, a.user, got[0])
+            if got is None or got[1] == "skipped":
+                raise HTTPException(404, "no such item in your queue (undo a skip first)")
+            mode = "revise" if got[1] == "done" else "judge"
+            view = item_view(store, cfg, conn, a.user, got[0], mode)
         return page(request, a, view)
+
+    @app.get("/history", response_class=HTMLResponse)
+    def history(request: Request, a: Auth = Depends(auth)):
+        with store.connect() as conn:
+            rows = store.history(conn, a.user.id)
+        for r in rows:
+            r["when"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"]))
+        label = {c.score: c.label for c in cfg.choices}
+        ctx = {"user": a.user, "csrf": a.csrf or "", "cfg": cfg, "rows": rows, "label": label}
+        return templates.TemplateResponse(request, "history.html", ctx)
+
+    async def form_of(request: Request, a: Auth) -> dict[str, str]:
+        got = {k: str(v) for k, v in (await request.form()).items()}
+        check_csrf(a, got.get("csrf"))
+        return got
 
     @app.post("/task/{item_id}/submit")
     async def task_submit_form(request: Request, item_id: int, a: Auth = Depends(auth)):
-        """Form fallback for browsers without JavaScript."""
-        form = await request.form()
-        check_csrf(a, form.get("csrf"))
-        answers = {k[7:]: str(v) for k, v in form.items() if k.startswith("answer_")}
-        body = {
-            "item_id": item_id, "submission_id": str(form.get("submission_id", "")),
-            "answers": answers, "comment": str(form.get("comment", "")),
-        }  # fmt: skip
+        """The form the page posts without JavaScript: save, or revise a saved judgement."""
+        form = await form_of(request, a)
+        answers = {k[7:]: v for k, v in form.items() if k.startswith("answer_")}
+        if form.get("mode") == "revise":
+            _do_revise(store, cfg, a.user, ReviseIn(item_id=item_id, answers=answers,
+                                                    comment=form.get("comment", "")))  # fmt: skip
+            return RedirectResponse("/task", 303)
+        body = {"item_id": item_id, "submission_id": form.get("submission_id", ""),
+                "answers": answers, "comment": form.get("comment", "")}  # fmt: skip
         try:
             sub = SubmitIn.model_validate(body)
         except ValueError as e:
             raise HTTPException(422, f"invalid submission: {e}") from None
         _do_submit(store, cfg, a.user, sub)
         return RedirectResponse("/task", 303)
+
+    @app.post("/task/{item_id}/skip")
+    async def task_skip_form(request: Request, item_id: int, a: Auth = Depends(auth)):
+        await form_of(request, a)
+        _store_call(store.skip, a.user, _item_id(item_id))
+        return RedirectResponse("/task", 303)
+
+    @app.post("/task/{item_id}/unskip")
+    async def task_unskip_form(request: Request, item_id: int, a: Auth = Depends(auth)):
+        await form_of(request, a)
+        _store_call(store.unskip, a.user, _item_id(item_id))
+        return RedirectResponse(f"/task/{item_id}", 303)
+
+
+def _store_call(fn, *args):
+    """``fn(conn, *args)`` in a fresh connection, with store refusals as HTTP errors."""
+    try:
+        with fn.__self__.connect() as conn:
+            return fn(conn, *args)
+    except StoreError as e:
+        raise HTTPException(e.status, str(e)) from None
 
 
 def _item_id(item_id: int) -> int:
@@ -353,6 +416,13 @@ def _do_submit(store: Store, cfg: AnnotateConfig, user: User, sub: SubmitIn):
             )  # fmt: skip
     except StoreError as e:
         raise HTTPException(e.status, str(e)) from None
+
+
+def _do_revise(store: Store, cfg: AnnotateConfig, user: User, rev: ReviseIn):
+    scores = _display_scores(cfg, rev.answers, partial=False)
+    if len(rev.comment) > cfg.max_comment_chars:
+        raise HTTPException(422, f"comment longer than {cfg.max_comment_chars} characters")
+    return _store_call(store.revise, user, rev.item_id, scores, rev.comment or None)
 
 
 def _api_routes(app: FastAPI, store: Store, cfg: AnnotateConfig) -> None:
@@ -394,12 +464,20 @@ def _api_routes(app: FastAPI, store: Store, cfg: AnnotateConfig) -> None:
     @app.post("/api/skip")
     def api_skip(request: Request, body: ItemIn, a: Auth = Depends(auth)):
         _csrf(request, a)
-        try:
-            with store.connect() as conn:
-                store.skip(conn, a.user, body.item_id)
-        except StoreError as e:
-            raise HTTPException(e.status, str(e)) from None
+        _store_call(store.skip, a.user, body.item_id)
         return {"ok": True}
+
+    @app.post("/api/unskip")
+    def api_unskip(request: Request, body: ItemIn, a: Auth = Depends(auth)):
+        _csrf(request, a)
+        _store_call(store.unskip, a.user, body.item_id)
+        return {"ok": True, "item_id": body.item_id}
+
+    @app.post("/api/revise")
+    def api_revise(request: Request, body: ReviseIn, a: Auth = Depends(auth)):
+        _csrf(request, a)
+        r = _do_revise(store, cfg, a.user, body)
+        return {"ok": True, "saved": True, "judgement_id": r.judgement_id}
 
     @app.post("/api/draft")
     def api_draft(request: Request, body: DraftIn, a: Auth = Depends(auth)):
@@ -407,11 +485,7 @@ def _api_routes(app: FastAPI, store: Store, cfg: AnnotateConfig) -> None:
         _display_scores(cfg, body.answers, partial=True)
         if len(body.comment) > cfg.max_comment_chars:
             raise HTTPException(422, f"comment longer than {cfg.max_comment_chars} characters")
-        try:
-            with store.connect() as conn:
-                store.save_draft(conn, a.user, body.item_id, body.answers, body.comment)
-        except StoreError as e:
-            raise HTTPException(e.status, str(e)) from None
+        _store_call(store.save_draft, a.user, body.item_id, body.answers, body.comment)
         return {"ok": True}
 
 

@@ -416,7 +416,9 @@ class Store:
     def next_item(self, conn: sqlite3.Connection, user: User, rng_seed: int | None = None):
         """The item the user works on now: the one already served, else claim the next one.
 
-        Order: trial items first, then batches in release order. A shared item is served to
+        Order: trial items first, then batches in release order; within a batch, an order of
+        the user's own (the same shared items reach every annotator in a different order, so
+        position and fatigue effects do not line up across raters). A shared item is served to
         every member of the batch's group; any other item to exactly one annotator.
         """
         import random
@@ -436,8 +438,8 @@ class Store:
                 "SELECT i.id, i.shared FROM items i JOIN batches b ON b.id = i.batch_id "
                 "WHERE (b.grp IS NULL OR b.grp = ?) AND (i.shared = 1 OR i.claimed_by IS NULL) "
                 "AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = i.id "
-                "AND a.user_id = ?) ORDER BY i.trial DESC, b.id, i.id LIMIT 1",
-                (user.group, user.id),
+                f"AND a.user_id = ?) ORDER BY i.trial DESC, b.id, {_SHUFFLE} LIMIT 1",
+                (user.group, user.id, _salt(user.id), _salt(user.id)),
             ).fetchone()
             if row is None:
                 return None
@@ -461,22 +463,42 @@ class Store:
         return (Served(row[0], bool(row[1]), row[2]), row[3]) if row else None
 
     def progress(self, conn: sqlite3.Connection, user: User) -> dict[str, int]:
+        """``done``: items the user judged; ``left``: what is ahead in their own queue.
+
+        That is the shared items they have not seen, the items they hold, and their share of
+        each batch's unclaimed unshared items (split evenly over the annotators who may take
+        them, rounded up): not the whole pool, which everyone draws from.
+        """
         done = conn.execute(
             "SELECT COUNT(*) FROM judgements WHERE user_id=?", (user.id,)
         ).fetchone()[0]
-        left = conn.execute(
-            "SELECT COUNT(*) FROM items i JOIN batches b ON b.id = i.batch_id "
-            "WHERE (b.grp IS NULL OR b.grp = ?) AND ((i.shared = 1 OR i.claimed_by IS NULL) "
-            "AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = i.id "
-            "AND a.user_id = ?))",
+        unseen = "NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = i.id AND a.user_id = ?)"
+        shared = conn.execute(
+            "SELECT COUNT(*) FROM items i JOIN batches b ON b.id = i.batch_id WHERE "
+            f"(b.grp IS NULL OR b.grp = ?) AND i.shared = 1 AND {unseen}",
             (user.group, user.id),
         ).fetchone()[0]
-        served = conn.execute(
+        held = conn.execute(
             "SELECT COUNT(*) FROM assignments WHERE user_id=? AND status='served'", (user.id,)
         ).fetchone()[0]
-        return {"done": done, "left": left + served}
+        pools = conn.execute(
+            "SELECT b.grp, COUNT(*) FROM items i JOIN batches b ON b.id = i.batch_id WHERE "
+            "(b.grp IS NULL OR b.grp = ?) AND i.shared = 0 AND i.claimed_by IS NULL "
+            f"AND {unseen} GROUP BY b.id",
+            (user.group, user.id),
+        ).fetchall()
+        share = 0
+        for grp, n in pools:
+            takers = conn.execute(
+                "SELECT COUNT(*) FROM users WHERE role != 'judge' AND revoked_at IS NULL "
+                "AND (role = 'annotator' OR annotates = 1) AND (? IS NULL OR grp = ?)",
+                (grp, grp),
+            ).fetchone()[0]
+            share += -(-n // max(1, takers))
+        return {"done": done, "left": shared + held + share}
 
     def skip(self, conn: sqlite3.Connection, user: User, item_id: int) -> None:
+        """Pass on a served item (recorded in the audit trail; ``unskip`` takes it back)."""
         with _tx(conn, durable=False):
             a = self.assignment(conn, user.id, item_id)
             if a is None:
@@ -491,7 +513,50 @@ class Store:
             conn.execute(
                 "UPDATE items SET claimed_by=NULL WHERE id=? AND claimed_by=?", (item_id, user.id)
             )
-            conn.execute("DELETE FROM drafts WHERE user_id=? AND item_id=?", (user.id, item_id))
+            _audit(conn, user.id, item_id, "skip", {"served_at": a[0].served_at})
+
+    def unskip(self, conn: sqlite3.Connection, user: User, item_id: int) -> None:
+        """Undo a skip: the item is served to the user again (its draft is still there)."""
+        with _tx(conn, durable=False):
+            a = self.assignment(conn, user.id, item_id)
+            if a is None or a[1] != "skipped":
+                raise StoreError(f"item {item_id} is not skipped in your queue", 404)
+            shared, holder = conn.execute(
+                "SELECT shared, claimed_by FROM items WHERE id=?", (item_id,)
+            ).fetchone()
+            if not shared and holder is not None:
+                raise StoreError(f"item {item_id} was taken by another annotator meanwhile", 409)
+            if not shared:
+                conn.execute("UPDATE items SET claimed_by=? WHERE id=?", (user.id, item_id))
+            conn.execute(
+                "UPDATE assignments SET status='served', served_at=? WHERE user_id=? AND item_id=?",
+                (time.time(), user.id, item_id),
+            )
+            _audit(conn, user.id, item_id, "unskip", None)
+
+    def last_skip(self, conn: sqlite3.Connection, user: User, since: float) -> int | None:
+        """The item the user skipped last (after ``since``), if it is still skipped."""
+        row = conn.execute(
+            "SELECT a.item_id FROM audit a JOIN assignments s ON s.user_id = a.user_id "
+            "AND s.item_id = a.item_id WHERE a.user_id=? AND a.action='skip' AND a.at > ? "
+            "AND s.status='skipped' ORDER BY a.id DESC LIMIT 1",
+            (user.id, since),
+        ).fetchone()
+        return row[0] if row else None
+
+    def audit_trail(self, conn: sqlite3.Connection, user_id: int | None = None) -> list[dict]:
+        """Skips, undone skips and revisions, newest first (one user's, or everyone's)."""
+        rows = conn.execute(
+            "SELECT a.id, u.name, a.item_id, a.action, a.detail_json, a.at FROM audit a "
+            "JOIN users u ON u.id = a.user_id WHERE ? IS NULL OR a.user_id = ? "
+            "ORDER BY a.id DESC",
+            (user_id, user_id),
+        ).fetchall()
+        return [
+            {"id": r[0], "user": r[1], "item_id": r[2], "action": r[3],
+             "detail": json.loads(r[4]) if r[4] else None, "at": r[5]}
+            for r in rows
+        ]  # fmt: skip
 
     def save_draft(
         self, conn: sqlite3.Connection, user: User, item_id: int, answers: dict, comment: str = ""
@@ -565,6 +630,60 @@ class Store:
             conn.execute("DELETE FROM drafts WHERE user_id=? AND item_id=?", (user.id, item_id))
         return SubmitResult(cur.lastrowid, False, overall)
 
+    def revise(
+        self, conn: sqlite3.Connection, user: User, item_id: int, display_scores: dict[str, int],
+        comment: str | None = None,
+    ) -> SubmitResult:  # fmt: skip
+        """Change the user's saved judgement of an item; the old one goes to the audit trail."""
+        with _tx(conn):
+            a = self.assignment(conn, user.id, item_id)
+            old = conn.execute(
+                "SELECT id, scores_json, answers_json, comment, overall FROM judgements "
+                "WHERE user_id=? AND item_id=?",
+                (user.id, item_id),
+            ).fetchone()
+            if a is None or old is None:
+                raise StoreError(f"you have not judged item {item_id}", 404)
+            sign = -1 if a[0].swapped else 1
+            scores = {k: sign * int(v) for k, v in display_scores.items()}
+            overall = float(sum(scores.values()))
+            conn.execute(
+                "UPDATE judgements SET scores_json=?, overall=?, answers_json=?, comment=?, "
+                "updated_at=?, revisions=revisions+1 WHERE id=?",
+                (json.dumps(scores), overall, json.dumps(display_scores), comment, time.time(),
+                 old[0]),
+            )  # fmt: skip
+            _audit(conn, user.id, item_id, "revise", {
+                "judgement_id": old[0], "old_scores": json.loads(old[1]),
+                "old_answers": json.loads(old[2]), "old_comment": old[3], "old_overall": old[4],
+            })  # fmt: skip
+        return SubmitResult(old[0], False, overall)
+
+    def own_judgement(self, conn: sqlite3.Connection, user_id: int, item_id: int) -> dict | None:
+        """The user's judgement of an item as they saw it: display scores, comment, times."""
+        row = conn.execute(
+            "SELECT answers_json, comment, created_at, updated_at, revisions FROM judgements "
+            "WHERE user_id=? AND item_id=?",
+            (user_id, item_id),
+        ).fetchone()
+        if row is None:
+            return None
+        return {"display_scores": json.loads(row[0]), "comment": row[1] or "",
+                "created_at": row[2], "updated_at": row[3], "revisions": row[4]}  # fmt: skip
+
+    def history(self, conn: sqlite3.Connection, user_id: int, limit: int = 100) -> list[dict]:
+        """The user's latest judgements, newest first."""
+        rows = conn.execute(
+            "SELECT item_id, answers_json, comment, created_at, revisions FROM judgements "
+            "WHERE user_id=? ORDER BY created_at DESC, id DESC LIMIT ?",
+            (user_id, limit),
+        ).fetchall()
+        return [
+            {"item_id": r[0], "display_scores": json.loads(r[1]), "comment": r[2] or "",
+             "created_at": r[3], "revisions": r[4]}
+            for r in rows
+        ]  # fmt: skip
+
     def record_judge(
         self, conn: sqlite3.Connection, judge: User, item_id: int, scores: dict[str, int], raw: Any
     ) -> bool:
@@ -636,6 +755,24 @@ def _tx(conn: sqlite3.Connection, durable: bool = True) -> Iterator[None]:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+
+
+# a per-user scramble of item ids in SQL: (h | s) - (h & s) is h XOR s
+_SHUFFLE = (
+    "((((i.id * 48271) % 2147483647) | ?) - (((i.id * 48271) % 2147483647) & ?)) "
+    "* 69621 % 2147483647"
+)
+
+
+def _salt(user_id: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"order-{user_id}".encode()).digest()[:4]) >> 1
+
+
+def _audit(conn: sqlite3.Connection, user_id: int, item_id: int, action: str, detail) -> None:
+    conn.execute(
+        "INSERT INTO audit (user_id, item_id, action, detail_json, at) VALUES (?,?,?,?,?)",
+        (user_id, item_id, action, json.dumps(detail) if detail is not None else None, time.time()),
+    )
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

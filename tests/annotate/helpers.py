@@ -104,6 +104,19 @@ def flagged_rows() -> list[dict]:
     return [row]
 
 
+def long_rows(n_prompts: int = 2) -> list[dict]:
+    """Prompts with a long document and long answers (40 entities each): the layout test."""
+    rows = sample_rows(n_prompts, 2)
+    names = [f"Company {chr(65 + k % 26)}{k}" for k in range(40)]
+    doc = " ".join(f"{n} signed a contract with {names[(k + 1) % 40]} in Paris." for k, n in
+                   enumerate(names)) * 3  # fmt: skip
+    for row in rows:
+        row["prompt"][1]["content"] = doc
+        row["completions"][0]["text"] = extraction([(n, "ORG") for n in names], summary=doc[:200])
+        row["completions"][1]["text"] = extraction([(n, "ORG") for n in names[::-1]])
+    return rows
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -1,41 +1,44 @@
-// Keyboard-first task page: number keys answer the current question, arrows move between
-// questions, Enter saves, Backspace skips. Drafts live in localStorage and on the server; the
-// page says "Saved" only after the server has committed the judgement.
+// Keyboard-first task page. The keys come from annotate.yaml (data-keys): number keys answer
+// the current question, next/previous question keys move between questions, the arrow and
+// page keys scroll both answers (Shift: the document), Enter saves, Backspace twice skips,
+// u undoes the last skip, p opens the last judged item to revise it. Drafts (answers and
+// comment) live in localStorage and on the server; the page says "Saved" only after the
+// server has committed the judgement. Without JavaScript the page is a plain form.
 (function () {
   "use strict";
   const root = document.getElementById("task");
   if (!root) return;
   const itemId = Number(root.dataset.item);
   const csrf = root.dataset.csrf;
+  const revising = root.dataset.mode === "revise";
   const aspects = root.dataset.aspects.split(",");
   const choices = root.dataset.choices.split(",");
-  const storeKey = "af-draft-" + root.dataset.user + "-" + itemId;
+  const keys = JSON.parse(root.dataset.keys);
+  const storeKey = "af-draft-" + root.dataset.user + "-" + itemId + (revising ? "-revise" : "");
   const status = document.getElementById("status");
   const timer = document.getElementById("timer");
   const comment = document.getElementById("comment");
   const rawToggle = document.getElementById("show-raw");
+  const guidelines = document.getElementById("guidelines");
+  const panes = ["completion-a", "completion-b"].map((id) => document.getElementById(id));
+  const doc = document.getElementById("document");
 
-  function newId() {
-    const b = new Uint8Array(16);
-    crypto.getRandomValues(b);
-    return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
-  }
   let saved = {};
   try { saved = JSON.parse(localStorage.getItem(storeKey) || "{}"); } catch (e) { saved = {}; }
   const serverDraft = JSON.parse(root.dataset.draft || "{}");
   const state = {
     answers: Object.assign({}, serverDraft, saved.answers || {}),
     activeMs: saved.activeMs || 0,
-    submissionId: saved.submissionId || newId(),
+    submissionId: saved.submissionId || document.getElementById("submission_id").value,
     current: 0,
     busy: false,
+    confirmSkip: false,
   };
   let lastInput = Date.now();
   document.getElementById("submission_id").value = state.submissionId;
   if (typeof saved.comment === "string" && saved.comment && !comment.value) {
     comment.value = saved.comment;  // typed after the last server draft
   }
-  comment.addEventListener("input", saveDraft);
 
   function persist() {
     try {
@@ -48,6 +51,7 @@
   let draftTimer = null;
   function saveDraft() {
     persist();
+    if (revising) return;  // a saved judgement has no server draft
     clearTimeout(draftTimer);
     draftTimer = setTimeout(() => {
       fetch("/api/draft", {
@@ -57,6 +61,7 @@
       }).catch(() => {});
     }, 400);
   }
+  comment.addEventListener("input", saveDraft);
 
   function render() {
     aspects.forEach((key, i) => {
@@ -84,13 +89,12 @@
     let lastErr = null;
     for (let attempt = 0; attempt < 3; attempt++) {
       try {
-        const r = await fetch(url, {
+        return await fetch(url, {
           method: "POST", credentials: "same-origin",
           headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
           body: JSON.stringify(body),
         });
-        return r;
-      } catch (e) {  // network error: retry with the same submission id (idempotent)
+      } catch (e) {  // network error: retry (submits are idempotent by submission id)
         lastErr = e;
         await new Promise((res) => setTimeout(res, 300 * (attempt + 1)));
       }
@@ -109,33 +113,51 @@
     }
     state.busy = true;
     setStatus("Saving…");
+    const body = { item_id: itemId, answers: state.answers, comment: comment.value };
+    if (!revising) {
+      body.submission_id = state.submissionId;
+      body.client_active_ms = Math.round(state.activeMs);
+    }
     try {
-      const r = await post("/api/submit", {
-        item_id: itemId, submission_id: state.submissionId, answers: state.answers,
-        client_active_ms: Math.round(state.activeMs), comment: comment.value,
-      });
+      const r = await post(revising ? "/api/revise" : "/api/submit", body);
       const data = await r.json().catch(() => ({}));
       if (r.ok && data.saved) {
         localStorage.removeItem(storeKey);
-        setStatus("Saved ✓", "saved");
+        setStatus(revising ? "Revised ✓" : "Saved ✓", "saved");
         setTimeout(() => { window.location.assign("/task"); }, 120);
         return;
       }
       setStatus("Not saved: " + (data.error || r.status), "err");
     } catch (e) {
-      setStatus("Not saved: the server cannot be reached. Press Enter to retry.", "err");
+      setStatus("Not saved: the server cannot be reached. Press " + keys.save + " to retry.", "err");
     }
     state.busy = false;
   }
 
+  // Skipping is final for the queue until undone, so it takes a second press to confirm.
+  let confirmTimer = null;
+  function askSkip() {
+    if (revising || state.busy) return;
+    if (state.confirmSkip) { skip(); return; }
+    state.confirmSkip = true;
+    setStatus("Skip this item? Press " + keys.skip + " again to skip, Esc to keep it.", "confirm");
+    document.getElementById("skip").textContent = "Confirm skip";
+    clearTimeout(confirmTimer);
+    confirmTimer = setTimeout(cancelSkip, 5000);
+  }
+  function cancelSkip() {
+    if (!state.confirmSkip) return;
+    state.confirmSkip = false;
+    setStatus("");
+    document.getElementById("skip").textContent = "Skip (" + keys.skip + " twice)";
+  }
   async function skip() {
-    if (state.busy) return;
     state.busy = true;
     setStatus("Skipping…");
     try {
       const r = await post("/api/skip", { item_id: itemId });
       if (r.ok) {
-        localStorage.removeItem(storeKey);
+        persist();  // kept: an undone skip brings the answers back
         window.location.assign("/task");
         return;
       }
@@ -144,7 +166,46 @@
       setStatus("Could not skip: the server cannot be reached", "err");
     }
     state.busy = false;
+    state.confirmSkip = false;
   }
+  async function undoSkip() {
+    const last = root.dataset.lastSkip;
+    if (!last || state.busy) return;
+    state.busy = true;
+    try {
+      const r = await post("/api/unskip", { item_id: Number(last) });
+      const data = await r.json().catch(() => ({}));
+      if (r.ok) { window.location.assign("/task/" + last); return; }
+      setStatus("Could not undo the skip: " + (data.error || r.status), "err");
+    } catch (e) {
+      setStatus("Could not undo the skip: the server cannot be reached", "err");
+    }
+    state.busy = false;
+  }
+
+  function scrollPanes(targets, dy) {
+    targets.forEach((p) => { if (p) p.scrollBy({ top: dy, behavior: "auto" }); });
+  }
+  const line = 48;
+  const actions = {
+    save: () => submit(),
+    skip: () => askSkip(),
+    undo_skip: () => undoSkip(),
+    next_question: () => { state.current = Math.min(aspects.length - 1, state.current + 1); render(); },
+    prev_question: () => { state.current = Math.max(0, state.current - 1); render(); },
+    scroll_down: (ev) => scrollPanes(ev.shiftKey ? [doc] : panes, line),
+    scroll_up: (ev) => scrollPanes(ev.shiftKey ? [doc] : panes, -line),
+    page_down: (ev) => scrollPanes(ev.shiftKey ? [doc] : panes, 0.9 * panes[0].clientHeight),
+    page_up: (ev) => scrollPanes(ev.shiftKey ? [doc] : panes, -0.9 * panes[0].clientHeight),
+    raw: () => { rawToggle.checked = !rawToggle.checked; },
+    guidelines: () => { guidelines.open = !guidelines.open; },
+    comment: () => comment.focus(),
+    revise_previous: () => {
+      if (root.dataset.previous) window.location.assign("/task/" + root.dataset.previous);
+    },
+  };
+  const byKey = {};
+  Object.entries(keys).forEach(([action, key]) => { byKey[key] = action; });
 
   document.addEventListener("keydown", (ev) => {
     if (ev.target === comment) {
@@ -154,23 +215,15 @@
     }
     if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
     lastInput = Date.now();
+    if (ev.key === "Escape") { cancelSkip(); return; }
+    const action = byKey[ev.key];
+    if (action !== "skip") cancelSkip();
     if (choices.includes(ev.key)) {
       ev.preventDefault();
       answer(aspects[state.current], ev.key);
-    } else if (ev.key === "ArrowDown" || ev.key === "j") {
+    } else if (action) {
       ev.preventDefault();
-      state.current = Math.min(aspects.length - 1, state.current + 1); render();
-    } else if (ev.key === "ArrowUp" || ev.key === "k") {
-      ev.preventDefault();
-      state.current = Math.max(0, state.current - 1); render();
-    } else if (ev.key === "Enter") {
-      ev.preventDefault(); submit();
-    } else if (ev.key === "Backspace") {
-      ev.preventDefault(); skip();
-    } else if (ev.key === "c") {
-      ev.preventDefault(); comment.focus();
-    } else if (ev.key === "r") {
-      ev.preventDefault(); rawToggle.checked = !rawToggle.checked;
+      actions[action](ev);
     }
   });
   document.querySelectorAll("fieldset.aspect input[type=radio]").forEach((r) => {
@@ -179,8 +232,12 @@
       answer(aspects[state.current], r.value);
     });
   });
-  document.getElementById("answers").addEventListener("submit", (ev) => { ev.preventDefault(); submit(); });
-  document.getElementById("skip").addEventListener("click", skip);
+  document.getElementById("answers").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    if (ev.submitter && ev.submitter.id === "skip") askSkip(); else submit();
+  });
+  const undoForm = document.getElementById("undo-skip");
+  if (undoForm) undoForm.addEventListener("submit", (ev) => { ev.preventDefault(); undoSkip(); });
 
   // Active time: counted while the page is visible, focused, and used in the last minute.
   ["mousemove", "scroll", "mousedown", "wheel"].forEach((t) =>

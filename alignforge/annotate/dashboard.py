@@ -278,6 +278,37 @@ def annotator_alerts(rows: list[AnnotatorRow], margin: float) -> list[str]:
     return out
 
 
+class Disagreement(NamedTuple):
+    item_id: int
+    batch: str
+    n_raters: int
+    counts: dict[str, int]  # overall direction: 'a' / 'tie' / 'b' -> raters
+    majority_share: float  # share of raters on the largest side
+    split_aspects: list[str]  # aspects on which the raters' directions differ
+    adjudicated: bool
+
+
+def disagreements(
+    judgements: list[Judgement], items: dict[int, ItemInfo], aspects: list[str],
+    decided: set[int],
+) -> list[Disagreement]:  # fmt: skip
+    """Items whose raters differ on the overall direction: the adjudication queue, undecided
+    first, then the most split (smallest majority), then the most raters."""
+    overall = item_scores(judgements, "overall")
+    per_aspect = {a: item_scores(judgements, a) for a in aspects}
+    out = []
+    for item, raters in overall.items():
+        dirs = Counter({1: "a", 0: "tie", -1: "b"}[v] for v in raters.values())
+        if len(raters) < 2 or len(dirs) < 2:
+            continue
+        split = [a for a in aspects
+                 if len({(v > 0) - (v < 0) for v in per_aspect[a].get(item, {}).values()}) > 1]  # fmt: skip
+        info = items.get(item, ItemInfo("", False))
+        out.append(Disagreement(item, info.batch, len(raters), dict(dirs),
+                                max(dirs.values()) / len(raters), split, item in decided))  # fmt: skip
+    return sorted(out, key=lambda d: (d.adjudicated, d.majority_share, -d.n_raters, d.item_id))
+
+
 def compute_stats(
     judgements: list[Judgement], items: dict[int, ItemInfo], skips: dict[str, int],
     aspects: list[str], level: str, rules: AlertRules, idle_cap: float = 600.0,
@@ -290,17 +321,22 @@ def compute_stats(
     return windows, rows, alerts + annotator_alerts(rows, rules.margin), notes
 
 
-def project_stats(
-    store: Store, conn: sqlite3.Connection, aspects: list[str], level: str, rules: AlertRules,
-    idle_cap: float = 600.0, n_boot: int = 1000,
-) -> ProjectStats:  # fmt: skip
-    n_items, n_rel = conn.execute("SELECT COUNT(*), COUNT(batch_id) FROM items").fetchone()
-    items = {
+def item_infos(conn: sqlite3.Connection) -> dict[int, ItemInfo]:
+    """Batch and trial flag of every released item."""
+    return {
         r[0]: ItemInfo(r[1], bool(r[2]))
         for r in conn.execute(
             "SELECT i.id, b.name, i.trial FROM items i JOIN batches b ON b.id = i.batch_id"
         )
     }
+
+
+def project_stats(
+    store: Store, conn: sqlite3.Connection, aspects: list[str], level: str, rules: AlertRules,
+    idle_cap: float = 600.0, n_boot: int = 1000,
+) -> ProjectStats:  # fmt: skip
+    n_items, n_rel = conn.execute("SELECT COUNT(*), COUNT(batch_id) FROM items").fetchone()
+    items = item_infos(conn)
     skips = dict(conn.execute(
         "SELECT u.name, COUNT(*) FROM assignments a JOIN users u ON u.id = a.user_id "
         "WHERE a.status = 'skipped' GROUP BY u.name"

@@ -19,6 +19,10 @@ between a and b has no majority and counts as a tie. With
 The remaining judgements are averaged. Ties are then handled by ``ties``: ``drop``;
 ``margin0``, which keeps them once with margin 0 and ``tie: true``; or ``both``, which keeps
 them in both orders with margin 0. Pairs without a split go to ``train``.
+
+An item an admin adjudicated (``/admin/adjudicate``) takes the admin's decision as its scores,
+whatever the raters' agreement, with ``adjudicated: true``; this applies to the ``humans`` and
+``all`` exports, not to a judge's or one annotator's.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class Aggregate(NamedTuple):
     aspects: dict[str, float]
     raters: list[str]
     agreement: float
+    adjudicated: bool = False  # the scores are an admin's decision on a disagreement
 
 
 class ExportReport(NamedTuple):
@@ -71,6 +76,14 @@ def aggregate(js: list[Judgement], low_agreement: str, min_agreement: float) -> 
     return Aggregate(score, aspects, [j.user for j in js], agreement)
 
 
+def adjudicated(js: list[Judgement], decision: dict[str, Any]) -> Aggregate:
+    """The admin's decision replaces the raters' mean; raters and their agreement are kept."""
+    counts = Counter(_sign(j.overall) for j in js)
+    return Aggregate(float(decision["overall"]),
+                     {k: float(v) for k, v in sorted(decision["scores"].items())},
+                     [j.user for j in js], max(counts.values()) / len(js), True)  # fmt: skip
+
+
 def select(js: list[Judgement], annotators: str) -> list[Judgement]:
     """'humans' (default: annotators, and admins marked as annotating), 'admins' (the other
     admins' judgements), 'judge' (every AI judge), 'all', or one user name."""
@@ -100,6 +113,7 @@ def _record(it: dict[str, Any], agg: Aggregate, flip: bool, tie: bool) -> dict[s
         "annotators": agg.raters,
         "n_annotators": len(agg.raters),
         "agreement": agg.agreement,
+        "adjudicated": agg.adjudicated,
         "prompt_id": it["prompt_id"],
         "doc_id": it["doc_id"],
         "split": it["split"] or "train",
@@ -128,11 +142,16 @@ def build_records(
         by_item: dict[int, list[Judgement]] = defaultdict(list)
         for j in select(store.judgements(conn), annotators):
             by_item[j.item_id].append(j)
+        # decisions resolve the humans' disagreements; a judge's or one person's export is raw
+        decided = store.adjudications(conn) if annotators in ("humans", "all") else {}
         for item_id in sorted(by_item):
             it = store.item(conn, item_id)
             if kind is not None and it["kind"] != kind:
                 continue
-            agg = aggregate(by_item[item_id], low_agreement, min_agreement)
+            if item_id in decided:
+                agg = adjudicated(by_item[item_id], decided[item_id])
+            else:
+                agg = aggregate(by_item[item_id], low_agreement, min_agreement)
             if agg is None:
                 n_low += 1
                 continue

@@ -164,7 +164,8 @@ def create_app(project_dir: str | Path, cfg: AnnotateConfig | None = None) -> Fa
     _login_routes(app, store, cfg, templates)
     _task_routes(app, store, cfg, templates)
     _api_routes(app, store, cfg)
-    _admin_routes(app, store, cfg, templates)
+    stats = _admin_routes(app, store, cfg, templates)
+    _review_routes(app, store, cfg, templates, stats)
     _user_routes(app, store, templates)
     return app
 
@@ -531,6 +532,70 @@ def _admin_routes(app: FastAPI, store: Store, cfg: AnnotateConfig, templates) ->
         if name not in makers:
             raise HTTPException(404, "no such plot")
         return Response(makers[name](), media_type="image/png")
+
+    return stats
+
+
+def _review_routes(app: FastAPI, store: Store, cfg: AnnotateConfig, templates, stats) -> None:
+    """One annotator's page, and the adjudication queue of items the annotators disagree on."""
+    from alignforge.annotate import dashboard as db
+
+    aspects = [a.key for a in cfg.aspects]
+    label = {c.score: c.label for c in cfg.choices}
+
+    def render(request: Request, a: Auth, name: str, **ctx):
+        ctx = {"user": a.user, "csrf": a.csrf or "", "cfg": cfg, "label": label, **ctx}
+        return templates.TemplateResponse(request, name, ctx)
+
+    @app.get("/admin/annotators/{name}", response_class=HTMLResponse)
+    def annotator(request: Request, name: str, a: Auth = Depends(admin_auth)):
+        s, js = stats()
+        row = next((r for r in s.annotators if r.user == name), None)
+        if row is None:
+            raise HTTPException(404, f"no annotator named {name!r} has judged or skipped")
+        main = next((w for w in s.windows if w.kind == "main"), None)
+        pairs = [p for w in [main] if w for r in w.rows if r.aspect == "overall" and r.ties
+                 for p in r.pairs if name in (p.rater1, p.rater2)]  # fmt: skip
+        with store.connect() as conn:
+            uid = conn.execute("SELECT id FROM users WHERE name=?", (name,)).fetchone()[0]
+            trail = store.audit_trail(conn, uid)
+        comments = [j for j in js if j.user == name and j.comment]
+        return render(request, a, "annotator.html", r=row, pairs=pairs, trail=trail,
+                      comments=comments, now=time.time())  # fmt: skip
+
+    @app.get("/admin/adjudicate", response_class=HTMLResponse)
+    def queue(request: Request, a: Auth = Depends(admin_auth)):
+        with store.connect() as conn:
+            js = db.humans(store.judgements(conn))
+            rows = db.disagreements(js, db.item_infos(conn), aspects,
+                                    set(store.adjudications(conn)))  # fmt: skip
+        return render(request, a, "adjudicate.html", rows=rows)
+
+    @app.get("/admin/adjudicate/{item_id}", response_class=HTMLResponse)
+    def adjudicate_item(request: Request, item_id: int, a: Auth = Depends(admin_auth)):
+        with store.connect() as conn:
+            it = store.item(conn, _item_id(item_id))
+            if it is None:
+                raise HTTPException(404, f"no item {item_id}")
+            js = [j for j in db.humans(store.judgements(conn)) if j.item_id == item_id]
+            decision = store.adjudications(conn).get(item_id)
+        meta = it["meta"] or {}
+        pa, pb = (parse_completion(it[f"{s}_text"], _finish_reason(meta, s), cfg.expect_json)
+                  for s in ("a", "b"))  # fmt: skip
+        instruction, document = split_prompt(it["prompt"], it.get("source_document"))
+        return render(request, a, "adjudicate_item.html", it=it, js=js, a_view=pa, b_view=pb,
+                      document=document, instruction=instruction, decision=decision,
+                      segments=highlight(document, mention_classes(pa, pb)))  # fmt: skip
+
+    @app.post("/admin/adjudicate/{item_id}")
+    async def decide(request: Request, item_id: int, a: Auth = Depends(admin_auth)):
+        form = {k: str(v) for k, v in (await request.form()).items()}
+        check_csrf(a, form.get("csrf"))
+        answers = {k[7:]: v for k, v in form.items() if k.startswith("answer_")}
+        scores = _display_scores(cfg, answers, partial=False)  # shown unswapped: canonical
+        note = form.get("note", "")[: cfg.max_comment_chars] or None
+        _store_call(store.adjudicate, a.user, _item_id(item_id), scores, note)
+        return RedirectResponse("/admin/adjudicate", 303)
 
 
 def _user_routes(app: FastAPI, store: Store, templates) -> None:

@@ -684,6 +684,34 @@ class Store:
             for r in rows
         ]  # fmt: skip
 
+    def adjudicate(
+        self, conn: sqlite3.Connection, user: User, item_id: int, scores: dict[str, int],
+        note: str | None = None,
+    ) -> None:  # fmt: skip
+        """Record an admin's decision on an item the annotators disagree on (canonical scores:
+        + means the item's ``a`` is better). A later decision replaces it; both are audited."""
+        with _tx(conn):
+            if conn.execute("SELECT 1 FROM items WHERE id=?", (item_id,)).fetchone() is None:
+                raise StoreError(f"no item {item_id}", 404)
+            overall = float(sum(scores.values()))
+            conn.execute(
+                "INSERT OR REPLACE INTO adjudications VALUES (?,?,?,?,?,?)",
+                (item_id, user.id, json.dumps(scores), overall, note, time.time()),
+            )
+            _audit(conn, user.id, item_id, "adjudicate", {"scores": scores, "note": note})
+
+    def adjudications(self, conn: sqlite3.Connection) -> dict[int, dict[str, Any]]:
+        """item id -> {scores, overall, note, by, at}."""
+        rows = conn.execute(
+            "SELECT a.item_id, a.scores_json, a.overall, a.note, u.name, a.created_at "
+            "FROM adjudications a JOIN users u ON u.id = a.user_id"
+        ).fetchall()
+        return {
+            r[0]: {"scores": json.loads(r[1]), "overall": r[2], "note": r[3], "by": r[4],
+                   "at": r[5]}
+            for r in rows
+        }  # fmt: skip
+
     def record_judge(
         self, conn: sqlite3.Connection, judge: User, item_id: int, scores: dict[str, int], raw: Any
     ) -> bool:

@@ -16,13 +16,23 @@ def serve_command(
         None, help="Policy identity recorded with generations (default: the path)."
     ),
     batch_size: int = typer.Option(8, help="Rows generated together (prompts x n)."),
+    dtype: str = typer.Option(
+        "float32", help="Precision the weights run in: float32, bfloat16 (a GPU's) or float16."
+    ),
 ) -> None:
     """Serve MODEL over an OpenAI-compatible API: /v1/models, /v1/chat/completions (n, seed,
     logprobs, json_schema response_format with constrained decoding, stream) and /v1/completions.
 
     Example: alignforge serve runs/sft-merged --port 8000
+
+    Runs on the GPU when there is one. A .gguf file is de-quantised into transformers here; to
+    serve it with llama.cpp, run `python -m llama_cpp.server --model FILE.gguf` (alignforge\\[gguf]).
     """
+    from alignforge.config import ConfigError
     from alignforge.rollout.server import serve
 
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype {dtype}: expected float32, bfloat16 or float16")
+
     serve(model, host=host, port=port, model_name=model_name, policy_version=policy_version,
-          batch_size=batch_size)  # fmt: skip
+          batch_size=batch_size, dtype=dtype)  # fmt: skip

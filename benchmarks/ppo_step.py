@@ -37,9 +37,12 @@ def main() -> None:
     ap.add_argument("--ppo-epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rollout-precision", default="same", choices=["same", "bfloat16", "int8"])
-    ap.add_argument("--advantage-estimator", default="gae", choices=["gae", "grpo", "rloo", "reinforce_pp"])
+    ap.add_argument(
+        "--advantage-estimator", default="gae", choices=["gae", "grpo", "rloo", "reinforce_pp"]
+    )
     ap.add_argument("--num-generations", type=int, default=1)
-    ap.add_argument("--baseline", help="a git commit to measure first, in the same run")
+    ap.add_argument("--baseline", help="a git commit to measure too, in the same run")
+    ap.add_argument("--baseline-last", action="store_true", help="measure the current code first")
     args = ap.parse_args()
     if args.baseline:
         return compare(args)
@@ -108,23 +111,34 @@ def compare(args) -> None:
     """Run the benchmark at ``args.baseline`` (its own copy of this script), then here."""
     import subprocess
 
-    argv = [a for a in sys.argv[1:]]
+    argv = [a for a in sys.argv[1:] if a != "--baseline-last"]
     i = argv.index("--baseline")
     del argv[i : i + 2]
     tree = Path(tempfile.mkdtemp(prefix="ppo-baseline-")) / "tree"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.baseline],
                    check=True, capture_output=True)  # fmt: skip
+    env = dict(__import__("os").environ)
+
+    def measure(root: Path) -> dict:
+        env["PYTHONPATH"] = str(root)
+        subprocess.run(
+            [sys.executable, str(root / "benchmarks/ppo_step.py"), *argv], check=True, env=env
+        )
+        return json.loads((root / "benchmarks/results/ppo_step.json").read_text())
+
     try:
-        env = {**__import__("os").environ, "PYTHONPATH": str(tree)}
-        subprocess.run([sys.executable, str(tree / "benchmarks/ppo_step.py"), *argv], check=True, env=env)
-        before = json.loads((tree / "benchmarks/results/ppo_step.json").read_text())
-        env["PYTHONPATH"] = str(ROOT)
-        subprocess.run([sys.executable, str(ROOT / "benchmarks/ppo_step.py"), *argv], check=True, env=env)
-        after = json.loads((ROOT / "benchmarks/results/ppo_step.json").read_text())
+        if args.baseline_last:
+            after, before = measure(ROOT), measure(tree)
+        else:
+            before, after = measure(tree), measure(ROOT)
     finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
-    print(f"\nbefore ({args.baseline}) {before['seconds_per_step']:.2f} s/step, now "
-          f"{after['seconds_per_step']:.2f} s/step: x{before['seconds_per_step'] / after['seconds_per_step']:.2f}")
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False
+        )
+    print(
+        f"\nbefore ({args.baseline}) {before['seconds_per_step']:.2f} s/step, now "
+        f"{after['seconds_per_step']:.2f} s/step: x{before['seconds_per_step'] / after['seconds_per_step']:.2f}"
+    )
     for k in after["phases"]:
         b, a = before["phases"][k]["seconds"], after["phases"][k]["seconds"]
         print(f"  {k:<9}{b:>8.2f} s -> {a:>6.2f} s")

@@ -16,6 +16,7 @@ Both steps are llama.cpp's own tools, not a re-implementation of the format:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,6 +33,8 @@ _FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
            "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}  # fmt: skip
 _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 INSTALL_HINT = "pip install 'alignforge[gguf]'"
+# refuse links and paths leaving the folder (Python >= 3.11.4; older ones extract as before)
+_SAFE = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 
 
 class ExportError(RuntimeError):
@@ -92,7 +95,7 @@ def _extract_converter(sdist: Path, dest: Path) -> None:
             if parts[1:3] == ("vendor", "llama.cpp") and len(parts) > 3:
                 if parts[3] in _CONVERTER_PARTS and (member.isfile() or member.isdir()):
                     member.name = str(Path(*parts[3:]))
-                    tar.extract(member, dest, filter="data")
+                    tar.extract(member, dest, **_SAFE)
 
 
 def convert_hf_to_gguf(model_dir: str | Path, output: str | Path, outtype: str,
@@ -115,27 +118,41 @@ def quantize_gguf(source: str | Path, output: str | Path, quant: str, threads: i
         raise ValueError(f"quantize: {quant!r} is not one of {', '.join(_FTYPES)}")
     llama_cpp_version()
     import ctypes
-    import logging
 
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, _FTYPES[quant])
     params.nthread = threads
-    # llama.cpp logs a line per tensor; keep its warnings (a row width that a 256-wide k-quant
-    # block does not divide falls back to another type) and errors
-    log = logging.getLogger("llama-cpp-python")
-    level = log.level
-    log.setLevel(logging.WARNING)
-    try:
+    log = Path(f"{output}.log")
+    with _native_output_to(log):  # a line per tensor, printed from C
         rc = llama_cpp.llama_model_quantize(
             str(source).encode(), str(output).encode(), ctypes.byref(params)
         )
-    finally:
-        log.setLevel(level)
+    lines = log.read_text(errors="replace").splitlines()
+    log.unlink()
     if rc != 0 or not Path(output).exists():
-        raise ExportError(f"llama_model_quantize {source} -> {quant} failed (return code {rc})")
+        tail = "\n".join(lines[-8:])
+        raise ExportError(f"llama_model_quantize {source} -> {quant} failed ({rc}):\n{tail}")
     return Path(output)
+
+
+@contextlib.contextmanager
+def _native_output_to(path: Path):
+    """Send file descriptors 1 and 2 (what C code prints, past Python's sys.stdout) to ``path``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(path, "wb") as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
 
 
 def export_gguf(model: str, output: str | Path, quant: str = "q4_k_m",

@@ -164,6 +164,7 @@ class Store:
     def __init__(self, project_dir: str | Path):
         self.dir = Path(project_dir)
         self.path = self.dir / DB_NAME
+        self._local = threading.local()
         if not self.path.exists():
             raise FileNotFoundError(
                 f"{self.path} does not exist; run `alignforge annotate init {self.dir}` first"
@@ -189,15 +190,20 @@ class Store:
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA busy_timeout=30000")
-        try:
-            yield conn
-        finally:
-            conn.close()
+        """This thread's connection (autocommit; writes go through ``_tx``).
+
+        One connection per thread is opened once and reused: opening one costs more than most
+        of the queries a request makes, and the web app's worker threads live long.
+        """
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        yield conn
 
     # ---------------------------------------------------------------- users and sessions
     def add_user(

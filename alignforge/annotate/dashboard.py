@@ -416,7 +416,7 @@ def plot_agreement(stats: ProjectStats, floor: float) -> bytes:
     ax.set_xticks(x, [f"{w.title}\n(n={w.n_items})" for w in windows], fontsize=7)
     ax.axhline(floor, ls=":", c="#cf222e", lw=1, label=f"floor {floor:.2f}")
     ax.set_ylabel("Krippendorff's alpha")
-    ax.set_ylim(min(-0.2, *[_z(r.alpha_lo) for w in windows for r in w.rows]), 1.0)
+    ax.set_ylim(min([-0.2, *[_z(r.alpha_lo) for w in windows for r in w.rows]]), 1.0)
     ax.legend(fontsize=7, ncol=3)
     ax.set_title("Agreement per window (95% bootstrap intervals)")
     return _png(fig)

@@ -500,32 +500,32 @@ def _admin_routes(app: FastAPI, store: Store, cfg: AnnotateConfig, templates) ->
     lock = threading.Lock()
 
     def stats():
-        """The statistics, computed once per change of the data (the page and its three plots
-        share them) and not per request."""
+        """(statistics, judgements, plots): computed once per change of the data and shared by
+        the page, its plots and the API, not recomputed per request. ``plots`` holds the PNGs
+        drawn for this version of the data."""
         with store.connect() as conn, lock:
             key = store.stats_version(conn)
             if cache["key"] != key:
                 s = db.project_stats(store, conn, aspects, cfg.level, cfg.alert_rules(),
                                      cfg.idle_cap_seconds, cfg.bootstrap_samples)  # fmt: skip
-                cache.update(key=key, value=(s, store.judgements(conn)))
+                cache.update(key=key, value=(s, store.judgements(conn), {}))
             return cache["value"]
 
     @app.get("/admin", response_class=HTMLResponse)
     def admin(request: Request, a: Auth = Depends(admin_auth)):
-        s, _ = stats()
+        s = stats()[0]
         ctx = {"user": a.user, "csrf": a.csrf or "", "cfg": cfg, "s": s, "now": time.time()}
         return templates.TemplateResponse(request, "admin.html", ctx)
 
     @app.get("/admin/api/stats")
     def admin_stats(a: Auth = Depends(admin_auth)):
-        s, _ = stats()
-        return _clean(s._asdict())
+        return _clean(stats()[0]._asdict())
 
     @app.get("/admin/plot/{name}.png")
     def plot(name: str, a: Auth = Depends(admin_auth)):
         from fastapi.responses import Response
 
-        s, js = stats()
+        s, js, plots = stats()
         makers = {
             "rate": lambda: db.plot_rate(js),
             "time": lambda: db.plot_time(js, cfg.idle_cap_seconds),
@@ -533,7 +533,9 @@ def _admin_routes(app: FastAPI, store: Store, cfg: AnnotateConfig, templates) ->
         }
         if name not in makers:
             raise HTTPException(404, "no such plot")
-        return Response(makers[name](), media_type="image/png")
+        if name not in plots:
+            plots[name] = makers[name]()
+        return Response(plots[name], media_type="image/png")
 
     return stats
 
@@ -551,7 +553,7 @@ def _review_routes(app: FastAPI, store: Store, cfg: AnnotateConfig, templates, s
 
     @app.get("/admin/annotators/{name}", response_class=HTMLResponse)
     def annotator(request: Request, name: str, a: Auth = Depends(admin_auth)):
-        s, js = stats()
+        s, js, _ = stats()
         row = next((r for r in s.annotators if r.user == name), None)
         if row is None:
             raise HTTPException(404, f"no annotator named {name!r} has judged or skipped")

@@ -275,3 +275,41 @@ def test_task_page_flags_format_problems_and_carries_the_raw_answers(tmp_path):
     assert len(raw) == 2 and any("Sure! Here is the extraction:" in r for r in raw)
     nxt = c.get("/api/next").json()["item"]
     assert {f["code"] for s in "ab" for f in nxt["flags"][s]} == flags
+
+
+def test_dashboard_statistics_and_plots_are_computed_once_per_change(tmp_path, monkeypatch):
+    from alignforge.annotate import dashboard
+
+    calls = {"stats": 0, "plot": 0}
+    real_stats, real_plot = dashboard.project_stats, dashboard.plot_agreement
+
+    def counted_stats(*a, **k):
+        calls["stats"] += 1
+        return real_stats(*a, **k)
+
+    def counted_plot(*a, **k):
+        calls["plot"] += 1
+        return real_plot(*a, **k)
+
+    monkeypatch.setattr(dashboard, "project_stats", counted_stats)
+    monkeypatch.setattr(dashboard, "plot_agreement", counted_plot)
+    store, tokens = make_project(tmp_path / "p", overlap=1.0)
+    app = create_app(store.dir)
+    admin = client(app)
+    login(admin, tokens["admin"])
+
+    def load():
+        for path in ["/admin", "/admin/plot/rate.png", "/admin/plot/time.png",
+                     "/admin/plot/agreement.png", "/admin/api/stats"]:  # fmt: skip
+            assert admin.get(path).status_code == 200, path
+
+    load()
+    load()
+    assert calls == {"stats": 1, "plot": 1}
+    hdr = {"Authorization": f"Bearer {tokens['alice']}"}
+    it = client(app).get("/api/next", headers=hdr).json()["item"]
+    body = {"item_id": it["item_id"], "submission_id": "dash-00001", "answers": answers_for(store)}
+    assert client(app).post("/api/submit", json=body, headers=hdr).status_code == 200
+    load()
+    assert calls == {"stats": 2, "plot": 2}
+    assert admin.get("/admin/api/stats").json()["n_judgements"] == 1

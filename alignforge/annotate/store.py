@@ -433,32 +433,42 @@ class Store:
             "SELECT item_id, swapped, served_at FROM assignments WHERE user_id=? "
             "AND status='served' ORDER BY served_at LIMIT 1"
         )
+        unseen = "NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = i.id AND a.user_id = ?)"
         row = conn.execute(open_q, (user.id,)).fetchone()  # read-only fast path
         if row:
             return Served(row[0], bool(row[1]), row[2])
-        with _tx(conn, durable=False):
-            row = conn.execute(open_q, (user.id,)).fetchone()
-            if row:
-                return Served(row[0], bool(row[1]), row[2])
-            row = conn.execute(
+        # Choose outside the write lock (the ordered scan is the slow part), then claim inside
+        # it after checking, by primary key, that nobody took the item in between.
+        while True:
+            cand = conn.execute(
                 "SELECT i.id, i.shared FROM items i JOIN batches b ON b.id = i.batch_id "
                 "WHERE (b.grp IS NULL OR b.grp = ?) AND (i.shared = 1 OR i.claimed_by IS NULL) "
-                "AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = i.id "
-                f"AND a.user_id = ?) ORDER BY i.trial DESC, b.id, {_SHUFFLE} LIMIT 1",
+                f"AND {unseen} ORDER BY i.trial DESC, b.id, {_SHUFFLE} LIMIT 1",
                 (user.group, user.id, _salt(user.id), _salt(user.id)),
             ).fetchone()
-            if row is None:
-                return None
-            item_id, shared = row
-            swapped = random.Random(rng_seed).random() < 0.5
-            now = time.time()
-            conn.execute(
-                "INSERT INTO assignments VALUES (?,?,?,?,'served')",
-                (user.id, item_id, int(swapped), now),
-            )
-            if not shared:
-                conn.execute("UPDATE items SET claimed_by=? WHERE id=?", (user.id, item_id))
-        return Served(item_id, swapped, now)
+            with _tx(conn, durable=False):
+                row = conn.execute(open_q, (user.id,)).fetchone()
+                if row:  # claimed meanwhile by the same user (another tab)
+                    return Served(row[0], bool(row[1]), row[2])
+                if cand is None:
+                    return None
+                item_id, shared = cand
+                still = conn.execute(
+                    f"SELECT 1 FROM items i WHERE i.id = ? AND (i.shared = 1 OR "
+                    f"i.claimed_by IS NULL) AND {unseen}",
+                    (item_id, user.id),
+                ).fetchone()
+                if still is None:
+                    continue  # another annotator claimed it first: choose again
+                swapped = random.Random(rng_seed).random() < 0.5
+                now = time.time()
+                conn.execute(
+                    "INSERT INTO assignments VALUES (?,?,?,?,'served')",
+                    (user.id, item_id, int(swapped), now),
+                )
+                if not shared:
+                    conn.execute("UPDATE items SET claimed_by=? WHERE id=?", (user.id, item_id))
+                return Served(item_id, swapped, now)
 
     def assignment(self, conn: sqlite3.Connection, user_id: int, item_id: int):
         row = conn.execute(

@@ -280,7 +280,8 @@ def item_view(
     if mode == "revise":
         own = store.own_judgement(conn, user.id, it["id"])
         key_of = {c.score: c.key for c in cfg.choices}
-        draft = Draft({k: key_of[v] for k, v in own["display_scores"].items()}, own["comment"])
+        keys = {k: key_of[v] for k, v in own["display_scores"].items() if v in key_of}
+        draft = Draft(keys, own["comment"])
     else:
         own, draft = None, store.draft(conn, user.id, it["id"])
     last = store.last_skip(conn, user, time.time() - UNDO_WINDOW_S)

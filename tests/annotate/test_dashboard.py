@@ -109,3 +109,42 @@ def test_annotator_rows_majority_kappa_and_a_drifting_annotator():
     assert [a for a in alerts if a.startswith("annotator")] == [
         a for a in alerts if a.startswith("annotator r3:")] != []  # fmt: skip
     assert not math.isnan(by["r3"].kappa_trial)
+
+
+def test_the_five_point_scale_is_ordinal_on_the_dashboard(tmp_path):
+    """Raters who agree on the direction but not on 'much' get ordinal alpha from the project,
+    equal to the krippendorff package's; the overall direction stays nominal."""
+    kd = pytest.importorskip("krippendorff")
+    from fastapi.testclient import TestClient
+
+    from alignforge.annotate.config import AnnotateConfig
+    from alignforge.annotate.server import create_app
+    from tests.annotate.helpers import login, make_project
+
+    cfg = AnnotateConfig(scale="likert5", min_agreement_items=2, bootstrap_samples=0)
+    store, tokens = make_project(tmp_path / "p", overlap=1.0, cfg=cfg)
+    ratings: dict[str, list[tuple[int, int]]] = {"alice": [], "bob": []}
+    with store.connect() as conn:
+        for name in ratings:
+            user = store.user_by_token(conn, tokens[name])
+            while (served := store.next_item(conn, user)) is not None:
+                item = served.item_id
+                much = (item % 3 == 0) == (name == "alice")  # they differ on 'much' only
+                score = (1 if item % 2 else -1) * (2 if much else 1)  # canonical
+                shown = -score if served.swapped else score
+                store.submit(conn, user, item, f"{name}-{item:06d}",
+                             {a: shown for a in ("entities", "relations", "summary")})  # fmt: skip
+        for j in store.judgements(conn):
+            if j.user in ratings:
+                ratings[j.user].append((j.item_id, j.scores["entities"]))
+    admin = TestClient(create_app(store.dir))
+    login(admin, tokens["admin"])
+    main = next(w for w in admin.get("/admin/api/stats").json()["windows"] if w["kind"] == "main")
+    row = next(r for r in main["rows"] if r["aspect"] == "entities" and r["ties"])
+    overall = next(r for r in main["rows"] if r["aspect"] == "overall" and r["ties"])
+    assert row["level"] == "ordinal" and overall["level"] == "nominal"
+    ids = sorted({i for v in ratings.values() for i, _ in v})
+    data = [[dict(ratings[n]).get(i, np.nan) for i in ids] for n in ("alice", "bob")]
+    want = kd.alpha(reliability_data=data, level_of_measurement="ordinal")
+    assert row["alpha"] == pytest.approx(want, abs=1e-12) and row["alpha"] > 0.5
+    assert overall["alpha"] == pytest.approx(1.0)

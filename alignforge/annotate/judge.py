@@ -52,7 +52,9 @@ class CallableBackend:
         self.takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
 
     def chat(self, messages: list[dict], **kw: Any) -> str:
-        return self.fn(messages, **{k: v for k, v in kw.items() if self.takes_any or k in self.takes})
+        return self.fn(
+            messages, **{k: v for k, v in kw.items() if self.takes_any or k in self.takes}
+        )
 
 
 def as_backend(x: Any) -> ChatBackend:

@@ -40,7 +40,10 @@ def test_fair_judge_over_http_is_consistent_under_swap():
         fmt = srv.requests[0]["response_format"]
         assert fmt["type"] == "json_schema"
         schema = fmt["json_schema"]["schema"]
-        assert set(schema["required"]) == set(schema["properties"]) and schema["additionalProperties"] is False
+        assert (
+            set(schema["required"]) == set(schema["properties"])
+            and schema["additionalProperties"] is False
+        )
         assert all(v["enum"] == ["1", "2", "tie"] for v in schema["properties"].values())
         assert srv.requests[0]["model"] == "rule-judge"
 
@@ -166,7 +169,9 @@ def test_local_judge_answers_within_the_verdict_schema(tiny_model_dir):
 
     v = judge_pair(_ai_backend(tiny_model_dir, None), "Name the city.", "Paris", "Lyon",
                    {"accuracy": "Which is right?", "style": "Which reads better?"})  # fmt: skip
-    assert set(v.scores) == {"accuracy", "style"} and all(s in (-1, 0, 1) for s in v.scores.values())
+    assert set(v.scores) == {"accuracy", "style"} and all(
+        s in (-1, 0, 1) for s in v.scores.values()
+    )
 
 
 def test_callable_backend_passes_only_the_options_the_function_takes():

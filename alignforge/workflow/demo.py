@@ -14,7 +14,10 @@ MIT-licensed ``evals`` wheel). Steps, each resumable (``<step>.done.json`` marke
    reward model (when the judge returned enough decisive pairs), PPO (RLOO advantages, marginal
    micro-F1 task reward, drift monitor), evaluate;
 6. a blind test of the final policy against the SFT model, judged by the AI judge;
-7. an HTML report and a one-screen summary of what improved.
+7. the deployable artefact: the final policy exported to a 4-bit GGUF (q4_0), scored by llama.cpp
+   on the same test items as the fp32 model, with the paired difference and its speed (needs
+   ``pip install 'alignforge[gguf]'``; skipped with a note without it);
+8. an HTML report and a one-screen summary of what improved.
 """
 
 from __future__ import annotations
@@ -191,6 +194,46 @@ def _blind(run: Path, task, generations: dict[str, Path], n: int) -> dict:
     return out
 
 
+# q4_0, not q4_k_m: SmolLM2-135M's rows are 576 wide, which the 256-wide k-quant blocks do not
+# divide, so llama.cpp writes most q4_k_m tensors as q5_0 (measured: 166 of 212)
+SHIP_QUANT = "q4_0"
+
+
+def _ship(run: Path, task, policy: str, final_generations: Path, n: int, max_new_tokens: int) -> dict:
+    """Export the final policy to a 4-bit GGUF and score it by llama.cpp on the final eval's items.
+
+    The fp32 answers are the last round's, copied into this eval's cache, so only the GGUF
+    generates; the paired difference is GGUF minus fp32 on the same items.
+    """
+    import shutil
+
+    from alignforge.evaluate.runner import SystemSpec, load_examples, run_eval
+    from alignforge.export import export_gguf
+
+    gguf = export_gguf(policy, run / "export" / f"policy-{SHIP_QUANT}.gguf", quant=SHIP_QUANT)
+    out = run / "eval" / "export"
+    (out / "fp32").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(final_generations, out / "fp32" / "generations.jsonl")
+    examples = load_examples(task, run / "data" / "test.jsonl", limit=n)
+    systems = [SystemSpec(name="fp32", model=policy), SystemSpec(name=SHIP_QUANT, model=str(gguf))]
+    res = run_eval(task, examples, systems, out, max_new_tokens=max_new_tokens)
+    q4 = next(e for e in res["systems"] if e["name"] == SHIP_QUANT)
+    fp32_bytes = sum(f.stat().st_size for f in Path(policy).glob("*.safetensors"))
+    return {"path": str(gguf), "quant": SHIP_QUANT, "bytes": gguf.stat().st_size, "fp32_bytes": fp32_bytes,
+            **_metric(res, SHIP_QUANT), "delta_vs_fp32": q4["delta_vs_first"], "results": str(out / "results.json")}
+
+
+def _gguf_missing() -> str | None:
+    from alignforge.export import ExportError
+    from alignforge.export.gguf import llama_cpp_version
+
+    try:
+        llama_cpp_version()
+    except ExportError as e:
+        return str(e)
+    return None
+
+
 def run_demo(output_dir: str, quick: bool = False, log=print) -> dict:
     """Run (or resume) the whole demo in ``output_dir`` and return its summary."""
     from alignforge.evaluate.report import build_report
@@ -224,8 +267,12 @@ def run_demo(output_dir: str, quick: bool = False, log=print) -> dict:
     final_ev, final_gens = _last_round_eval(rounds[-1])
     sft_gens = run / "eval" / "sft" / "sft" / "generations.jsonl"
     blind = _step(rnd, "blind", lambda: _blind(run, task, {"final": final_gens, "sft": sft_gens}, p["n_blind"]), log)
+    missing = _gguf_missing()
+    ship = {"skipped": missing} if missing else _step(
+        rnd, "export", lambda: _ship(run, task, rounds[-1]["policy"], final_gens, p["n_eval"], p["max_new_tokens"]), log)
     report = build_report(run)
-    summary = {"base": base, "sft": sft_ev, "final": final_ev, "rounds": rounds, "blind": blind, "report": str(report)}
+    summary = {"base": base, "sft": sft_ev, "final": final_ev, "rounds": rounds, "blind": blind, "export": ship,
+               "report": str(report)}
     (run / "demo_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     log(format_summary(summary))
     return summary
@@ -251,6 +298,26 @@ def format_summary(s: dict) -> str:
         f"  blind test final vs SFT (AI judge): win {b['win']['value']:.0%} / tie {b['tie']['value']:.0%} / loss {b['loss']['value']:.0%} (n={b['n']})",
         "  rounds: " + "; ".join(f"round {r['round']}: {r['pairs']} judged pairs, RM {'trained' if r.get('rm') else 'skipped'}" for r in s["rounds"]),
         f"  report: {s['report']}",
+        *_ship_lines(s.get("export") or {}, s["final"]),
         "=" * 72,
     ]
     return "\n".join(lines)
+
+
+def _ship_lines(ship: dict, final: dict) -> list[str]:
+    """The deployable artefact: the 4-bit file, its F1 beside fp32's, its size and speed."""
+    if not ship or "skipped" in ship:
+        return ["Deployable model: not exported (" + (ship.get("skipped") or "no export step") + ")"]
+    d, lat = ship["delta_vs_fp32"], ship.get("latency") or {}
+    speed = (f"TTFT p50 {lat['ttft_s_p50']:.2f} s, {lat['tokens_per_s_mean']:.0f} tokens/s per request"
+             if lat.get("ttft_s_p50") is not None else "speed not measured (all answers cached)")
+    return [
+        "-" * 72,
+        f"Deployable model: {ship['path']} ({ship['quant']} GGUF for llama.cpp / Ollama, "
+        f"{ship['bytes'] / 2**20:.0f} MiB; fp32 {ship['fp32_bytes'] / 2**20:.0f} MiB)",
+        f"  entity F1, fp32 final policy : {_f1(final)}",
+        f"  entity F1, {ship['quant']} in llama.cpp : {_f1(ship)}",
+        f"  {ship['quant']} - fp32 (paired, same items): {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]",
+        f"  speed ({ship['quant']}, llama.cpp, 1 request at a time, this machine): {speed}",
+        "  serving speed against `alignforge serve`: python benchmarks/serving.py --demo-dir " + str(Path(ship["path"]).parents[1]),
+    ]

@@ -1,6 +1,8 @@
 """The README's main command, end to end on the embedded default model (the quick profile)."""
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -22,6 +24,17 @@ def test_demo_quick_runs_end_to_end_and_resumes(tmp_path, default_model_dir):
     assert summary["sft"]["parse_failure_rate"] < summary["base"]["parse_failure_rate"]
     blind = summary["blind"]
     assert blind["n"] > 0 and abs(blind["win"]["value"] + blind["tie"]["value"] + blind["loss"]["value"] - 1) < 1e-9
+    # the deployable artefact: the final policy as a 4-bit GGUF, scored on the final eval's items
+    ship = summary["export"]
+    if importlib.util.find_spec("llama_cpp"):
+        assert ship["quant"] == "q4_0" and os.path.exists(ship["path"])
+        assert ship["n"] == summary["final"]["n"] and ship["bytes"] < ship["fp32_bytes"] / 4
+        f1 = ship["metrics"]["f1"]
+        assert 0.0 <= f1["low"] <= f1["value"] <= f1["high"] <= 1.0
+        assert ship["delta_vs_fp32"]["baseline"] == "fp32"
+        assert "Deployable model:" in proc.stdout and "q4_0 - fp32 (paired" in proc.stdout
+    else:
+        assert "pip install 'alignforge[gguf]'" in ship["skipped"]
     html = (out / "report.html").read_text()
     assert "<img" in html and "data:image/png;base64," in html
     # a second run finds every step done and only re-renders the summary

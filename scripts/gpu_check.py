@@ -60,19 +60,37 @@ RECIPES: dict[str, tuple[str, dict, dict]] = {
     ),
     "rm": (
         "examples/rm.yaml",
-        {"max_samples": 96, "max_length": 256, "eval_steps": 2, "save_steps": 2},
-        {"max_samples": 24, "max_length": 64, "per_device_train_batch_size": 2},
+        {
+            "max_samples": 96,
+            "max_length": 256,
+            "max_prompt_length": 128,
+            "eval_steps": 2,
+            "save_steps": 2,
+        },
+        {
+            "max_samples": 24,
+            "max_length": 64,
+            "max_prompt_length": 32,
+            "per_device_train_batch_size": 2,
+        },
     ),
     "dpo": (
         "examples/dpo.yaml",
-        {"max_samples": 96, "max_length": 256, "precompute_ref_logps": True, "eval_steps": 2},
-        {"max_samples": 40, "per_device_train_batch_size": 2},  # long prompts: keep 256
+        {
+            "max_samples": 96,
+            "max_length": 256,
+            "max_prompt_length": 128,
+            "precompute_ref_logps": True,
+            "eval_steps": 2,
+        },
+        {"max_samples": 40, "max_prompt_length": 128, "per_device_train_batch_size": 2},
     ),
     "spin": (
         "examples/spin.yaml",
         {
             "max_samples": 40,
             "max_length": 256,
+            "max_prompt_length": 128,
             "num_iterations": 1,
             "beta": 0.1,
             "learning_rate": 5.0e-5,
@@ -83,6 +101,7 @@ RECIPES: dict[str, tuple[str, dict, dict]] = {
         {
             "max_samples": 12,
             "max_length": 64,
+            "max_prompt_length": 32,
             "max_new_tokens": 8,
             "per_device_train_batch_size": 2,
         },

@@ -51,6 +51,7 @@ def _completion(prompt_id: str, j: int, r) -> dict:
         "temperature": float(r.temperature),
         "logp": float(r.logp),
         "token_logps": [float(x) for x in r.logps],
+        "token_ids": [int(t) for t in r.completion_ids],
         "n_tokens": len(r.completion_ids),
         "finish_reason": r.finish_reason,
     }

@@ -6,7 +6,7 @@
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-ORDER = ["sft", "dpo", "ppo", "diversity", "annotate", "evaluate", "losses"]
+ORDER = ["sft", "dpo", "ppo", "diversity", "annotate", "evaluate", "serving", "losses"]
 HEADER = """# Benchmarks
 
 Every figure below was measured on this project's development machine (2 CPU cores, 24 GiB, no GPU)

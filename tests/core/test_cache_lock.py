@@ -25,7 +25,7 @@ def test_concurrent_first_conversion_of_the_default_model(default_model_dir, tmp
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-1500:]
     assert outs[0][0] == outs[1][0]
     assert (cache / "models").is_dir() and not list(cache.glob("gguf/*.part"))

@@ -13,7 +13,6 @@ import copy
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from alignforge.config import ConfigError
@@ -148,10 +147,6 @@ def token_values(model, head: ScalarHead, batch: dict) -> Tensor:
     with critic(model):
         hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
     return head(hidden[:, :-1]).float()
-
-
-def policy_params_on(model, device) -> bool:
-    return all(p.device == torch.device(device) for p in model.parameters())
 
 
 def save_policy(model, head, tokenizer, final) -> None:

@@ -7,15 +7,11 @@ mini-batch is the same set of rows on 1 and 2 processes, so losses and weights m
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
-import yaml
 from helpers import prompt_rows, write_jsonl
+from multiproc import run_two_processes
 from safetensors.torch import load_file
 
 from alignforge.config import build_config
@@ -26,12 +22,6 @@ SETTINGS = {
     "gae": dict(advantage_estimator="gae", num_generations=1, mini_batch_size=4),
     "grpo": dict(advantage_estimator="grpo", num_generations=2, mini_batch_size=8),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_rows(out):
@@ -60,13 +50,7 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path, estimator):
         progress=False,
         **SETTINGS[estimator],
     )
-    path = tmp_path / "ppo.yaml"
-    path.write_text(yaml.safe_dump({**conf, "output_dir": str(tmp_path / "two")}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), "-m", "alignforge.cli", "train", str(path)]  # fmt: skip
-    two = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
+    run_two_processes({**conf, "output_dir": str(tmp_path / "two")}, tmp_path, timeout=600)
     conf.pop("stage")
     s = ppo.run(build_config(PPOConfig, {**conf, "output_dir": str(tmp_path / "one")}))
     assert s["processes"] == 1

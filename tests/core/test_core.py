@@ -2,13 +2,13 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from multiproc import free_port
 from torch import nn
 
 from alignforge.config import ConfigError
@@ -86,12 +86,6 @@ def test_sharded_backends_are_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match="FSDP is not supported.*torchrun"):
         make_accelerator(0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_eval_with_fewer_units_than_processes_finishes(tiny_model_dir, tmp_path):

@@ -7,11 +7,14 @@
 
     alignforge data chunk examples/data/wikipedia_paragraphs.jsonl --output runs/chunks.jsonl
 
-Rules: sentences (ending in ``.!?`` plus spaces, or a blank line) are packed greedily up to
-``target_size``; a sentence longer than ``max_size`` is cut at whitespace (or hard, if it has
+Rules: sentences are packed greedily up to ``target_size``; a sentence longer than ``max_size`` is cut at whitespace (or hard, if it has
 none). A last chunk shorter than ``min_size`` merges into its neighbour when the result stays
 within ``max_size``. Chunks are contiguous slices: ``doc.text[c.start:c.end] == c.text`` and
 their concatenation is the document, so nothing is dropped.
+
+Sentences: paragraphs (split at blank lines) are cut into sentences by pySBD (Sadvilkar &
+Neumann 2020, "PySBD: Pragmatic Sentence Boundary Disambiguation"), a rule-based splitter that
+does not end a sentence after abbreviations ("Dr.", "U.S.", "e.g."), initials or decimals.
 
 Documents that cannot be read (non-UTF-8 file, malformed JSON line, missing or empty text) are
 skipped and reported as :class:`Skip` records naming the file and row; ``strict=True`` raises
@@ -20,13 +23,14 @@ skipped and reported as :class:`Skip` records naming the file and row; ``strict=
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-_SENTENCE_END = re.compile(r"(?<=[.!?…])[\"')\]]*\s+|\n\s*\n\s*")
+_PARAGRAPH_END = re.compile(r"\n[^\S\n]*\n\s*")
 
 
 @dataclass(frozen=True)
@@ -128,16 +132,45 @@ def _read_jsonl(file: Path, text_field: str, id_field: str) -> Iterable[Document
                 yield Document(str(doc_id), text, f"{file}:{row}")
 
 
+@functools.cache
+def _segmenter():
+    import pysbd
+
+    return pysbd.Segmenter(language="en", clean=False)
+
+
+def _sentence_starts(paragraph: str) -> list[int]:
+    """Where pySBD starts each sentence after the first, as offsets into ``paragraph``.
+
+    Each segment is found again in the text from where the last one began: a segment pySBD
+    returns altered (it may normalise some characters) is not found and joins the sentence
+    before it, so the spans always tile the text.
+    """
+    starts, pos = [], 0
+    for seg in _segmenter().segment(paragraph):
+        body = seg.strip()
+        at = paragraph.find(body, pos) if body else -1
+        if at > 0:
+            starts.append(at)
+        if at >= 0:
+            pos = at + len(body)
+    return starts
+
+
 def split_sentences(text: str) -> list[tuple[int, int]]:
-    """Contiguous ``(start, end)`` spans covering ``text``; each span keeps its trailing space."""
-    spans, start = [], 0
-    for m in _SENTENCE_END.finditer(text):
-        if m.end() > start:
-            spans.append((start, m.end()))
-            start = m.end()
-    if start < len(text):
-        spans.append((start, len(text)))
-    return spans
+    """Contiguous ``(start, end)`` spans covering ``text``; each span keeps its trailing space.
+
+    A blank line always ends a sentence; within a paragraph pySBD decides.
+    """
+    cuts = []
+    para_start = 0
+    for m in [*_PARAGRAPH_END.finditer(text), None]:
+        para_end = m.end() if m else len(text)
+        cuts += [para_start + i for i in _sentence_starts(text[para_start:para_end])]
+        cuts.append(para_end)
+        para_start = para_end
+    bounds = [0, *sorted(set(c for c in cuts if 0 < c <= len(text)))]
+    return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
 def _cut_long(text: str, start: int, end: int, max_size: int, size: Callable[[str], int]):

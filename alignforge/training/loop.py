@@ -26,7 +26,11 @@ from typing import Any, Protocol
 
 import torch
 
-from alignforge.training.checkpoint import CheckpointManager
+from alignforge.training.checkpoint import (
+    CheckpointManager,
+    load_trainable_state,
+    trainable_state,
+)
 from alignforge.training.optim import build_optimizer, build_scheduler, warmup_steps
 from alignforge.training.tracking import MetricsLogger
 
@@ -331,6 +335,10 @@ class TrainLoop(TrainCore):
         )
         super().__init__(model, args, total, acc, frozen)
         self.best_eval, self.bad_evals, self.tokens_seen = math.inf, 0, 0
+        self.best_step: int | None = None
+        self.best_state: dict | None = (
+            None  # trainable weights at best_step (load_best_model_at_end)
+        )
         self.stopped_early = False
         self.resume_extra: dict = {}
 
@@ -385,9 +393,14 @@ class TrainLoop(TrainCore):
     def _loop_state(self) -> dict:
         return {
             "best_eval": self.best_eval,
+            "best_step": self.best_step,
             "bad_evals": self.bad_evals,
             "tokens_seen": self.tokens_seen,
         }
+
+    @property
+    def best_file(self) -> Path:
+        return self.out / "best" / "trainable.safetensors"
 
     def resume(self, target: str | bool) -> Path | None:
         path = self.resume_path(target)
@@ -399,6 +412,11 @@ class TrainLoop(TrainCore):
             state["bad_evals"],
             state["tokens_seen"],
         )
+        self.best_step = state.get("best_step")
+        if self.args.load_best_model_at_end and self.best_step is not None:
+            from safetensors.torch import load_file
+
+            self.best_state = load_file(self.best_file)
         self.logger.truncate_after(self.step)
         return path
 
@@ -406,14 +424,46 @@ class TrainLoop(TrainCore):
         self.save(self._loop_state(), extra)
 
     def _after_eval(self, ev: dict) -> None:
+        """Log an evaluation; track the best ``metric_for_best_model`` (keeping its weights
+        when ``load_best_model_at_end``) and the evaluations since it, for early stopping."""
         self.logger.log({"step": self.step, "split": "eval", **ev})
-        if ev["loss"] < self.best_eval - self.args.early_stopping_threshold:
-            self.best_eval, self.bad_evals = ev["loss"], 0
+        name, greater = self.args.best_metric
+        if name not in ev:
+            raise ValueError(
+                f"metric_for_best_model: this stage's evaluation reports {sorted(ev)}, not {name!r}"
+            )
+        value = ev[name] if not greater else -ev[name]  # best_eval is always minimised
+        if value < self.best_eval - self.args.early_stopping_threshold:
+            self.best_eval, self.best_step, self.bad_evals = value, self.step, 0
+            if self.args.load_best_model_at_end:
+                self.best_state = trainable_state(self.unwrapped)
+                if self.acc.is_main_process:  # survives an interruption, for resume
+                    from safetensors.torch import save_file
+
+                    self.best_file.parent.mkdir(exist_ok=True)
+                    save_file(self.best_state, self.best_file)
         else:
             self.bad_evals += 1
         patience = self.args.early_stopping_patience
         if patience and self.bad_evals >= patience:
             self.stopped_early = True
+
+    def final_evaluation(self) -> dict | None:
+        """Evaluate the final weights; with ``load_best_model_at_end`` and an earlier evaluation
+        that was better, restore that one's weights and evaluate them instead (they are what is
+        saved and what the final statistics describe)."""
+        final_eval = self.evaluate()
+        if final_eval is None:
+            return None
+        self._after_eval(final_eval)
+        if self.best_state is not None and self.best_step != self.step:
+            load_trainable_state(self.unwrapped, self.best_state)
+            if self.acc.is_main_process:
+                print(
+                    f"restored the best model, from step {self.best_step} (by {self.args.best_metric[0]})"
+                )
+            final_eval = self.evaluate()
+        return final_eval
 
     def fit(self) -> dict:
         resumed = self.resume(self.args.resume_from_checkpoint)
@@ -448,9 +498,8 @@ class TrainLoop(TrainCore):
             for cb in self.callbacks:
                 cb(self, row)
         bar.close()
-        final_eval = self.evaluate()
-        if final_eval is not None:
-            self._after_eval(final_eval)
+        final_eval = self.final_evaluation()
+        best = self._best_metric()
         return {
             "steps": self.step,
             "total_steps": self.total_steps,
@@ -459,8 +508,17 @@ class TrainLoop(TrainCore):
             "tokens_trained": self.tokens_seen,
             "train_seconds": time.time() - start,
             "final_eval": final_eval,
-            "best_eval_loss": None if math.isinf(self.best_eval) else self.best_eval,
+            "best_metric": best,
+            "best_eval_loss": best["value"] if best and best["name"] == "loss" else None,
         }
+
+    def _best_metric(self) -> dict | None:
+        if math.isinf(self.best_eval):
+            return None
+        name, greater = self.args.best_metric
+        value = -self.best_eval if greater else self.best_eval
+        restored = self.args.load_best_model_at_end and self.best_state is not None
+        return {"name": name, "value": value, "step": self.best_step, "restored": restored}
 
 
 def _progress(total: int, initial: int, enabled: bool, desc: str = "train"):

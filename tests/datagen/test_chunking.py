@@ -51,6 +51,21 @@ def test_sentence_boundaries_and_short_tail_merge():
     ]
 
 
+def test_abbreviations_initials_and_decimals_do_not_end_a_sentence():
+    text = (
+        "Dr. Ruiz moved to the U.S. in 1998, e.g. to work at J. R. Smith & Co. on 3.5 GHz "
+        "radios. She left in 2004! Did she return?\n\nA title without a full stop\n\nLast."
+    )
+    spans = split_sentences(text)
+    assert [text[s:e] for s, e in spans] == [
+        "Dr. Ruiz moved to the U.S. in 1998, e.g. to work at J. R. Smith & Co. on 3.5 GHz radios. ",
+        "She left in 2004! ",
+        "Did she return?\n\n",
+        "A title without a full stop\n\n",  # a blank line always ends a sentence
+        "Last.",
+    ]
+
+
 def test_overlong_sentence_is_cut_at_spaces_or_hard():
     words = " ".join(["word"] * 100)
     chunks = chunk_text(words, "d", target_size=50, max_size=60)

@@ -170,9 +170,33 @@ class TrainArgs(RunArgs):
         None, gt=0, description="Evaluate every N steps (and at the end) when there is eval data."
     )
     early_stopping_patience: int | None = Field(
-        None, gt=0, description="Stop when eval loss has not improved for this many evals."
+        None,
+        gt=0,
+        description="Stop when metric_for_best_model has not improved for this many evals.",
     )
-    early_stopping_threshold: float = Field(0.0, ge=0)
+    early_stopping_threshold: float = Field(
+        0.0, ge=0, description="How much metric_for_best_model must improve to count."
+    )
+    metric_for_best_model: str = Field(
+        "loss",
+        description="Eval metric that early stopping and load_best_model_at_end watch: `loss`, "
+        "or a statistic the stage reports (`accuracy` for rm, `rewards/accuracies` for dpo); an `eval_` prefix is allowed.",
+    )
+    greater_is_better: bool | None = Field(
+        None, description="Whether a larger metric is better; default: false for losses, else true."
+    )
+    load_best_model_at_end: bool = Field(
+        False,
+        description="After training, restore the weights of the best evaluation (by "
+        "metric_for_best_model) before the final evaluation and saving.",
+    )
+
+    @property
+    def best_metric(self) -> tuple[str, bool]:
+        """``(name, greater_is_better)`` of the metric early stopping watches."""
+        name = self.metric_for_best_model.removeprefix("eval_")
+        greater = self.greater_is_better
+        return name, (not name.endswith("loss")) if greater is None else greater
 
 
 class SFTConfig(ModelArgs, DataArgs, TrainArgs):

@@ -113,5 +113,25 @@ class Timer:
         self.seconds = time.time() - self.start
 
 
+def best_note(best: dict | None) -> str:
+    """`` (best accuracy 0.6125 at step 40, restored)``: the loop's ``best_metric``, or ''."""
+    if not best:
+        return ""
+    restored = ", restored" if best["restored"] else ""
+    return f" (best {best['name']} {best['value']:.4f} at step {best['step']}{restored})"
+
+
+def selection_note(summary: dict) -> list[str]:
+    """A line saying the held-out figures are optimistic when the held-out set also chose the
+    step (early stopping or ``load_best_model_at_end``); none otherwise."""
+    best = summary.get("best_metric") or {}
+    if not (summary.get("stopped_early") or best.get("restored")):
+        return []
+    return [
+        "  note: the held-out set also chose when to stop, so its figures are optimistic; "
+        "score pairs it never saw with `alignforge eval --task preference`"
+    ]
+
+
 def write_summary(out_dir: Path, summary: dict) -> None:
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -41,9 +41,11 @@ from alignforge.models import load_tokenizer
 from alignforge.models.heads import RewardModel, ScalarHead, pad_left
 from alignforge.recipes.common import (
     Timer,
+    best_note,
     build_trainable_model,
     load_splits,
     peak_memory_mb,
+    selection_note,
     trainable_params,
     write_summary,
 )
@@ -297,11 +299,14 @@ def print_summary(s: dict) -> None:
     lines = [
         f"RM finished in {s['seconds']:.0f}s: {s['steps']}/{s['total_steps']} steps on "
         f"{s['train_pairs']} pairs"
-        + (f", length term gamma {s['length_coef']:.3f}" if s["length_coef"] else ""),
+        + (" (stopped early)" if s["stopped_early"] else "")
+        + (f", length term gamma {s['length_coef']:.3f}" if s["length_coef"] else "")
+        + best_note(s.get("best_metric")),
         f"  pairs: {d['truncated']} of {d['used']} truncated ({d['prompt_truncated']} prompts, "
         f"{d['answer_truncated']} answers), {d['dropped_too_long']} dropped too long, "
         f"{d['dropped_identical']} identical once cut, {d['bad_rows']} bad rows skipped",
         *pref.report_lines(e, s["baselines"]),
+        *selection_note(s),
         f"  eval scores: mean {s['score_mean']:.3f}, std {s['score_std']:.3f} (reward_scores_eval.json)",
         f"  model: {s['final_model']}",
     ]

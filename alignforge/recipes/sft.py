@@ -20,6 +20,7 @@ from alignforge.models import load_tokenizer
 from alignforge.models.scoring import target_token_logps
 from alignforge.recipes.common import (
     Timer,
+    best_note,
     build_trainable_model,
     load_prepared,
     peak_memory_mb,
@@ -131,6 +132,6 @@ def print_summary(s: dict) -> None:
         f"  trainable parameters: {s['trainable_params']:,} of {s['total_params']:,}",
     ]
     if s.get("final_eval"):
-        lines.append(f"  eval loss: {s['final_eval']['loss']:.4f} (best {s['best_eval_loss']:.4f})")
+        lines.append(f"  eval loss: {s['final_eval']['loss']:.4f}{best_note(s['best_metric'])}")
     lines.append(f"  model: {s['final_model']}")
     print("\n".join(lines))

@@ -62,6 +62,7 @@ from alignforge.recipes.dpo import (
     place_policy,
     plot_rewards,
 )
+from alignforge.recipes.memory import warn_if_memory_short
 from alignforge.training import TrainLoop, to_device
 from alignforge.training.plots import plot_loss_curve, save_figure
 from alignforge.training.rundir import open_run
@@ -459,6 +460,7 @@ def run(cfg: SPINConfig, callbacks=()) -> dict:
             model = place_policy(
                 acc, load_opponent(source, cfg.dtype, cfg.cache_dir, cfg.attn_implementation)
             )
+            warn_if_memory_short(model.config, cfg, 2 * cfg.per_device_train_batch_size)
             opponent_id = (
                 fingerprint(last / "model") if resumed else model_identity(source, cfg.cache_dir)
             )

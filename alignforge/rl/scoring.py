@@ -44,19 +44,29 @@ def length_reward(prompts, completions, completion_ids, target_length: int) -> l
     return [1.0 - abs(len(ids) - target_length) / target_length for ids in completion_ids]
 
 
-def rm_input_ids(rm_tokenizer, prompt, text: str, finished: bool, max_length: int) -> list[int]:
+def rm_input_ids(
+    rm_tokenizer,
+    prompt,
+    text: str,
+    finished: bool,
+    max_length: int,
+    max_prompt_length: int | None = None,
+) -> list[int]:
     """What the reward model reads: a finished answer exactly as the RM was trained on pairs
     (chat template, end-of-turn included); an answer cut off at ``max_new_tokens`` without the
-    end-of-turn, so the RM sees that it was truncated. The last ``max_length`` tokens are kept."""
+    end-of-turn, so the RM sees that it was truncated. Over-long inputs are cut by the rule the
+    RM was trained with (:func:`alignforge.data.preference.cut`): the prompt's last
+    ``max_prompt_length`` tokens, the answer's first ones."""
+    from alignforge.data.preference import cut
     from alignforge.models.heads import encode_pair
     from alignforge.rollout import chat_prompt_ids
 
     if finished:
-        return encode_pair(rm_tokenizer, prompt, text, max_length)
-    ids = chat_prompt_ids(rm_tokenizer, prompt) + rm_tokenizer.encode(
-        text, add_special_tokens=False
-    )
-    return ids[-max_length:]
+        return encode_pair(rm_tokenizer, prompt, text, max_length, max_prompt_length)
+    p_ids = chat_prompt_ids(rm_tokenizer, prompt)
+    a_ids = rm_tokenizer.encode(text, add_special_tokens=False)
+    p_ids, a_ids = cut(p_ids, a_ids, max_length, max_prompt_length)
+    return p_ids + a_ids  # fmt: skip
 
 
 @torch.no_grad()
@@ -65,7 +75,14 @@ def rm_scores(rm, prompts: list, rollouts: list[Rollout], batch_size: int = 8) -
     from alignforge.models.heads import pad_left
 
     ids = [
-        rm_input_ids(rm.tokenizer, p, r.text, r.finish_reason == "stop", rm.max_length)
+        rm_input_ids(
+            rm.tokenizer,
+            p,
+            r.text,
+            r.finish_reason == "stop",
+            rm.max_length,
+            rm.max_prompt_length,
+        )  # fmt: skip
         for p, r in zip(prompts, rollouts, strict=True)
     ]
     device = next(rm.parameters()).device

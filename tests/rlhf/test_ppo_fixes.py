@@ -119,6 +119,25 @@ def test_the_reward_model_sees_a_truncated_answer_without_an_end_of_turn(tiny_mo
     assert finished[: len(cut)] == cut and len(finished) > len(cut)  # only the end-of-turn differs
 
 
+def test_the_reward_model_scores_over_long_rollouts_with_the_rule_it_was_trained_with(
+    tiny_model_dir,
+):
+    """A long prompt keeps its last ``max_prompt_length`` tokens and the answer its first ones,
+    as in the RM's training pairs; without the rule the answer would be cut away."""
+    from alignforge.data.preference import prepare_pairs
+    from alignforge.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    prompt, answer = "word " * 80 + "Name a colour.", "red " * 30
+    row = {"prompt": prompt, "chosen": answer, "rejected": "blue"}
+    (pair,), _ = prepare_pairs([row], tok, max_length=64, max_prompt_length=24)
+    finished = rm_input_ids(tok, prompt, answer, True, 64, 24)
+    assert finished == pair.prompt_ids + pair.chosen_ids and len(finished) == 64
+    assert len(pair.prompt_ids) == 24
+    cut = rm_input_ids(tok, prompt, answer, False, 64, 24)
+    assert cut[:24] == pair.prompt_ids and len(cut) == 64
+
+
 def test_stale_rollouts_without_a_correction_are_named(tiny_model_dir, prompts, tmp_path):
     with pytest.warns(UserWarning, match="rollout_staleness=1 with offpolicy_correction=none"):
         ppo.PPORun(cfg(tiny_model_dir, prompts, tmp_path / "s", rollout_staleness=1))

@@ -137,7 +137,14 @@ class RunArgs(StrictModel):
     report_to: (
         list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]]
         | Literal["none", "jsonl", "tensorboard", "wandb", "mlflow"]
-    ) = "jsonl"
+    ) = Field(
+        "jsonl",
+        description="Where metrics go besides metrics.jsonl: tensorboard, wandb, mlflow (each gets "
+        "the resolved config too; a resumed run continues the same tracker run).",
+    )
+    run_name: str | None = Field(
+        None, description="The run's name in wandb / mlflow / TensorBoard; default: output_dir's name."
+    )
     progress: bool = Field(True, description="Show a progress bar.")
     bf16: bool = Field(
         False,

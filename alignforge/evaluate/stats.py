@@ -5,12 +5,19 @@
     >>> round(r.win.value, 2), r.win.low < 0.49 < r.win.high
     (0.49, True)
 
-Percentile bootstrap (Efron & Tibshirani 1993, ch. 13): resample the items with replacement,
-recompute the statistic, take the alpha/2 and 1-alpha/2 quantiles.
+Intervals come from ``scipy.stats.bootstrap`` with the BCa method (bias-corrected and
+accelerated; Efron & Tibshirani 1993, ch. 14), which corrects the plain percentile interval for a
+biased or skewed statistic (micro-F1, rates near 0 or 1). The resampled units are the items
+(:func:`bootstrap_ci`; a paired difference resamples both systems' columns of an item together)
+or whole groups (:func:`bootstrap_by_group`, the by-prompt cluster bootstrap; BCa's jackknife
+then leaves out one group at a time). When every resample gives the same value (a constant, a
+rate of 0 or 1, one unit) BCa is undefined and the interval is that value, as the percentile
+interval says.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -28,6 +35,34 @@ class Estimate(NamedTuple):
         return f"{self.value:.4f} [{self.low:.4f}, {self.high:.4f}]"
 
 
+def _interval(n: int, statistic, n_boot: int, alpha: float, seed: int):
+    """``scipy.stats.bootstrap`` over the indices ``0..n-1`` (so rows of any width, or groups,
+    are resampled whole); BCa that every resample makes degenerate falls back to the quantiles."""
+    from scipy.stats import DegenerateDataWarning, bootstrap
+
+    if not 0 < alpha < 1:
+        raise ValueError(f"bootstrap: alpha must be in (0, 1), got {alpha}")
+    if n == 1:  # every resample is the one unit
+        value = float(statistic(np.zeros(1, dtype=int)))
+        return value, value
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        res = bootstrap(
+            (np.arange(n),),
+            lambda i: statistic(i.astype(int)),
+            n_resamples=n_boot,
+            batch=256,  # bounds memory: the jackknife alone is n x (n - 1) indices
+            vectorized=False,
+            confidence_level=1 - alpha,
+            method="BCa",
+            rng=np.random.default_rng(seed),
+        )
+    low, high = res.confidence_interval
+    if not (np.isfinite(low) and np.isfinite(high)):
+        low, high = np.quantile(res.bootstrap_distribution, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
 def bootstrap_ci(
     values: Sequence[float] | np.ndarray,
     statistic: Callable[[np.ndarray], float] = np.mean,
@@ -35,7 +70,7 @@ def bootstrap_ci(
     alpha: float = 0.05,
     seed: int = 0,
 ) -> Estimate:
-    """Percentile bootstrap interval of ``statistic`` over the first axis of ``values``.
+    """BCa bootstrap interval of ``statistic`` over the first axis of ``values``.
 
     ``values`` may be 2-D (items x columns), e.g. per-item (tp, fp, fn) counts for a micro-F1
     statistic; rows are resampled together.
@@ -43,14 +78,8 @@ def bootstrap_ci(
     x = np.asarray(values, dtype=float)
     if x.shape[0] == 0:
         raise ValueError("bootstrap_ci: no values")
-    if not 0 < alpha < 1:
-        raise ValueError(f"bootstrap_ci: alpha must be in (0, 1), got {alpha}")
-    point = float(statistic(x))
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, x.shape[0], size=(n_boot, x.shape[0]))
-    stats = np.array([statistic(x[i]) for i in idx], dtype=float)
-    low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
-    return Estimate(point, float(low), float(high))
+    low, high = _interval(len(x), lambda i: statistic(x[i]), n_boot, alpha, seed)
+    return Estimate(float(statistic(x)), low, high)
 
 
 def bootstrap_by_group(
@@ -60,7 +89,7 @@ def bootstrap_by_group(
     alpha: float = 0.05,
     seed: int = 0,
 ) -> Estimate:
-    """Percentile interval of the mean of ``values`` resampling whole groups (cluster bootstrap).
+    """BCa interval of the mean of ``values`` resampling whole groups (cluster bootstrap).
 
     Items of one group (e.g. several answer pairs of one prompt) are not independent; resampling
     groups with replacement and taking ``sum(values) / count`` over the drawn groups gives the
@@ -72,10 +101,8 @@ def bootstrap_by_group(
         raise ValueError(f"bootstrap_by_group: {x.shape[0]} values and {len(groups)} groups")
     _, g = np.unique(np.asarray([str(k) for k in groups]), return_inverse=True)
     sums, counts = np.bincount(g, weights=x), np.bincount(g).astype(float)
-    idx = np.random.default_rng(seed).integers(0, len(sums), size=(n_boot, len(sums)))
-    stats = sums[idx].sum(1) / counts[idx].sum(1)
-    low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
-    return Estimate(float(x.mean()), float(low), float(high))
+    low, high = _interval(len(sums), lambda i: sums[i].sum() / counts[i].sum(), n_boot, alpha, seed)
+    return Estimate(float(x.mean()), low, high)
 
 
 class WinTieLoss(NamedTuple):
@@ -104,3 +131,18 @@ def win_tie_loss(
     ]
     wr = bootstrap_ci(codes, lambda a: (a[:, 0] + 0.5 * a[:, 1]).mean(), n_boot, alpha, seed)
     return WinTieLoss(len(codes), est[0], est[1], est[2], wr)
+
+
+def verdict(low: float, high: float, null: float = 0.0) -> str:
+    """How the interval of a difference (higher = better) reads: "improved" when it lies wholly
+    above ``null``, "worse" when wholly below, "no clear difference" when it contains ``null``.
+
+    >>> verdict(0.02, 0.2), verdict(-0.05, 0.1), verdict(-0.3, -0.01)
+    ('improved', 'no clear difference', 'worse')
+    """
+    return "improved" if low > null else "worse" if high < null else "no clear difference"
+
+
+def improvement_header(verdicts: Sequence[str]) -> str:
+    """A summary's header: it claims improvement only when some difference is significant."""
+    return "What improved" if "improved" in verdicts else "No clear improvement"

@@ -386,7 +386,8 @@ def run_iteration(k, opponent, opponent_id, tokenizer, items, eval_items, prev_r
     policy = place_policy(acc, make_policy(opponent, cfg))
     score_with_opponent(policy, collate, cfg, acc, it, {"train": train, "eval": evals})
     beta, lr = cfg.per_iteration("beta", k), cfg.per_iteration("learning_rate", k)
-    args = cfg.model_copy(update={"output_dir": str(it), "learning_rate": lr})
+    name = f"{cfg.run_name or Path(cfg.output_dir).resolve().name}-iter_{k}"  # trackers' run
+    args = cfg.model_copy(update={"output_dir": str(it), "learning_rate": lr, "run_name": name})
     loop = TrainLoop(
         policy,
         SPINObjective(beta, cfg.loss_type),

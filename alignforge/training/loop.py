@@ -124,7 +124,7 @@ class TrainCore:
 
     ``args`` provides: seed, learning_rate, weight_decay, adam_beta1, adam_beta2, adam_epsilon,
     lr_scheduler_type, warmup_steps, warmup_ratio, max_grad_norm, output_dir, save_total_limit,
-    report_to, progress.
+    report_to, progress; optionally run_name (the trackers' run name, default the output folder's).
     """
 
     def __init__(self, trained, args, total_steps: int, accelerator=None, frozen=()):
@@ -134,7 +134,14 @@ class TrainCore:
         self.total_steps = total_steps
         self.out = Path(args.output_dir)
         self.ckpt = CheckpointManager(self.out, keep=args.save_total_limit)
-        self.logger = MetricsLogger(self.out, args.report_to, enabled=self.acc.is_main_process)
+        self.logger = MetricsLogger(
+            self.out,
+            args.report_to,
+            enabled=self.acc.is_main_process,
+            run_name=getattr(args, "run_name", None),
+            # what the trackers record as the run's config: the resolved stage config
+            config=args.model_dump(mode="json") if hasattr(args, "model_dump") else None,
+        )
         self.step, self.lr_scale = 0, 1.0
         optimizer = build_optimizer(
             trained,

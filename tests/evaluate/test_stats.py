@@ -41,3 +41,17 @@ def test_win_tie_loss_rates_match_counts():
 def test_win_tie_loss_rejects_unknown_outcome():
     with pytest.raises(ValueError, match="outcome 1 is 'draw'"):
         win_tie_loss(["win", "draw"])
+
+
+def test_bootstrap_ci_is_scipys_bca_interval_and_one_item_has_zero_width():
+    """Resampling item indices gives exactly scipy's BCa interval of the mean on the data."""
+    from scipy.stats import bootstrap
+
+    x = np.random.default_rng(3).exponential(size=60)  # skewed: BCa moves the interval right
+    est = bootstrap_ci(x, n_boot=999, seed=5)
+    ref = bootstrap(
+        (x,), np.mean, n_resamples=999, batch=256, method="BCa", rng=np.random.default_rng(5)
+    ).confidence_interval
+    assert (est.low, est.high) == pytest.approx((ref.low, ref.high), rel=1e-12)
+    assert est.high - est.value > est.value - est.low
+    assert bootstrap_ci([0.25]) == (0.25, 0.25, 0.25)

@@ -11,7 +11,7 @@ Each system file holds one row per input: ``{"id" (or "prompt_id"), "prompt", "o
 output of ``name_a`` becomes the item's ``a``. Sides are randomised per annotator when the
 item is shown, and the system names are never sent to the browser. The outcome of an item is
 the sign of the mean summed aspect score over its raters. Win / tie / loss are counted from
-``name_a``'s side, with percentile-bootstrap intervals from ``alignforge.evaluate.stats``.
+``name_a``'s side, with BCa bootstrap intervals from ``alignforge.evaluate.stats``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule."""
+"""Optimizer and learning-rate schedule (the schedule is ``transformers.get_scheduler``)."""
 
 from __future__ import annotations
 
@@ -28,24 +28,18 @@ def build_optimizer(
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
 
 
-def lr_lambda(kind: str, warmup: int, total: int):
-    """Multiplier of the base learning rate at a step: linear warmup, then linear/cosine/constant."""
-
-    def f(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
-
-
 def build_scheduler(optimizer, kind: str, warmup: int, total: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(kind, warmup, total))
+    """transformers' learning-rate schedule: ``warmup`` steps of linear warmup from 0, then
+    ``kind`` (``linear`` or ``cosine`` decay to 0 at step ``total``, or ``constant``).
+
+    ``constant`` is transformers' ``constant_with_warmup`` (with ``warmup=0`` the two agree), so
+    ``warmup_steps`` / ``warmup_ratio`` apply to every kind. The schedule is a ``LambdaLR``: its
+    state (step and base learning rates) is saved and restored with the checkpoint.
+    """
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if kind == "constant" else kind
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
 def warmup_steps(total: int, warmup_steps: int, warmup_ratio: float) -> int:

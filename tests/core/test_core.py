@@ -82,6 +82,41 @@ def test_checkpoint_keeps_extra_and_per_rank_state(tmp_path):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_schedule_warms_up_decays_and_resumes_at_the_same_rate(tmp_path, kind):
+    """transformers' schedules: lr 0.1 * s / 2 while s < 2 warmup steps, then, with
+    p = (s - 2) / 8 of 10 steps, 0.1 * (1 + cos(pi p)) / 2 (cosine), 0.1 * (1 - p) (linear) or
+    0.1 (constant). A checkpoint at step 4 resumes at step 4's rate."""
+    import math
+
+    decay = {
+        "cosine": lambda p: 0.5 * (1 + math.cos(math.pi * p)),
+        "linear": lambda p: 1 - p,
+        "constant": lambda p: 1.0,
+    }[kind]
+    want = [0.1 * (s / 2 if s < 2 else decay((s - 2) / 8)) for s in range(11)]
+    core = TrainCore(
+        nn.Linear(2, 1), args(tmp_path, lr_scheduler_type=kind, warmup_steps=2), 10,
+        make_accelerator(0),
+    )  # fmt: skip
+    got = [core.lr()]
+    for s in range(1, 11):
+        core.optimizer.step()
+        core.scheduler.step()
+        core.step = s
+        got.append(core.lr())
+        if s == 4:
+            core.save()
+    assert got == pytest.approx(want, abs=1e-12)
+    other = TrainCore(
+        nn.Linear(2, 1), args(tmp_path, lr_scheduler_type=kind, warmup_steps=2), 10,
+        make_accelerator(0),
+    )  # fmt: skip
+    other.load(tmp_path / "checkpoint-4")
+    assert other.lr() == pytest.approx(want[4], abs=1e-12)
+    assert other.optimizer.param_groups[0]["lr"] == pytest.approx(want[4], abs=1e-12)
+
+
 def test_sharded_backends_are_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match="FSDP is not supported.*torchrun"):

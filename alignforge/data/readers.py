@@ -3,13 +3,16 @@
     rows = read_rows("examples/data/alpaca_en_demo.json")       # list[dict]
     rows = read_rows("data/train.parquet")
     rows = read_rows("runs/datagen/sft")                        # datasets.save_to_disk dir or a dir of files
+    held_out = read_rows("runs/datagen/sft", split="eval")      # its test, validation or eval split
 
+A folder is read by split: ``train.jsonl`` and ``test.jsonl`` are two splits, never one dataset.
 Every error names the file and, for JSONL, the line.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 
@@ -73,38 +76,133 @@ def _read_file(path: Path) -> list[dict]:
     )
 
 
-def read_rows(source: str | Path, split: str = "train") -> list[dict]:
-    """Rows of a dataset as plain dicts, from a file, a directory or a hub id."""
+# Split names as 🤗 datasets reads them from data file names (its ``SPLIT_KEYWORDS``), with
+# ``eval`` kept apart from ``test``. A name holding one of these words, between separators
+# (``train.jsonl``, ``train-00000-of-00002.parquet``, ``alpaca_dev.json``), belongs to its split.
+SPLIT_WORDS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "val", "dev"),
+    "test": ("test", "testing"),
+    "eval": ("eval", "evaluation"),
+}
+HELD_OUT = ("test", "validation", "eval")  # what ``split="eval"`` (an eval_dataset) reads
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".ndjson")
+
+
+def split_names(name: str) -> list[str]:
+    """The splits a file stem or split key names: ``"train-00000-of-00002"`` -> ``["train"]``."""
+    words = {w for w in re.split(r"[-_. 0-9]+", name.lower()) if w}
+    return [s for s, keys in SPLIT_WORDS.items() if words & set(keys)]
+
+
+def _pick(groups: dict[str, list], split: str, where: Path, have: list[str]) -> list:
+    """The group of ``split``; ``"eval"`` takes the one held-out split there is."""
+    named = split_names(split)
+    want = HELD_OUT if split == "eval" else (named[0] if len(named) == 1 else split,)
+    present = [s for s in want if s in groups]
+    if not present:
+        what = "held-out split (test, validation or eval)" if split == "eval" else f"split {split!r}"
+        raise DataError(f"{where}: no {what}; has {', '.join(have)}")
+    if len(present) > 1:
+        raise DataError(
+            f"{where}: holds more than one held-out split ({', '.join(present)}); "
+            "point at the one you mean"
+        )
+    return groups[present[0]]
+
+
+def _split_files(path: Path, split: str) -> list[Path]:
+    """The data files of ``split`` in a folder; a folder whose files name no split is one dataset."""
+    files = sorted(f for f in path.iterdir() if f.suffix.lower() in DATA_SUFFIXES)
+    if not files:
+        raise DataError(f"{path}: directory holds no .jsonl, .json or .parquet files")
+    groups: dict[str, list[Path]] = {}
+    unnamed = []
+    for f in files:
+        names = split_names(f.stem)
+        if len(names) > 1:
+            raise DataError(f"{f}: the name reads as splits {', '.join(names)}; rename it")
+        if names:
+            groups.setdefault(names[0], []).append(f)
+        else:
+            unnamed.append(f.name)
+    if not groups:
+        return files
+    if unnamed:
+        raise DataError(
+            f"{path}: no split in the name of {', '.join(unnamed)}, while other files name one "
+            f"({', '.join(f.name for g in groups.values() for f in g)}); rename them "
+            "(train, test, validation) or point at a file"
+        )
+    return _pick(groups, split, path, [f.name for f in files])
+
+
+def _split_key(keys: list[str], split: str, where: Path) -> str:
+    """The key of ``split`` among a DatasetDict's split keys."""
+    if split in keys:
+        return split
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        names = split_names(k)
+        groups.setdefault(names[0] if len(names) == 1 else k, []).append(k)
+    chosen = _pick(groups, split, where, keys)
+    if len(chosen) > 1:
+        raise DataError(f"{where}: splits {', '.join(chosen)} all read as {split!r}; point at one")
+    return chosen[0]
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def _looks_like_hub_id(source: str, path: Path) -> bool:
+    return "/" in source and not source.startswith((".", "/", "~")) and not path.suffix
+
+
+def resolve_source(source: str | Path, split: str = "train"):
+    """Where the rows of ``split`` are, without reading a row: a list of files, a
+    ``(save_to_disk folder, split key or None)`` pair, or a hub id (a string, not checked here).
+
+    ``split`` is a split name (``train``, ``test``, ``validation``; their aliases ``dev``,
+    ``valid``...) or ``"eval"``: the one held-out split (test, validation or eval) a source has.
+    A folder of files is read by split when its file names carry split names; a DataError says
+    when the wanted split is missing or there is more than one.
+    """
     path = Path(source).expanduser()
     if path.is_file():
-        return _read_file(path)
+        return [path]
     if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            import datasets
-
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise DataError(f"{path}: no split {split!r}; has {', '.join(ds)}")
-                ds = ds[split]
-            return ds.to_list()
-        files = sorted(
-            f
-            for f in path.iterdir()
-            if f.suffix.lower() in (".jsonl", ".json", ".parquet", ".ndjson")
-        )
-        named = [f for f in files if f.stem == split or f.stem.startswith(split + "-")]
-        chosen = named or files
-        if not chosen:
-            raise DataError(f"{path}: directory holds no .jsonl, .json or .parquet files")
-        return [row for f in chosen for row in _read_file(f)]
-    if "/" in str(source) and not str(source).startswith((".", "/")) and not path.suffix:
-        try:
-            import datasets
-
-            return datasets.load_dataset(str(source), split=split).to_list()
-        except Exception as e:  # noqa: BLE001
-            raise DataError(
-                f"dataset {source!r}: not a local path, and loading it from the hub failed: {e}"
-            ) from e
+        if not _is_saved_dataset(path):
+            return _split_files(path, split)
+        if not (path / "dataset_dict.json").exists():
+            return path, None
+        keys = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        return path, _split_key(keys, split, path)
+    if _looks_like_hub_id(str(source), path):
+        return str(source)
     raise DataError(f"dataset {source!r}: no such file or directory")
+
+
+def read_rows(source: str | Path, split: str = "train") -> list[dict]:
+    """Rows of ``split`` of a dataset as plain dicts, from a file, a folder or a hub id
+    (:func:`resolve_source` says which files or split)."""
+    where = resolve_source(source, split)
+    if isinstance(where, list):
+        return [row for f in where for row in _read_file(f)]
+    import datasets
+
+    if isinstance(where, tuple):
+        path, key = where
+        ds = datasets.load_from_disk(str(path))
+        return (ds[key] if key is not None else ds).to_list()
+    try:
+        ds = datasets.load_dataset(where)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[_split_key(list(ds), split, Path(where))]
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise DataError(
+            f"dataset {source!r}: not a local path, and loading it from the hub failed: {e}"
+        ) from e
+    return ds.to_list()

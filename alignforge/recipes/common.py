@@ -9,19 +9,22 @@ from pathlib import Path
 
 import torch
 
-from alignforge.data import read_rows
+from alignforge.data import DataError, read_rows
 from alignforge.models import load_model, wrap_lora
 
 
 def load_splits(
     dataset: str, eval_dataset: str | None, val_size: float, seed: int, max_samples: int | None
 ):
-    """Training rows and eval rows; without an eval dataset, hold out ``val_size`` of the rows."""
-    rows = read_rows(dataset)
+    """Training rows and eval rows; without an eval dataset, hold out ``val_size`` of the rows.
+
+    A folder is read by split: ``dataset`` takes its train split, ``eval_dataset`` its one
+    held-out split (test, validation or eval), so a folder holding both is never read whole."""
+    rows = _read(dataset, "train", "dataset")
     if max_samples:
         rows = rows[:max_samples]
     if eval_dataset:
-        return rows, read_rows(eval_dataset, split="validation")
+        return rows, _read(eval_dataset, "eval", "eval_dataset")
     if val_size > 0:
         idx = list(range(len(rows)))
         random.Random(seed).shuffle(idx)
@@ -29,6 +32,13 @@ def load_splits(
         held = set(idx[:n_eval])
         return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
     return rows, []
+
+
+def _read(source: str, split: str, field: str) -> list[dict]:
+    try:
+        return read_rows(source, split)
+    except DataError as e:
+        raise DataError(f"{field}: {e}") from None
 
 
 def load_prepared(cfg, tokenizer, prepare):

@@ -114,3 +114,47 @@ def test_readers_json_parquet_and_directories(tmp_path):
 
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
     assert read_rows(tmp_path / "hf") == rows
+
+
+def write_jsonl(path, n, tag):
+    path.write_text("".join(json.dumps({"text": f"{tag} {i}"}) + "\n" for i in range(n)))
+
+
+def test_a_folder_is_read_by_split_never_whole(tmp_path):
+    """A folder's files are read by the split their names give (🤗 datasets' names); the held-out
+    split (``split="eval"``) must be one; a missing or ambiguous split is an error."""
+    import datasets
+
+    d = tmp_path / "data"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", 6, "train")
+    write_jsonl(d / "test.jsonl", 2, "test")
+    assert [r["text"] for r in read_rows(d)] == [f"train {i}" for i in range(6)]
+    assert [r["text"] for r in read_rows(d, split="eval")] == ["test 0", "test 1"]
+    write_jsonl(d / "dev.jsonl", 1, "dev")  # validation's alias, beside test: ambiguous
+    with pytest.raises(DataError, match=r"more than one held-out split \(test, validation\)"):
+        read_rows(d, split="eval")
+    assert read_rows(d, split="validation") == [{"text": "dev 0"}]
+    only_train = tmp_path / "only_train"
+    only_train.mkdir()
+    write_jsonl(only_train / "train-00000-of-00002.jsonl", 2, "a")
+    write_jsonl(only_train / "train-00001-of-00002.jsonl", 2, "b")
+    assert len(read_rows(only_train)) == 4  # shards of one split
+    with pytest.raises(DataError, match=r"no held-out split .*; has train-0"):
+        read_rows(only_train, split="eval")
+    write_jsonl(only_train / "notes.jsonl", 1, "?")
+    with pytest.raises(DataError, match=r"no split in the name of notes.jsonl"):
+        read_rows(only_train)
+    plain = tmp_path / "plain"  # no file names a split: the folder is one dataset
+    plain.mkdir()
+    write_jsonl(plain / "a.jsonl", 1, "a")
+    write_jsonl(plain / "b.jsonl", 1, "b")
+    assert len(read_rows(plain, split="eval")) == 2
+    splits = ("train", "validation", "test")
+    dd = datasets.DatasetDict({s: datasets.Dataset.from_list([{"text": s}]) for s in splits})
+    dd.save_to_disk(str(tmp_path / "hf"))
+    assert read_rows(tmp_path / "hf") == [{"text": "train"}]
+    with pytest.raises(DataError, match="more than one held-out split"):
+        read_rows(tmp_path / "hf", split="eval")
+    datasets.DatasetDict({s: dd[s] for s in ("train", "test")}).save_to_disk(str(tmp_path / "hf2"))
+    assert read_rows(tmp_path / "hf2", split="eval") == [{"text": "test"}]

@@ -101,7 +101,9 @@ def _pick(groups: dict[str, list], split: str, where: Path, have: list[str]) -> 
     want = HELD_OUT if split == "eval" else (named[0] if len(named) == 1 else split,)
     present = [s for s in want if s in groups]
     if not present:
-        what = "held-out split (test, validation or eval)" if split == "eval" else f"split {split!r}"
+        what = (
+            "held-out split (test, validation or eval)" if split == "eval" else f"split {split!r}"
+        )
         raise DataError(f"{where}: no {what}; has {', '.join(have)}")
     if len(present) > 1:
         raise DataError(

@@ -38,14 +38,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from alignforge.config import ConfigError, save_config
 from alignforge.config.preference import SPINConfig
 from alignforge.data import DataError, to_example
 from alignforge.data.formats import ChatExample
@@ -200,29 +198,6 @@ def make_pair_rows(items, generations: list[Generation]) -> tuple[list[dict], Ge
 
 
 # ---------------------------------------------------------------- run directory and models
-
-
-def prepare_spin_dir(cfg: SPINConfig) -> Path:
-    """Like :func:`alignforge.training.rundir.prepare_output_dir`, where resuming means finished
-    or started ``iter_k`` directories."""
-    out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()):
-        started = any(p.name.startswith("iter_") for p in out.iterdir())
-        if cfg.overwrite_output_dir:
-            shutil.rmtree(out)
-        elif (out / "summary.json").exists():
-            raise ConfigError(
-                f"output_dir: {out} already holds a finished run (summary.json); "
-                "pass overwrite_output_dir=true or choose another output_dir"
-            )
-        elif not (started and cfg.resume_from_checkpoint):
-            raise ConfigError(
-                f"output_dir: {out} is not empty and holds no SPIN iteration to resume; "
-                "pass overwrite_output_dir=true or choose another output_dir"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    return out
 
 
 def finished_iterations(out: Path, n: int) -> list[dict]:
@@ -438,7 +413,7 @@ def run_iteration(k, opponent, opponent_id, tokenizer, items, eval_items, prev_r
 
 
 def run(cfg: SPINConfig, callbacks=()) -> dict:
-    acc = open_run(cfg, prepare_spin_dir)
+    acc = open_run(cfg)
     out = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir)
     train_rows, eval_rows = load_splits(

@@ -290,8 +290,12 @@ class TrainCore:
 
     def resume_path(self, target: str | bool) -> Path | None:
         if target in ("auto", True):
-            return self.ckpt.latest()
-        return Path(target) if target else None
+            path = self.ckpt.latest()
+        else:
+            path = Path(target) if target else None
+        if path is not None and self.acc.is_main_process:
+            print(f"resuming from {path.name} ({path})")
+        return path
 
     def progress(self, desc: str):
         enabled = self.args.progress and self.acc.is_main_process
@@ -328,6 +332,7 @@ class TrainLoop(TrainCore):
         self.per_rank = args.per_device_train_batch_size * args.gradient_accumulation_steps
         self.global_batch = self.per_rank * world
         n = len(self.train_units)
+        """The checkpoint a run resumes from (``resume_from_checkpoint``), said on rank 0."""
         if n < self.global_batch and world > 1:
             raise ValueError(
                 f"{n} training units cannot fill one global batch of {self.global_batch}"

@@ -103,7 +103,7 @@ def test_finished_output_dir_is_not_overwritten(tiny_model_dir, data_file, tmp_p
         sft.run(cfg(tiny_model_dir, data_file, tmp_path / "r", max_steps=1))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="not empty"):
+    with pytest.raises(ConfigError, match="did not write"):
         sft.run(cfg(tiny_model_dir, data_file, tmp_path / "other", max_steps=1))
     sft.run(cfg(tiny_model_dir, data_file, tmp_path / "r", max_steps=1, overwrite_output_dir=True))
 

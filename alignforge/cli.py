@@ -12,6 +12,7 @@ that ``alignforge --help`` answers at once.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import typer
@@ -61,8 +62,14 @@ def _register() -> None:
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the full traceback of an error (also ALIGNFORGE_DEBUG=1)."
+    ),
+) -> None:
     """From raw documents to a small, fast model aligned to your task."""
+    if debug:
+        os.environ["ALIGNFORGE_DEBUG"] = "1"
 
 
 @app.command()
@@ -145,15 +152,24 @@ def _quiet_libraries() -> None:
 
 
 def main() -> None:
-    from alignforge.config import ConfigError
+    """Run the command line. An error the user can fix (:mod:`alignforge.errors`) is printed as
+    its one- or two-line message and exits non-zero; ``--debug`` shows the traceback instead."""
+    from alignforge.errors import debugging, describe
 
     _quiet_libraries()
-
     try:
         app()
-    except ConfigError as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+    except SystemExit as e:
+        if e.code == 130:  # typer's exit for a KeyboardInterrupt outside a training loop
+            typer.secho("interrupted", fg=typer.colors.RED, err=True)
+        raise
+    except Exception as e:
+        known = describe(e)
+        if known is None or debugging():
+            raise
+        message, code = known
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

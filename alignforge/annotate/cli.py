@@ -286,6 +286,7 @@ def judge(
 
     store, cfg = _store(project_dir), _cfg(project_dir)
     be = OpenAIChatBackend(base_url, model, api_key=os.environ.get(api_key_env))
+    be.check("--base-url")
     qs = {a.key: a.question for a in cfg.aspects}
     r = run_judge(store, be, model, qs, cfg.scale, kind, released_only, limit, workers)
     typer.echo(

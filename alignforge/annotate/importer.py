@@ -23,10 +23,12 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from alignforge.errors import UserError
+
 SPLITS = ("train", "validation", "test")
 
 
-class RowError(ValueError):
+class RowError(UserError, ValueError):
     """A row of the input file is malformed; the message names the line and the field."""
 
 

@@ -26,9 +26,10 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from alignforge.annotate.agreement import cohen_kappa, label
 from alignforge.annotate.render import extract_json, split_prompt
+from alignforge.errors import UserError
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UserError, RuntimeError):
     """The judge backend failed (HTTP error, bad response, unparseable answer)."""
 
 
@@ -86,6 +87,19 @@ class OpenAIChatBackend:
         self.temperature, self.max_tokens, self.backoff = temperature, max_tokens, backoff
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(timeout=timeout, headers=headers)
+
+    def check(self, field: str = "base_url") -> None:
+        """Raise a one-line JudgeError naming ``field`` when no server answers at the base URL,
+        before any item is judged (each would fail after its retries). Any reply counts."""
+        import httpx
+
+        try:
+            self.client.get(self.url.removesuffix("/chat/completions") + "/models", timeout=10)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            raise JudgeError(
+                f"{field} {self.url.removesuffix('/chat/completions')}: cannot connect "
+                f"({type(e).__name__}); check that the judge's server is running there"
+            ) from None
 
     def chat(self, messages: list[dict], **kw: Any) -> str:
         import httpx

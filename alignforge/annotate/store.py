@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from alignforge.errors import UserError
+
 DB_NAME = "annotate.db"
 ROLES = ("annotator", "admin", "judge")
 
@@ -86,7 +88,7 @@ ADDED_COLUMNS = [
 ]
 
 
-class StoreError(ValueError):
+class StoreError(UserError, ValueError):
     """A request the store refuses; ``status`` is the HTTP code the web app answers with."""
 
     def __init__(self, message: str, status: int = 400):

@@ -15,10 +15,12 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from alignforge.errors import UserError
+
 T = TypeVar("T", bound="StrictModel")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is missing, unknown or out of range; the message names the field."""
 
 
@@ -88,7 +90,6 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def format_validation_error(cls: type[BaseModel], err: ValidationError, source: str = "") -> str:
     """One line per problem, naming the field, the bad value and what is allowed."""
     lines = []
-    fields = cls.model_fields
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"]
@@ -98,14 +99,44 @@ def format_validation_error(cls: type[BaseModel], err: ValidationError, source: 
             lines.append("  " + msg.removeprefix("Value error, "))
             continue
         if e["type"] == "extra_forbidden":
-            close = _close_matches(str(e["loc"][-1]), list(fields))
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            msg = f"unknown key{hint}; allowed keys: {', '.join(sorted(fields))}"
+            msg = _unknown_key(_model_at(cls, e["loc"][:-1]), str(e["loc"][-1]))
         elif "input" in e and e["type"] != "missing":
             msg = f"{msg} (got {e['input']!r})"
         lines.append(f"  {loc}: {msg}")
     where = f" in {source}" if source else ""
     return f"invalid {cls.__name__}{where}:\n" + "\n".join(lines)
+
+
+def _unknown_key(model: type[BaseModel], key: str) -> str:
+    """The closest valid keys and where to see them all; a training stage's list is long, so
+    it is left to ``alignforge train --help``."""
+    close = _close_matches(key, list(model.model_fields))
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    stage = model.model_fields.get("stage")
+    if stage is not None and isinstance(stage.default, str):
+        return f"unknown key{hint}; `alignforge train --help stage={stage.default}` lists every key"
+    return f"unknown key{hint}; allowed keys: {', '.join(sorted(model.model_fields))}"
+
+
+def _model_at(cls: type[BaseModel], path) -> type[BaseModel]:
+    """The config class a key at ``path`` belongs to: nested models (alone, in lists or dicts)
+    are followed; list indices and dict keys stay in the model that holds them."""
+    for part in path:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is not None:
+            cls = _model_in(field.annotation) or cls
+    return cls
+
+
+def _model_in(annotation) -> type[BaseModel] | None:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if (found := _model_in(arg)) is not None:
+            return found
+    return None
 
 
 def _close_matches(word: str, options: list[str]) -> list[str]:

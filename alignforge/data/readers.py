@@ -15,8 +15,10 @@ import json
 import re
 from pathlib import Path
 
+from alignforge.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A dataset file or row is malformed; the message names the file, row and field."""
 
 

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from alignforge.errors import UserError
+
 _PARAGRAPH_END = re.compile(r"\n[^\S\n]*\n\s*")
 
 
@@ -63,7 +65,7 @@ class Skip:
         return f"{where}: {self.reason}"
 
 
-class DocumentError(ValueError):
+class DocumentError(UserError, ValueError):
     """A document could not be read; the message names the file and row."""
 
 

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from alignforge.errors import UserError
+
 Messages = list[dict[str, str]]
 
 
@@ -227,7 +229,7 @@ class LlamaCppGenerator:
 # ---- OpenAI-compatible endpoints -----------------------------------------------------------
 
 
-class EndpointError(RuntimeError):
+class EndpointError(UserError, RuntimeError):
     """The endpoint kept failing after retries; the message names the URL and the reason."""
 
 
@@ -278,7 +280,10 @@ class OpenAIGenerator:
                 last = f"{type(e).__name__}: {e}"
             if attempt < self.retries:
                 time.sleep(min(8.0, 0.5 * 2**attempt))
-        raise EndpointError(f"{self.url}: failed after {self.retries + 1} attempts: {last}")
+        raise EndpointError(
+            f"{self.url}: failed after {self.retries + 1} attempts: {last}; check that the "
+            "server is running and the endpoint URL"
+        )
 
     def _stream(self, client: Any, messages: Messages) -> Generation:
         payload: dict[str, Any] = {

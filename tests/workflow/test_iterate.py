@@ -205,3 +205,22 @@ def test_users_reward_fn_and_drift_action_are_kept_or_the_change_is_announced(
     data = it.ppo_fields(rm_only, "pol", None, tmp_path, 1, log=notes.append)
     assert data["reward_fn"] == it.TASK_REWARD_FN and data["reward_fn_weight"] == 1.0
     assert "PPO runs on the task reward (weight 1.0) although task_reward_weight is 0" in notes[-1]
+
+
+def test_rounds_train_the_rm_and_ppo_with_the_progress_bars_of_alignforge_train(
+    tiny_model_dir, prompts_file, tmp_path
+):
+    """A round's RM and PPO show their progress bars, as `alignforge train` does, unless the
+    user's rm: / ppo: turn them off."""
+    from alignforge.config import build_config
+    from alignforge.config.rlhf import PPOConfig, RMConfig
+
+    def built(cfg):
+        rm = it.rm_data(cfg, "pol", tmp_path / "train.jsonl", None, tmp_path)
+        ppo = it.ppo_fields(cfg, "pol", "rm/final", tmp_path, 1, log=lambda m: None)
+        return build_config(RMConfig, rm).progress, build_config(PPOConfig, ppo).progress
+
+    assert built(config(tmp_path, tiny_model_dir, prompts_file)) == (True, True)
+    off = {"progress": False}
+    quiet = config(tmp_path, tiny_model_dir, prompts_file, rm=off, ppo=off)
+    assert built(quiet) == (False, False)

@@ -43,6 +43,7 @@ _COMMANDS = [
     ("alignforge.export.cli", "export_command", "export"),
     ("alignforge.workflow.cli", "iterate_command", "iterate"),
     ("alignforge.workflow.cli", "demo_command", "demo"),
+    ("alignforge.workflow.cli", "examples_command", "examples"),
 ]
 
 

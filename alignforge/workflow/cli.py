@@ -28,3 +28,18 @@ def demo_command(
     from alignforge.workflow.demo import run_demo
 
     run_demo(output_dir, quick=quick)
+
+
+def examples_command(
+    dest: str = typer.Argument("examples", help="Folder to copy them into (created if missing)."),
+) -> None:
+    """Copy the example configs and data into DEST (default ./examples); existing files are kept.
+
+    Then `alignforge train examples/sft_default.yaml` and the other documented commands run here.
+    """
+    from alignforge.workflow.examples import copy_examples
+
+    written, kept = copy_examples(dest)
+    typer.echo(f"{len(written)} example files written to {dest}")
+    if kept:
+        typer.echo(f"{len(kept)} already there and left as they are: {', '.join(map(str, kept))}")

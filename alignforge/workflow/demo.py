@@ -27,11 +27,12 @@ import json
 from pathlib import Path
 
 from alignforge.workflow import steps
+from alignforge.workflow.examples import EXAMPLES_DIR
 from alignforge.workflow.iterate import Round, _step
 
-ROOT = Path(__file__).resolve().parents[2]
-CORPUS = ROOT / "examples" / "data" / "ner_finance.jsonl"
-WIKI = ROOT / "examples" / "data" / "wikipedia_paragraphs.jsonl"
+# installed with the package, so the demo runs from any directory
+CORPUS = EXAMPLES_DIR / "data" / "ner_finance.jsonl"
+WIKI = EXAMPLES_DIR / "data" / "wikipedia_paragraphs.jsonl"
 
 PROFILES = {
     "quick": dict(n_sft=48, sft_steps=10, n_eval=12, rounds=1, prompts_per_round=4, samples_per_prompt=2,

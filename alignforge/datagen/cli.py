@@ -17,6 +17,16 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 OVERRIDES_HELP = "key=value overrides of the YAML config, e.g. n_pairs=3 temperature=0.5."
 
 
+def _load_config(cls, config: str | None, overrides: list[str] | None):
+    """``cfg.yaml key=value ...`` or ``key=value ...`` alone: the first argument is a YAML file
+    unless it is a ``key=value`` setting (and no file of that name exists)."""
+    from alignforge.config import load_config
+
+    if config and "=" in config and not Path(config).exists():
+        config, overrides = None, [config, *(overrides or [])]
+    return load_config(cls, config, overrides or [])
+
+
 def _fail(msg: str, code: int = 2) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
@@ -70,7 +80,9 @@ def chunk(
 
 @app.command()
 def instructions(
-    config: str = typer.Argument(None, help="YAML config (fields of InstructionsConfig)."),
+    config: str = typer.Argument(
+        None, help="YAML config (InstructionsConfig fields); optional: key=value alone works."
+    ),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
     """Back-translate chunks into instruction/answer pairs with a teacher (resumable).
@@ -87,12 +99,11 @@ def instructions(
 
     Example: alignforge data instructions cfg.yaml base_url=http://127.0.0.1:8000/v1 n_pairs=3
     """
-    from alignforge.config import load_config
     from alignforge.datagen.chunking import chunk_documents, read_chunks, read_documents
     from alignforge.datagen.configs import InstructionsConfig
     from alignforge.datagen.instructions import generate_instructions
 
-    cfg = load_config(InstructionsConfig, config, overrides or [])
+    cfg = _load_config(InstructionsConfig, config, overrides)
     if cfg.input_is_chunks:
         chunks = read_chunks(cfg.input)
     else:
@@ -167,28 +178,29 @@ def diversity(
 
 @app.command()
 def preferences(
-    config: str = typer.Argument(None, help="YAML config (fields of PreferencesConfig)."),
+    config: str = typer.Argument(
+        None, help="YAML config (PreferencesConfig fields); optional: key=value alone works."
+    ),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
     """Sample 1 greedy + k-1 tempered completions per prompt with log-probs into samples.jsonl.
 
     Config keys (YAML or key=value): prompts (JSONL with prompt, optional prompt_id, doc_id,
-    split), model (policy checkpoint directory), output_dir (required); prompt_field, k (4),
-    temperature (0.9), top_p, max_new_tokens (256), seed, batch_size, train_ratio,
-    validation_ratio, test_ratio. Completions are shuffled per prompt; splits are assigned per
-    doc_id (else prompt_id) before any pairing.
+    split), model (policy checkpoint directory), output_dir (required); prompt_field,
+    max_samples (the first N prompts), k (4), temperature (0.9), top_p, max_new_tokens (256),
+    seed, batch_size, train_ratio, validation_ratio, test_ratio. Completions are shuffled per
+    prompt; splits are assigned per doc_id (else prompt_id) before any pairing.
 
-    Example: alignforge data preferences prefs.yaml model=runs/sft k=4 temperature=1.0
+    Example: alignforge data preferences prompts=p.jsonl model=runs/sft-merged output_dir=runs/samples
     """
-    from alignforge.config import load_config
     from alignforge.datagen.cache import read_jsonl
     from alignforge.datagen.configs import PreferencesConfig
     from alignforge.datagen.preferences import policy_fingerprint, sample_preferences
     from alignforge.rollout.server import _load_model
     from alignforge.rollout.transformers_engine import TransformersEngine
 
-    cfg = load_config(PreferencesConfig, config, overrides or [])
-    rows = read_jsonl(cfg.prompts)
+    cfg = _load_config(PreferencesConfig, config, overrides)
+    rows = read_jsonl(cfg.prompts)[: cfg.max_samples]
     for i, r in enumerate(rows, start=1):
         if cfg.prompt_field not in r:
             _fail(f"{cfg.prompts} row {i}: missing field {cfg.prompt_field!r}")

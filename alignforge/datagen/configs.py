@@ -78,6 +78,9 @@ class PreferencesConfig(StrictModel):
     model: str = Field(description="Policy model directory (the checkpoint that will be trained).")
     output_dir: str = Field(description="Where samples.jsonl goes.")
     prompt_field: str = Field("prompt", description="Field of the prompt in the prompts file.")
+    max_samples: int | None = Field(
+        None, gt=0, description="Use only the first N prompts of the file (default: all)."
+    )
     k: int = Field(4, ge=2, description="Completions per prompt: 1 greedy + k-1 samples.")
     temperature: float = Field(0.9, gt=0, description="Sampling temperature of the k-1 samples.")
     top_p: float = Field(1.0, gt=0, le=1)

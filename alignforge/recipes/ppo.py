@@ -61,6 +61,7 @@ from alignforge.rl.summary import plot_curves, print_summary, reward_summary
 from alignforge.rollout import Rollout, TransformersEngine, chat_prompt_ids
 from alignforge.rollout.batch import behaviour_model, rollout_batch, trim_padding
 from alignforge.training import NonFiniteLossError
+from alignforge.training.interrupt import stoppable
 from alignforge.training.loop import TrainCore
 from alignforge.training.rundir import open_run
 
@@ -417,6 +418,7 @@ class PPORun:
             scores.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= self.step))
         return path
 
+    @stoppable
     def fit(self) -> dict:
         resumed = self.resume()
         bar = self.core.progress("ppo")
@@ -436,6 +438,8 @@ class PPORun:
                 self.save()
             for cb in self.callbacks:
                 cb(self, row)
+            if self.step < self.total_steps and self.core.stop_requested():
+                raise self.core.stop(self.save)
         bar.close()
         return {"steps": self.step, "total_steps": self.total_steps,
                 "resumed_from": str(resumed) if resumed else None, "train_seconds": time.time() - start}  # fmt: skip

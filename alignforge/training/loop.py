@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,17 +27,25 @@ from typing import Any, Protocol
 
 import torch
 
+from alignforge.errors import UserError
 from alignforge.training.checkpoint import (
     CheckpointManager,
     load_trainable_state,
     trainable_state,
 )
+from alignforge.training.interrupt import (
+    TrainingInterrupted,
+    signal_received,
+    stoppable,
+)
 from alignforge.training.optim import build_optimizer, build_scheduler, warmup_steps
 from alignforge.training.tracking import MetricsLogger
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss or gradient became NaN/inf; the last good checkpoint is left untouched."""
+
+    exit_code = 1
 
 
 class Objective(Protocol):
@@ -253,6 +262,36 @@ class TrainCore:
         for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
         sched._last_lr = lrs
+
+    # -- stopping by hand: Ctrl-C or SIGTERM (training/interrupt.py) ------------------
+    def stop_requested(self) -> bool:
+        """Whether a stop signal arrived on any process: all of them stop after the same step."""
+        got = float(signal_received() is not None)
+        return self.global_sum(got) > 0 if self.world > 1 else bool(got)
+
+    def stop(self, save) -> TrainingInterrupted:
+        """The error that ends a stopped run. ``save()`` first writes a checkpoint of the steps
+        taken (unless one is there); ``save=None``: stopped mid-step, nothing more is saved."""
+        signum = signal_received() or signal.SIGINT
+        what = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
+        last = self.ckpt.latest()
+        if save is not None:
+            if last is None or last.name != f"checkpoint-{self.step}":
+                save()
+            saved = self.out / f"checkpoint-{self.step}"
+            return TrainingInterrupted(
+                f"{what} at step {self.step} of {self.total_steps}; checkpoint saved in {saved}; "
+                "run the same command to resume",
+                signum,
+            )
+        where = f"{what} during step {self.step + 1} of {self.total_steps}"
+        if last is None:
+            return TrainingInterrupted(f"{where}; nothing was saved (no checkpoint yet)", signum)
+        return TrainingInterrupted(
+            f"{where}; the steps after {last} were not saved; run the same command to resume "
+            "from it",
+            signum,
+        )
 
     # -- checkpoints ----------------------------------------------------------------
     def save(self, loop_state: dict | None = None, extra: dict | None = None, rank_extra=None):
@@ -477,6 +516,7 @@ class TrainLoop(TrainCore):
             final_eval = self.evaluate()
         return final_eval
 
+    @stoppable
     def fit(self) -> dict:
         resumed = self.resume(self.args.resume_from_checkpoint)
         bar = self.progress("train")
@@ -509,6 +549,8 @@ class TrainLoop(TrainCore):
                 self.save_checkpoint()
             for cb in self.callbacks:
                 cb(self, row)
+            if self.step < self.total_steps and self.stop_requested():
+                raise self.stop(self.save_checkpoint)
         bar.close()
         final_eval = self.final_evaluation()
         best = self._best_metric()

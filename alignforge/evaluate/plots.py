@@ -36,10 +36,19 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+DPI = 90
+# Figures fit the report's 1200-px column, so a 1366-px screen shows them at their own size.
+MAX_WIDTH_IN = 13.0  # 1170 px at DPI
+MAX_COLUMNS = 3
+
+
 def _figure(n_panels: int = 1, width: float = 5.0, height: float = 3.2) -> tuple[Figure, list]:
-    fig = Figure(figsize=(width * n_panels, height))
+    """A grid of ``n_panels`` panels, at most MAX_COLUMNS a row, no wider than MAX_WIDTH_IN."""
+    cols = min(n_panels, MAX_COLUMNS)
+    rows = -(-n_panels // cols)
+    fig = Figure(figsize=(min(width * cols, MAX_WIDTH_IN), height * rows))
     FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(1, n_panels, i + 1) for i in range(n_panels)]
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n_panels)]
     for ax in axes:
         ax.grid(alpha=0.3)
     return fig, axes
@@ -48,7 +57,7 @@ def _figure(n_panels: int = 1, width: float = 5.0, height: float = 3.2) -> tuple
 def _finish(fig: Figure, path: str | Path | None) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=DPI)
     data = buf.getvalue()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

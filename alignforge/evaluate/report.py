@@ -5,17 +5,30 @@
 
 The run directory is scanned recursively; any folder holding one of the files below is a
 "stage" (``round_<k>`` anywhere in its path gives its round). Sections appear only when their
-files exist; unknown files are ignored and unreadable ones are listed at the end.
+files exist, always in the order of ``SECTIONS``: summary, overview, evaluation, blind tests,
+training curves, PPO diagnostics, reward distributions, annotator agreement, then the files that
+could not be read. Within a section, stages come in the order the run wrote them (the oldest
+known file of each), so a pipeline reads top to bottom as it ran.
+
+The title is ``--title``, else the run's own name: ``run_name`` in the top folder's
+``config.yaml``, else the systems of the summary's comparison ("base → sft → final"), else the
+stage and model of the top folder's ``config.yaml``, else the folder's name. The folder is the
+subtitle.
+
+The summary is the ``results.json`` comparing the most systems (the latest written on a tie):
+each system's headline metric, and its paired difference to the system before it and to the
+first, each read as "improved", "no clear difference" or "worse" by whether its interval
+excludes zero.
 
 =========================== ==========================================================
 file                        used for
 =========================== ==========================================================
-config.yaml                 stage name (``stage:``) in the overview
+config.yaml                 stage name (``stage:``) in the overview; ``run_name`` as the title
 metrics.jsonl               training curves; PPO reward/KL, ``offpolicy/*``, ``drift/*``
 summary.json                overview
 reward_scores_eval.json     reward distribution on the reward model's eval set
 reward_scores_policy.jsonl  rewards seen by PPO per step (``{"step", "scores"|"score"}``)
-results.json                ``alignforge eval`` results; metric per round
+results.json                ``alignforge eval`` results; summary; metric per round
 agreement.json              per-aspect inter-annotator agreement (kappa / alpha)
 blind.json                  blind-test win / tie / loss with CIs
 =========================== ==========================================================
@@ -35,6 +48,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from alignforge.evaluate import plots
+from alignforge.evaluate.stats import improvement_header, verdict
 
 KNOWN = (
     "config.yaml",
@@ -73,10 +87,12 @@ _STAGE_ORDER = (
 
 
 def _order(stage: StageDir) -> tuple:
-    """Rounds in order; within a round, pipeline order (sft before rm before ppo ...)."""
+    """The order the run wrote its stages (the oldest known file of each); files written in the
+    same instant go by round, then pipeline order (sft before rm before ppo ...), then path."""
     name = stage.path.name
     rank = _STAGE_ORDER.index(name) if name in _STAGE_ORDER else len(_STAGE_ORDER)
-    return (-1 if stage.round is None else stage.round, rank, stage.rel)
+    written = min((stage.path / f).stat().st_mtime for f in stage.files)
+    return (written, -1 if stage.round is None else stage.round, rank, stage.rel)
 
 
 def scan_run(run_dir: str | Path) -> list[StageDir]:
@@ -147,13 +163,16 @@ class _Reader:
     def __init__(self) -> None:
         self.problems: list[str] = []
         self._metrics: dict[Path, list[dict[str, Any]]] = {}
+        self._json: dict[Path, Any] = {}
 
     def json(self, path: Path) -> Any:
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            self.problems.append(f"{path}: {e}")
-            return None
+        if path not in self._json:
+            try:
+                self._json[path] = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                self.problems.append(f"{path}: {e}")
+                self._json[path] = None
+        return self._json[path]
 
     def metrics(self, stage: StageDir) -> list[dict[str, Any]]:
         p = stage.path / "metrics.jsonl"
@@ -179,17 +198,108 @@ class _Reader:
 # ---- sections ------------------------------------------------------------------------------
 
 
-def _stage_name(stage: StageDir) -> str:
+def _config(stage: StageDir) -> dict[str, Any]:
+    """The stage's ``config.yaml`` as a mapping; empty when absent or unreadable."""
     if "config.yaml" in stage.files:
         try:
             import yaml
 
             cfg = yaml.safe_load((stage.path / "config.yaml").read_text()) or {}
-            if isinstance(cfg, dict) and cfg.get("stage"):
-                return str(cfg["stage"])
+            return cfg if isinstance(cfg, dict) else {}
         except (OSError, ValueError):
             pass
-    return stage.path.name
+    return {}
+
+
+def _stage_name(stage: StageDir) -> str:
+    return str(_config(stage).get("stage") or stage.path.name)
+
+
+def _label(stage: StageDir) -> str:
+    """The stage's folder relative to the run (the run folder's own name for the top one)."""
+    return stage.path.name if stage.rel == "." else stage.rel
+
+
+def _eval_title(res: dict[str, Any]) -> str:
+    """Task and data file name, whichever are known: "extraction on test.jsonl (n = 48)"."""
+    data = Path(str(res.get("dataset") or "")).name
+    what = " on ".join(str(x) for x in (res.get("task"), data) if x) or "evaluation"
+    return what if res.get("n") is None else f"{what} (n = {res['n']})"
+
+
+def _eval_results(stages: list[StageDir], rd: _Reader) -> list[tuple[StageDir, dict[str, Any]]]:
+    """Every ``results.json`` with a non-empty ``systems`` list, in run order."""
+    out = []
+    for s in (s for s in stages if "results.json" in s.files):
+        res = rd.json(s.path / "results.json")
+        if isinstance(res, dict) and isinstance(res.get("systems"), list) and res["systems"]:
+            out.append((s, res))
+        elif res is not None:
+            rd.problems.append(f"{s.path / 'results.json'}: no 'systems' list")
+    return out
+
+
+def _comparison(stages: list[StageDir], rd: _Reader) -> tuple[StageDir, dict[str, Any]] | None:
+    """The results comparing the most systems (two at least); the latest written on a tie."""
+    found = [(len(r["systems"]), i, s, r) for i, (s, r) in enumerate(_eval_results(stages, rd))]
+    found = [f for f in found if f[0] >= 2]
+    return max(found, key=lambda f: f[:2])[2:] if found else None
+
+
+def _delta(d: Any) -> tuple[str, str]:
+    """A paired difference's cell ("+0.110 [+0.030, +0.200]") and how it reads."""
+    e = _est(d)
+    if e is None:
+        return "–", "–"
+    return f"{e[0]:+.3f} [{e[1]:+.3f}, {e[2]:+.3f}]", verdict(e[1], e[2])
+
+
+def section_summary(stages: list[StageDir], rd: _Reader) -> str:
+    found = _comparison(stages, rd)
+    if found is None:
+        return ""
+    s, res = found
+    primary, systems = res.get("primary", "score"), res["systems"]
+    pct = round(100 * (1 - float(res.get("alpha") or 0.05)))
+    names = [sy.get("name") or f"system {i + 1}" for i, sy in enumerate(systems)]
+    rows, claims = [], []  # claims: (system, baseline, how it reads, difference)
+    for i, sy in enumerate(systems):
+        # results written before delta_vs_previous existed: the second system's is vs the first
+        prev = sy.get("delta_vs_previous") or (sy.get("delta_vs_first") if i == 1 else None)
+        cells = []
+        for d in (prev, sy.get("delta_vs_first")):
+            text, reads = _delta(d)
+            cells += [f"{text} vs {d.get('baseline', '?')}" if reads != "–" else text, reads]
+        if _est(prev):
+            claims.append((names[i], prev.get("baseline", "?"), *_delta(prev)[::-1]))
+        rows.append(
+            [
+                names[i],
+                _fmt_est((sy.get("metrics") or {}).get(primary)),
+                *cells,
+                f"{100 * (sy.get('parse_failure_rate') or 0):.1f}%",
+            ]
+        )
+    if len(systems) > 2 and _est(systems[-1].get("delta_vs_first")):
+        claims.append((names[-1], names[0], *_delta(systems[-1]["delta_vs_first"])[::-1]))
+    header = improvement_header([c[2] for c in claims])
+    said = "; ".join(f"{a} vs {b}: {reads} ({d})" for a, b, reads, d in claims)
+    head = ["system", f"{primary} [{pct}% CI]", f"Δ vs previous [{pct}% CI]", "reads as",
+            f"Δ vs first [{pct}% CI]", "reads as", "parse failures"]  # fmt: skip
+    return (
+        f"<p class='headline'><strong>{_e(header)}</strong> ({_e(_eval_title(res))}): "
+        f"{_e(said or 'no paired difference recorded')}.</p>"
+        + _table(head, rows)
+        + f"<p class='muted'>From {_e(_label(s))}/results.json. Each difference is paired (the "
+        "same items resampled for both systems) and reads as “improved” or “worse” only when "
+        "its interval excludes 0, otherwise as “no clear difference”.</p>"
+    )
+
+
+def _blind_verdict(win_rate: Any) -> str:
+    """System A's win rate (a tie counts ½) against a coin: its interval above or below 50%."""
+    e = _est(win_rate)
+    return "–" if e is None else verdict(e[1], e[2], null=0.5)
 
 
 def section_overview(stages: list[StageDir], rd: _Reader) -> str:
@@ -226,9 +336,9 @@ def section_training(stages: list[StageDir], rd: _Reader) -> str:
         rows = rd.metrics(s)
         if not any("loss" in r for r in rows):
             continue
-        title = f"{s.rel} ({_stage_name(s)})"
+        title = f"{_label(s)} ({_stage_name(s)})"
         parts.append(f"<h3>{_e(title)}</h3>")
-        parts.append(rd.img(f"loss {s.rel}", plots.plot_loss_curve, rows, title=title))
+        parts.append(rd.img(f"loss {_label(s)}", plots.plot_loss_curve, rows, title=title))
         skip = {"step", "epoch", "loss", "lr", "learning_rate", *_PPO_KEYS}
         extra = sorted(
             {
@@ -258,7 +368,7 @@ def section_ppo(stages: list[StageDir], rd: _Reader) -> str:
         drift = [k for k in keys if k.startswith("drift/") and k != "drift/breached"]
         if not (main or off or drift):
             continue
-        parts.append(f"<h3>{_e(s.rel)}</h3>")
+        parts.append(f"<h3>{_e(_label(s))}</h3>")
         for label, ks in (("reward and KL", main), ("off-policy diagnostics", off)):
             if ks:
                 parts.append(rd.img(f"{label} {s.rel}", plots.plot_series, rows, ks, title=label))
@@ -367,7 +477,7 @@ def section_agreement(stages: list[StageDir], rd: _Reader) -> str:
             aspects = _aspects(data)
             stats = sorted({k for v in aspects.values() for k in v if _est(v[k]) is not None})
             rows = [[a] + [_fmt_est(v.get(k)) for k in stats] for a, v in aspects.items()]
-            out = f"<h3>{_e(s.rel)}</h3>" + _table(["aspect", *stats], rows)
+            out = f"<h3>{_e(_label(s))}</h3>" + _table(["aspect", *stats], rows)
             key = next((k for k in ("kappa", "alpha") if k in stats), None)
             if key:
                 names = [a for a, v in aspects.items() if _est(v.get(key))]
@@ -412,7 +522,7 @@ def section_blind(stages: list[StageDir], rd: _Reader) -> str:
         def render(data: Any = data, s: StageDir = s) -> str:
             comps = _comparisons(data)
             labels = [
-                c.get("label") or (f"{c.get('system_a', 'A')} vs {c.get('system_b', 'B')}")
+                c.get("label") or f"{c.get('system_a') or 'A'} vs {c.get('system_b') or 'B'}"
                 for c in comps
             ]
             rows = [
@@ -420,13 +530,15 @@ def section_blind(stages: list[StageDir], rd: _Reader) -> str:
                     lab,
                     c.get("n", "–"),
                     *(_fmt_est(c.get(k), pct=True) for k in ("win", "tie", "loss", "win_rate")),
+                    _blind_verdict(c.get("win_rate")),
                 ]
                 for lab, c in zip(labels, comps, strict=True)
             ]
             table = _table(
-                ["comparison (A vs B)", "n", "A wins", "tie", "B wins", "A win rate (tie = ½)"],
+                ["comparison (A vs B)", "n", "A wins", "tie", "B wins", "A win rate (tie = ½)",
+                 "A reads as"],
                 rows,
-            )
+            )  # fmt: skip
             png = plots.plot_win_tie_loss(
                 [
                     (lab, _est(c["win"]), _est(c["tie"]), _est(c["loss"]))
@@ -434,7 +546,7 @@ def section_blind(stages: list[StageDir], rd: _Reader) -> str:
                 ],
                 title="blind test",
             )
-            return f"<h3>{_e(s.rel)}</h3>" + table + _img(png, f"blind {s.rel}")
+            return f"<h3>{_e(_label(s))}</h3>" + table + _img(png, f"blind {s.rel}")
 
         parts.append(rd.guard(str(s.path / "blind.json"), render))
     return "".join(parts)
@@ -442,17 +554,9 @@ def section_blind(stages: list[StageDir], rd: _Reader) -> str:
 
 def section_eval(stages: list[StageDir], rd: _Reader) -> str:
     parts, per_round = [], {}
-    for s in (s for s in stages if "results.json" in s.files):
-        res = rd.json(s.path / "results.json")
-        if not isinstance(res, dict) or not isinstance(res.get("systems"), list):
-            if res is not None:
-                rd.problems.append(f"{s.path / 'results.json'}: no 'systems' list")
-            continue
+    for s, res in _eval_results(stages, rd):
         primary = res.get("primary", "score")
-        parts.append(
-            f"<h3>{_e(s.rel)}: {_e(res.get('task', ''))} on "
-            f"{_e(res.get('dataset', ''))} (n = {_e(res.get('n', '?'))})</h3>"
-        )
+        parts.append(f"<h3>{_e(_label(s))}: {_e(_eval_title(res))}</h3>")
         rows = []
         for sy in res["systems"]:
             lat = sy.get("latency") or {}
@@ -462,6 +566,7 @@ def section_eval(stages: list[StageDir], rd: _Reader) -> str:
                     sy.get("name"),
                     _fmt_est(m.get(primary)),
                     *(_fmt_est(m.get(k)) for k in list(m)[1:3] if k != primary),
+                    " ".join(_delta(sy.get("delta_vs_first"))) if sy.get("delta_vs_first") else "–",
                     f"{100 * (sy.get('parse_failure_rate') or 0):.1f}%",
                     _fmt_num(lat.get("ttft_s_p50")),
                     _fmt_num(lat.get("tokens_per_s_mean"), 1),
@@ -470,9 +575,8 @@ def section_eval(stages: list[StageDir], rd: _Reader) -> str:
             if s.round is not None and _est(m.get(primary)):
                 per_round.setdefault(sy.get("name"), []).append((s.round, _est(m[primary])))
         others = [k for k in list(res["systems"][0].get("metrics") or {})[1:3] if k != primary]
-        parts.append(
-            _table(["system", primary, *others, "parse failures", "TTFT p50 (s)", "tokens/s"], rows)
-        )
+        head = ["system", primary, *others, f"Δ {primary} vs first (paired)", "parse failures"]
+        parts.append(_table([*head, "TTFT p50 (s)", "tokens/s"], rows))
     if len({r for pts in per_round.values() for r, _ in pts}) >= 2:
         parts.insert(
             0,
@@ -493,7 +597,9 @@ def _fmt_num(v: Any, digits: int = 3) -> str:
 
 # ---- page ----------------------------------------------------------------------------------
 
+# The report's sections, in the order they always appear (docs/evaluate.md lists them).
 SECTIONS = [
+    ("summary", "Summary: the systems compared", section_summary),
     ("overview", "Run overview", section_overview),
     ("eval", "Evaluation", section_eval),
     ("blind", "Blind tests: win rates", section_blind),
@@ -513,7 +619,24 @@ color:#222;padding:0 1em}h1{border-bottom:2px solid #444}h2{margin-top:2em;borde
 table{border-collapse:collapse;margin:.6em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;
 text-align:left}th{background:#f2f2f2}img{max-width:100%;display:block;margin:.5em 0}
 nav a{margin-right:1em}.warn{color:#b00}.muted{color:#777;font-size:13px}
+.subtitle{color:#555;margin-top:-.6em}.headline{font-size:16px}
 """
+
+
+def _title(root: Path, stages: list[StageDir], rd: _Reader) -> str:
+    """The run's own name: run_name, the systems compared, the stage and model, the folder."""
+    top = next((s for s in stages if s.rel == "."), None)
+    cfg = _config(top) if top else {}
+    found = _comparison(stages, rd)
+    if cfg.get("run_name"):
+        return str(cfg["run_name"])
+    if found:
+        names = [str(sy.get("name") or "?") for sy in found[1]["systems"]]
+        return f"{' → '.join(names)}: {_eval_title(found[1])}"
+    if cfg.get("stage"):
+        model = cfg.get("model_name_or_path")
+        return f"{cfg['stage']} of {model}" if model else str(cfg["stage"])
+    return root.resolve().name
 
 
 def render_report(run_dir: str | Path, title: str | None = None) -> str:
@@ -530,16 +653,17 @@ def render_report(run_dir: str | Path, title: str | None = None) -> str:
     if not body:
         body.append("<p>No known files found (config.yaml, metrics.jsonl, results.json, ...).</p>")
     if rd.problems:
-        items = "".join(f"<li>{_e(p)}</li>" for p in rd.problems)
+        items = "".join(f"<li>{_e(p)}</li>" for p in dict.fromkeys(rd.problems))
         body.append(
             f'<section id="problems"><h2>Skipped files</h2><ul class="warn">{items}</ul></section>'
         )
-    name = title or root.resolve().name
+    name = title or _title(root, stages, rd)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(name)}'
         f"</title><style>{_CSS}</style></head><body><h1>{_e(name)}</h1>"
-        f'<p class="muted">{_e(root)} · generated {stamp} by alignforge report</p>'
+        f'<p class="subtitle">{_e(root.resolve())}</p>'
+        f'<p class="muted">generated {stamp} by alignforge report</p>'
         f"<nav>{''.join(nav)}</nav>{''.join(body)}</body></html>"
     )
 

@@ -30,6 +30,7 @@ from pydantic import model_validator
 
 from alignforge.config import ConfigError, StrictModel, load_config
 from alignforge.evaluate.generation import Generation, Generator
+from alignforge.evaluate.stats import verdict
 from alignforge.evaluate.tasks.base import Example, ItemScore, Task, TaskResult, paired_difference
 
 # ---- systems -------------------------------------------------------------------------------
@@ -150,13 +151,7 @@ def _prompt_hash(messages: list[dict[str, str]]) -> str:
     return hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def generate_cached(
-    generator: Generator, examples: Sequence[Example], cache: Path, desc: str = ""
-) -> tuple[list[Generation], dict[str, float]]:
-    """Generations for ``examples`` (cached ones reused), and the wall time and token count of
-    what this call generated: ``{"wall_s", "new_tokens", "new_items"}``."""
-    from tqdm.auto import tqdm
-
+def _read_cache(cache: Path) -> dict[str, dict[str, Any]]:
     done: dict[str, dict[str, Any]] = {}
     if cache.exists():
         for line in cache.read_text(encoding="utf-8").splitlines():
@@ -165,7 +160,27 @@ def generate_cached(
                 done[row["id"]] = row
             except (json.JSONDecodeError, KeyError):
                 continue  # a line cut by an interrupted run
-    todo = [e for e in examples if done.get(e.id, {}).get("prompt") != _prompt_hash(e.messages)]
+    return done
+
+
+def uncached(examples: Sequence[Example], cache: Path) -> list[Example]:
+    """The examples ``cache`` holds no answer to (or an answer to another prompt)."""
+    done = _read_cache(cache)
+    return [e for e in examples if done.get(e.id, {}).get("prompt") != _prompt_hash(e.messages)]
+
+
+def generate_cached(
+    generator: Generator | None, examples: Sequence[Example], cache: Path, desc: str = ""
+) -> tuple[list[Generation], dict[str, float]]:
+    """Generations for ``examples`` (cached ones reused), and the wall time and token count of
+    what this call generated: ``{"wall_s", "new_tokens", "new_items"}``. ``generator`` may be
+    None when every answer is cached."""
+    from tqdm.auto import tqdm
+
+    done = _read_cache(cache)
+    todo = uncached(examples, cache)
+    if todo and generator is None:
+        raise ValueError(f"{cache}: {len(todo)} answers are not cached and no generator was given")
     cache.parent.mkdir(parents=True, exist_ok=True)
     chunk = max(1, getattr(generator, "batch_size", 8))
     fresh = {"wall_s": 0.0, "new_tokens": 0, "new_items": 0}
@@ -237,13 +252,12 @@ def run_eval(
     out.mkdir(parents=True, exist_ok=True)
     refs = [e.reference for e in examples]
     entries, scored = [], {}
-    for spec in systems:
-        gen = (generators or {}).get(spec.name) or build_generator(
-            spec, max_new_tokens, batch_size, concurrency
-        )
-        gens, fresh = generate_cached(
-            gen, examples, out / spec.name / "generations.jsonl", desc=f"eval {spec.name}"
-        )
+    for i, spec in enumerate(systems):
+        cache = out / spec.name / "generations.jsonl"
+        gen = (generators or {}).get(spec.name)
+        if gen is None and uncached(examples, cache):  # all answers cached: nothing to load
+            gen = build_generator(spec, max_new_tokens, batch_size, concurrency)
+        gens, fresh = generate_cached(gen, examples, cache, desc=f"eval {spec.name}")
         del gen
         _free_memory()
         result = task.evaluate([g.text for g in gens], refs, n_boot, alpha, seed)
@@ -254,12 +268,18 @@ def run_eval(
             **_result_fields(result),
             "latency": latency_summary(gens, fresh),
         }
-        if entries:  # paired bootstrap difference against the first system
-            base = systems[0].name
-            d = paired_difference(
-                task, result.items, scored[base][0].items, None, n_boot, alpha, seed
-            )
-            entry["delta_vs_first"] = {"baseline": base, "metric": task.primary, **d._asdict()}
+        if i:  # paired bootstrap differences against the first system and the one before
+            d = {
+                base: {
+                    "baseline": base,
+                    "metric": task.primary,
+                    **paired_difference(
+                        task, result.items, scored[base][0].items, None, n_boot, alpha, seed
+                    )._asdict(),
+                }
+                for base in dict.fromkeys((names[0], names[i - 1]))
+            }
+            entry["delta_vs_first"], entry["delta_vs_previous"] = d[names[0]], d[names[i - 1]]
         entries.append(entry)
     results = {
         "task": task.name,
@@ -355,7 +375,11 @@ def markdown_table(results: dict[str, Any]) -> str:
             e = s["metrics"].get(m)
             cells.append(f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]" if e else "–")
         d = s.get("delta_vs_first")
-        cells.append(f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "–")
+        cells.append(
+            f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] {verdict(d['low'], d['high'])}"
+            if d
+            else "–"
+        )
         lat = s["latency"]
         cells += [
             f"{100 * s['parse_failure_rate']:.1f}%",

@@ -13,11 +13,14 @@ MIT-licensed ``evals`` wheel). Steps, each resumable (``<step>.done.json`` marke
 5. two rounds of iterative RLHF: sample (greedy + hot samples), AI judge with position swap,
    reward model (when the judge returned enough decisive pairs), PPO (RLOO advantages, marginal
    micro-F1 task reward, drift monitor), evaluate;
+   then base, SFT and the final policy compared on the same test items, with the paired
+   difference of each to the one before (``eval/compare``), from the answers already generated;
 6. a blind test of the final policy against the SFT model, judged by the AI judge;
 7. the deployable artefact: the final policy exported to a 4-bit GGUF (q4_0), scored by llama.cpp
    on the same test items as the fp32 model, with the paired difference and its speed (needs
    ``pip install 'alignforge[gguf]'``; skipped with a note without it);
-8. an HTML report and a one-screen summary of what improved.
+8. an HTML report and a one-screen summary: each difference reads "improved", "no clear
+   difference" or "worse" by whether its paired interval excludes zero.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from alignforge.evaluate.stats import improvement_header, verdict
 from alignforge.workflow import steps
 from alignforge.workflow.examples import EXAMPLES_DIR
 from alignforge.workflow.iterate import Round, _step
@@ -150,7 +154,8 @@ def eval_system(task, test_file: Path, out_dir: Path, name: str, model: str, n: 
     from alignforge.evaluate.runner import SystemSpec, load_examples, run_eval
 
     examples = load_examples(task, test_file, limit=n)
-    res = run_eval(task, examples, [SystemSpec(name=name, model=model)], out_dir, max_new_tokens=max_new_tokens)
+    res = run_eval(task, examples, [SystemSpec(name=name, model=model)], out_dir, max_new_tokens=max_new_tokens,
+                   dataset=str(test_file))
     return _metric(res, name)
 
 
@@ -165,6 +170,30 @@ def _last_round_eval(last: dict) -> tuple[dict, Path]:
     results = Path(last["eval"]["results"])
     name = f"round_{last['round']}"
     return _metric(json.loads(results.read_text()), name), results.parent / name / "generations.jsonl"
+
+
+def _compare(run: Path, task, systems: dict[str, tuple[str, Path]], n: int) -> dict:
+    """The systems on the same test items, each paired with the one before and with the first.
+
+    Their answers are the ones their own evals generated, copied into this eval's cache, so
+    nothing is generated or loaded again.
+    """
+    import shutil
+
+    from alignforge.evaluate.runner import SystemSpec, load_examples, run_eval
+
+    out = run / "eval" / "compare"
+    for name, (_, answers) in systems.items():
+        (out / name).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(answers, out / name / "generations.jsonl")
+    test = run / "data" / "test.jsonl"
+    specs = [SystemSpec(name=name, model=model) for name, (model, _) in systems.items()]
+    res = run_eval(task, load_examples(task, test, limit=n), specs, out, dataset=str(test))
+    first, *rest = res["systems"]
+    deltas = {f"{sy['name']} vs {sy['delta_vs_previous']['baseline']}": sy["delta_vs_previous"] for sy in rest}
+    if len(rest) > 1:
+        deltas[f"{rest[-1]['name']} vs {first['name']}"] = rest[-1]["delta_vs_first"]
+    return {"results": str(out / "results.json"), "deltas": deltas}
 
 
 def _blind(run: Path, task, generations: dict[str, Path], n: int) -> dict:
@@ -267,13 +296,16 @@ def run_demo(output_dir: str, quick: bool = False, log=print) -> dict:
     rounds = run_iterate(it_cfg, log=lambda m: log("  " + m))
     final_ev, final_gens = _last_round_eval(rounds[-1])
     sft_gens = run / "eval" / "sft" / "sft" / "generations.jsonl"
+    systems = {"base": ("default", run / "eval" / "base" / "base" / "generations.jsonl"),
+               "sft": (str(run / "sft_merged"), sft_gens), "final": (rounds[-1]["policy"], final_gens)}
+    compare = _step(rnd, "compare", lambda: _compare(run, task, systems, p["n_eval"]), log)
     blind = _step(rnd, "blind", lambda: _blind(run, task, {"final": final_gens, "sft": sft_gens}, p["n_blind"]), log)
     missing = _gguf_missing()
     ship = {"skipped": missing} if missing else _step(
         rnd, "export", lambda: _ship(run, task, rounds[-1]["policy"], final_gens, p["n_eval"], p["max_new_tokens"]), log)
     report = build_report(run)
-    summary = {"base": base, "sft": sft_ev, "final": final_ev, "rounds": rounds, "blind": blind, "export": ship,
-               "report": str(report)}
+    summary = {"base": base, "sft": sft_ev, "final": final_ev, "compare": compare, "rounds": rounds, "blind": blind,
+               "export": ship, "report": str(report)}
     (run / "demo_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     log(format_summary(summary))
     return summary
@@ -286,17 +318,31 @@ def _f1(ev: dict) -> str:
     return f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
 
 
+def _diff(d: dict) -> tuple[str, str]:
+    """A paired difference as "+0.111 [+0.030, +0.200]", and how it reads."""
+    return f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]", verdict(d["low"], d["high"])
+
+
 def format_summary(s: dict) -> str:
-    b = s["blind"]
+    """The one-screen summary. Its header claims improvement only when a paired interval of a
+    difference (or of the blind win rate against 50%) lies above zero."""
+    b, deltas = s["blind"], (s.get("compare") or {}).get("deltas") or {}
+    wr = b["win_rate"]
+    blind_reads = verdict(wr["low"], wr["high"], null=0.5)
+    header = improvement_header([*(_diff(d)[1] for d in deltas.values()), blind_reads])
     lines = [
         "",
         "=" * 72,
-        "What improved (entity extraction F1 on held-out ner_finance sentences, 95% bootstrap CI)",
+        f"{header}: base -> SFT -> SFT + RLHF on {s['final'].get('n', '?')} held-out ner_finance sentences",
+        "  (entity extraction F1, 95% bootstrap CI; each difference is paired on the same sentences",
+        "  and reads as improved or worse only when its interval excludes 0)",
         f"  base SmolLM2-135M-Instruct : {_f1(s['base'])}",
         f"  after SFT (LoRA)           : {_f1(s['sft'])}",
         f"  after SFT + RLHF rounds    : {_f1(s['final'])}",
+        *(f"  {name:<26} : {text} {reads}" for name, (text, reads) in ((k, _diff(d)) for k, d in deltas.items())),
         f"  parse failures base -> final: {s['base'].get('parse_failure_rate', 0):.0%} -> {s['final'].get('parse_failure_rate', 0):.0%}",
-        f"  blind test final vs SFT (AI judge): win {b['win']['value']:.0%} / tie {b['tie']['value']:.0%} / loss {b['loss']['value']:.0%} (n={b['n']})",
+        f"  blind test final vs SFT (AI judge): win {b['win']['value']:.0%} / tie {b['tie']['value']:.0%} / loss {b['loss']['value']:.0%} (n={b['n']}); "
+        f"win rate (tie = 1/2) {wr['value']:.0%} [{wr['low']:.0%}, {wr['high']:.0%}] against 50%: {blind_reads}",
         "  rounds: " + "; ".join(f"round {r['round']}: {r['pairs']} judged pairs, RM {'trained' if r.get('rm') else 'skipped'}" for r in s["rounds"]),
         f"  report: {s['report']}",
         *_ship_lines(s.get("export") or {}, s["final"]),
@@ -318,7 +364,7 @@ def _ship_lines(ship: dict, final: dict) -> list[str]:
         f"{ship['bytes'] / 2**20:.0f} MiB; fp32 {ship['fp32_bytes'] / 2**20:.0f} MiB)",
         f"  entity F1, fp32 final policy : {_f1(final)}",
         f"  entity F1, {ship['quant']} in llama.cpp : {_f1(ship)}",
-        f"  {ship['quant']} - fp32 (paired, same items): {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]",
+        f"  {ship['quant']} - fp32 (paired, same items): {' '.join(_diff(d))}",
         f"  speed ({ship['quant']}, llama.cpp, 1 request at a time, this machine): {speed}",
         "  serving speed against `alignforge serve`: python benchmarks/serving.py --demo-dir " + str(Path(ship["path"]).parents[1]),
     ]

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from alignforge.evaluate.cli import eval_command
 from alignforge.evaluate.generation import OpenAIGenerator, TransformersGenerator
 from alignforge.evaluate.runner import SystemSpec, load_examples, parse_system, run_eval
+from alignforge.evaluate.stats import verdict
 from alignforge.evaluate.tasks import get_task
 
 DATA = "examples/data/ner_finance.jsonl"
@@ -206,6 +207,35 @@ def test_interrupted_eval_resumes_from_cache(tmp_path, examples):
     res = run_eval(task, examples, spec, tmp_path, n_boot=100, generators={"s": second})
     assert len(second.calls) == 2  # only the two items the interrupted run had not reached
     assert res["systems"][0]["metrics"]["f1"]["value"] == 1.0
+    # every answer cached: the system is scored without loading its model (there is none here)
+    again = run_eval(task, examples, spec, tmp_path, n_boot=100)
+    assert again["systems"][0]["metrics"] == res["systems"][0]["metrics"]
+
+
+def test_each_system_is_paired_with_the_first_and_the_one_before(tmp_path, examples):
+    """Gold answers for none, half and all items: each step up is a paired difference of F1
+    whose interval reads as improved or not; the third system is compared with both others."""
+    task = get_task("extraction")
+    gold = {e.messages[-1]["content"]: json.dumps(e.reference) for e in examples}
+    empty = dict.fromkeys(gold, '{"entities": []}')
+    half = {**empty, **perfect_for_even(examples)}
+    gens = {"none": _ScriptedGenerator(empty), "half": _ScriptedGenerator(half),
+            "all": _ScriptedGenerator(gold)}  # fmt: skip
+    specs = [SystemSpec(name=n, model="unused") for n in gens]
+    res = run_eval(task, examples, specs, tmp_path, n_boot=200, generators=gens)
+    none, half_, all_ = res["systems"]
+    assert "delta_vs_first" not in none and "delta_vs_previous" not in none
+    assert half_["delta_vs_previous"] == half_["delta_vs_first"]
+    assert half_["delta_vs_first"]["baseline"] == "none"
+    assert all_["delta_vs_previous"]["baseline"] == "half"
+    assert all_["delta_vs_first"]["baseline"] == "none"
+    f1 = {s["name"]: s["metrics"]["f1"]["value"] for s in res["systems"]}
+    assert all_["delta_vs_previous"]["value"] == pytest.approx(f1["all"] - f1["half"])
+    assert all_["delta_vs_first"]["value"] == pytest.approx(f1["all"] - f1["none"])
+    d = all_["delta_vs_first"]  # the table says how the difference reads
+    reads = verdict(d["low"], d["high"])
+    cell = f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] {reads}"
+    assert f"| {cell} |" in (tmp_path / "results.md").read_text()
 
 
 def test_system_spec_refuses_an_adapter_on_a_gguf():

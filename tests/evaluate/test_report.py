@@ -4,6 +4,7 @@ import base64
 import io
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -229,3 +230,136 @@ def test_report_renders_in_headless_chromium(tmp_path, full_report):
     )
     arr = imread(shot)
     assert arr.shape[0] >= 4000 - 1 and arr.std() > 0.05  # a page with content, not blank
+
+
+# ---- a base -> SFT -> RLHF run: summary, title, headings, order, figure layout --------------
+
+
+def _system(name, f1, prev=None, first=None, parse=0.0):
+    sy = {"name": name, "metrics": {"f1": _est(f1)}, "parse_failure_rate": parse}
+    for key, d in (("delta_vs_previous", prev), ("delta_vs_first", first)):
+        if d is not None:
+            sy[key] = {"baseline": d[0], "metric": "f1", "value": d[1], "low": d[2], "high": d[3]}
+    return sy
+
+
+def _results(systems, dataset=""):
+    return {"task": "extraction", "dataset": dataset, "n": 12, "primary": "f1", "alpha": 0.05,
+            "systems": systems}  # fmt: skip
+
+
+def make_pipeline_run(root: Path, sft_vs_base=(0.2, 0.05, 0.35), final_vs_sft=(0.02, -0.1, 0.14)):
+    """The demo's layout, written in pipeline order; the folders' names sort differently
+    (eval/compare before eval/sft before rlhf), so only the order written puts them right."""
+    d1, d2 = sft_vs_base, final_vs_sft
+    final_vs_base = (d1[0] + d2[0], d1[1] + d2[1], d1[2] + d2[2])
+    written = []
+
+    def put(path, obj):
+        (_jsonl if path.suffix == ".jsonl" else _json)(path, obj)
+        written.append(path)
+
+    put(root / "eval/base/results.json", _results([_system("base", 0.1, parse=0.9)]))
+    put(
+        root / "sft/metrics.jsonl",
+        [{"step": s, "split": "train", "loss": 1 / s} for s in range(1, 9)],
+    )
+    put(root / "eval/sft/results.json", _results([_system("sft", 0.3)]))
+    offpolicy = [f"offpolicy/stat_{i:02d}" for i in range(12)]
+    put(
+        root / "rlhf/round_1/ppo/metrics.jsonl",
+        [{"step": s, "split": "train", "reward/mean": 0.1 * s, "kl": 0.01 * s,
+          **{k: 0.01 * s * (i + 1) for i, k in enumerate(offpolicy)}} for s in range(1, 6)],
+    )  # fmt: skip
+    put(root / "rlhf/round_1/eval/results.json", _results([_system("round_1", 0.32)]))
+    put(
+        root / "eval/compare/results.json",
+        _results(
+            [
+                _system("base", 0.1, parse=0.9),
+                _system("sft", 0.3, ("base", *d1), ("base", *d1)),
+                _system("final", 0.32, ("sft", *d2), ("base", *final_vs_base)),
+            ],
+            dataset="runs/demo/data/test.jsonl",
+        ),
+    )
+    for i, path in enumerate(written):  # one second apart, oldest first
+        os.utime(path, (1_700_000_000 + i, 1_700_000_000 + i))
+    return root
+
+
+def _figures(html: str) -> dict[str, tuple[int, int]]:
+    """alt text -> (width, height) in pixels of each embedded PNG."""
+    out = {}
+    for alt, data in re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([^"]+)"', html):
+        arr = imread(io.BytesIO(base64.b64decode(data)), format="png")
+        out[alt] = (arr.shape[1], arr.shape[0])
+    return out
+
+
+def test_report_title_summary_headings_order_and_figure_grid(tmp_path):
+    run = make_pipeline_run(tmp_path / "demo-run")
+    html = render_report(run)
+    # title: the systems compared, the folder as the subtitle
+    assert "<h1>base → sft → final: extraction on test.jsonl (n = 12)</h1>" in html
+    assert f'<p class="subtitle">{run.resolve()}</p>' in html
+    # sections in the fixed order, the summary first
+    ids = re.findall(r'<section id="([a-z]+)">', html)
+    assert ids == ["summary", "overview", "eval", "training", "ppo"]
+    # the summary: base -> sft -> final with each paired difference and how it reads
+    summary = html.split('<section id="summary">')[1].split("</section>")[0]
+    assert "<strong>What improved</strong>" in summary
+    assert "sft vs base: improved (+0.200 [+0.050, +0.350])" in summary
+    assert "final vs sft: no clear difference (+0.020 [-0.100, +0.140])" in summary
+    # intervals of sft - base and final - sft added: [-0.05, +0.49]
+    assert "final vs base: no clear difference (+0.220 [-0.050, +0.490])" in summary
+    rows = re.findall(r"<tr><td>(base|sft|final)</td>", summary)
+    assert rows == ["base", "sft", "final"]
+    # eval headings: never an empty name (base's results have no dataset: the task stands alone);
+    # in the order the run wrote them, not by folder name
+    headings = re.findall(r"<h3>([^<]*extraction[^<]*)</h3>", html)
+    assert headings == [
+        "eval/base: extraction (n = 12)",
+        "eval/sft: extraction (n = 12)",
+        "rlhf/round_1/eval: extraction (n = 12)",
+        "eval/compare: extraction on test.jsonl (n = 12)",
+    ]
+    assert not re.search(r" on +\(|<h3>[^<]*:\s*\(", html)
+    # figures fit a 1366-px screen: 12 off-policy panels in a 3-wide grid of 4 rows
+    figures = _figures(html)
+    assert max(w for w, _ in figures.values()) <= 1200
+    width, height = figures["off-policy diagnostics rlhf/round_1/ppo"]
+    assert (width, height) == (3 * 4 * 90, 4 * round(3.2 * 90))
+    assert figures["reward and KL rlhf/round_1/ppo"] == (2 * 4 * 90, round(3.2 * 90))
+
+
+@pytest.mark.parametrize(
+    ("sft_vs_base", "final_vs_sft", "header", "reads"),
+    [
+        ((0.2, 0.05, 0.35), (0.02, -0.1, 0.14), "What improved", ("improved", "no clear difference")),
+        ((0.05, -0.02, 0.12), (0.01, -0.1, 0.12), "No clear improvement",
+         ("no clear difference", "no clear difference")),
+        ((-0.2, -0.3, -0.1), (0.0, -0.05, 0.05), "No clear improvement", ("worse", "no clear difference")),
+    ],
+)  # fmt: skip
+def test_summary_says_whether_each_paired_interval_excludes_zero(
+    tmp_path, sft_vs_base, final_vs_sft, header, reads
+):
+    html = render_report(make_pipeline_run(tmp_path / "run", sft_vs_base, final_vs_sft))
+    summary = html.split('<section id="summary">')[1].split("</section>")[0]
+    assert f"<strong>{header}</strong>" in summary
+    assert f"sft vs base: {reads[0]} (" in summary and f"final vs sft: {reads[1]} (" in summary
+    if header != "What improved":
+        assert "improved (" not in summary  # no difference is claimed as an improvement
+
+
+def test_title_is_the_configs_run_name_else_its_stage_and_model(tmp_path):
+    run = tmp_path / "sft-try"
+    _jsonl(run / "metrics.jsonl", [{"step": s, "split": "train", "loss": 1 / s} for s in (1, 2)])
+    (run / "config.yaml").write_text("stage: sft\nmodel_name_or_path: default\n")
+    html = render_report(run)
+    assert "<h1>sft of default</h1>" in html and "<h3>sft-try (sft)</h3>" in html
+    (run / "config.yaml").write_text("stage: sft\nrun_name: lr-sweep-3\n")
+    assert "<h1>lr-sweep-3</h1>" in render_report(run)
+    (run / "config.yaml").unlink()
+    assert "<h1>sft-try</h1>" in render_report(run)

@@ -55,3 +55,16 @@ def test_bootstrap_ci_is_scipys_bca_interval_and_one_item_has_zero_width():
     assert (est.low, est.high) == pytest.approx((ref.low, ref.high), rel=1e-12)
     assert est.high - est.value > est.value - est.low
     assert bootstrap_ci([0.25]) == (0.25, 0.25, 0.25)
+
+
+def test_a_difference_reads_by_whether_its_interval_excludes_the_null():
+    from alignforge.evaluate.stats import improvement_header, verdict
+
+    assert verdict(0.01, 0.3) == "improved"
+    assert verdict(-0.01, 0.3) == verdict(0.0, 0.3) == "no clear difference"  # 0 is inside
+    assert verdict(-0.3, -0.01) == "worse"
+    assert verdict(0.45, 0.7, null=0.5) == "no clear difference"  # a win rate against a coin
+    assert verdict(0.55, 0.7, null=0.5) == "improved"
+    assert improvement_header(["no clear difference", "improved"]) == "What improved"
+    assert improvement_header(["no clear difference", "worse"]) == "No clear improvement"
+    assert improvement_header([]) == "No clear improvement"

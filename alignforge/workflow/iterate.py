@@ -304,6 +304,7 @@ def _evaluate(cfg, task, policy, rnd, k) -> dict:
         [SystemSpec(name=f"round_{k}", model=policy)],
         rnd.dir / "eval",
         max_new_tokens=cfg.max_new_tokens,
+        dataset=str(cfg.eval_dataset),
     )
     return {"results": str(rnd.dir / "eval" / "results.json"), "summary": _small(res)}
 

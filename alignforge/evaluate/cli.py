@@ -188,12 +188,14 @@ def report_command(
         None, "--output", "-o", help="HTML file to write (default: RUN_DIR/report.html)."
     ),
     title: str = typer.Option(
-        None, "--title", help="Report title (default: the run directory's name)."
+        None,
+        "--title",
+        help="Report title (default: the run's run_name, else the systems it compares, else the folder's name).",
     ),
 ) -> None:
     """Build a self-contained HTML report (plots embedded, no external assets) of a run.
 
-    Shows training curves, reward distributions and drift per round, off-policy diagnostics, annotator agreement, blind-test win rates and eval metrics per round; each section appears only when its files exist.
+    Opens with the systems compared and whether each paired difference excludes zero, then shows training curves, reward distributions and drift per round, off-policy diagnostics, annotator agreement, blind-test win rates and eval metrics per round; each section appears only when its files exist, in a fixed order.
     """
     from alignforge.config import ConfigError
     from alignforge.evaluate.report import build_report

@@ -66,7 +66,8 @@ class PreferenceArgs(StrictModel):
 
 
 class DPOConfig(ModelArgs, DataArgs, TrainArgs, PreferenceArgs, PromptLengthArgs):
-    """Direct preference optimisation (`stage: dpo`; Rafailov et al. 2023) and its variants."""
+    """Direct preference optimisation (`stage: dpo`; Rafailov et al. 2023) and its variants,
+    reference-free ones (SimPO, ORPO) and KTO on answers labelled one at a time."""
 
     stage: Literal["dpo"] = "dpo"
     formatting: Literal["auto", "sharegpt", "explicit", "implicit"] = Field(
@@ -76,12 +77,40 @@ class DPOConfig(ModelArgs, DataArgs, TrainArgs, PreferenceArgs, PromptLengthArgs
     )
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
     beta: float = Field(
-        0.1, gt=0, description="Strength of the KL constraint to the reference (DPO's beta)."
+        0.1,
+        gt=0,
+        description="Strength of the KL constraint to the reference (DPO's and KTO's beta); "
+        "SimPO's reward scale; ORPO's lambda, the weight of its odds-ratio term.",
     )
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "conservative"] = Field(
+    loss_type: Literal[
+        "sigmoid", "ipo", "hinge", "robust", "conservative", "simpo", "orpo", "kto"
+    ] = Field(
         "sigmoid",
         description="sigmoid (DPO), ipo (IPO, on length-averaged log-probs), hinge (SLiC), robust (rDPO), "
-        "conservative (cDPO).",
+        "conservative (cDPO), simpo (SimPO) and orpo (ORPO: no reference model, length-averaged "
+        "log-probs; ORPO adds the chosen answer's NLL), kto (KTO: prompt/completion/label rows or "
+        "pairs, each answer on its own). See docs/papers.md.",
+    )
+    simpo_gamma: float = Field(
+        0.5,
+        ge=0,
+        description="SimPO's target reward margin gamma: loss -log sigmoid(beta * h - gamma) on "
+        "length-averaged log-probs (the paper uses beta 2-2.5 with gamma/beta about 0.5).",
+    )
+    cpo_alpha: float = Field(
+        0.0,
+        ge=0,
+        description="loss_type simpo: weight of the chosen answer's NLL added to the loss "
+        "(TRL's CPO-SimPO); 0 is SimPO.",
+    )
+    desirable_weight: float = Field(
+        1.0, gt=0, description="loss_type kto: weight lambda_D of desirable answers' losses."
+    )
+    undesirable_weight: float = Field(
+        1.0,
+        gt=0,
+        description="loss_type kto: weight lambda_U of undesirable answers' losses; KTO's paper "
+        "keeps lambda_D * n_desirable / (lambda_U * n_undesirable) between 1 and 4/3.",
     )
     label_smoothing: float = Field(
         0.0,
@@ -108,6 +137,21 @@ class DPOConfig(ModelArgs, DataArgs, TrainArgs, PreferenceArgs, PromptLengthArgs
             )
         if self.finetuning_type == "full" and self.dtype == "float16":
             raise ValueError("dtype: float16 full fine-tuning is unstable without loss scaling")
+        if self.precompute_ref_logps and self.loss_type in ("simpo", "orpo"):
+            raise ValueError(
+                f"precompute_ref_logps: loss_type {self.loss_type} uses no reference model; "
+                "set precompute_ref_logps=false"
+            )
+        if self.cpo_alpha and self.loss_type != "simpo":
+            raise ValueError(
+                f"cpo_alpha: only loss_type simpo uses it (loss_type is {self.loss_type}); "
+                "orpo adds its NLL term itself"
+            )
+        for name in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, name) != 1.0 and self.loss_type != "kto":
+                raise ValueError(
+                    f"{name}: only loss_type kto uses it (loss_type is {self.loss_type})"
+                )
         return self
 
 

@@ -171,13 +171,13 @@ def size_warnings(n: int, n_prompts: int, alpha: float = 0.05, seed: int = 0) ->
 def heldout_report(scores, base_logps, pairs, features=None, categories=None, n_boot=1000, seed=0):
     """``(report, baselines)`` of a training run's held-out pairs (``PreferencePair`` list):
     ``scores`` and ``base_logps`` ``(N, 2)`` (chosen, rejected) of the trained model and of the
-    model it started from; ``features`` ``(N, 2, H)`` add the untrained heads."""
+    model it started from (None: no base-model baseline, for methods that never score with it);
+    ``features`` ``(N, 2, H)`` add the untrained heads."""
     lengths = np.array([p.lengths or (len(p.chosen_ids), len(p.rejected_ids)) for p in pairs])
     groups = [p.prompt_key for p in pairs]
-    baselines = {
-        "longer_answer": outcomes(lengths[:, 0], lengths[:, 1]),
-        "base_logp": outcomes(base_logps[:, 0], base_logps[:, 1]),
-    }
+    baselines = {"longer_answer": outcomes(lengths[:, 0], lengths[:, 1])}
+    if base_logps is not None:
+        baselines["base_logp"] = outcomes(base_logps[:, 0], base_logps[:, 1])
     heads = None if features is None else random_head_accuracies(features, seed=seed)
     won = outcomes(scores[:, 0], scores[:, 1])
     report = system_report(won, lengths, groups, baselines, heads, categories, n_boot, 0.05, seed)

@@ -1,7 +1,9 @@
-"""Direct preference optimisation (``stage: dpo``): DPO, IPO, SLiC-hinge, rDPO, cDPO.
+"""Direct preference optimisation (``stage: dpo``): DPO, IPO, SLiC-hinge, rDPO, cDPO, SimPO,
+ORPO and KTO.
 
     alignforge train examples/dpo.yaml
     alignforge train examples/dpo.yaml loss_type=ipo beta=0.5 precompute_ref_logps=true
+    alignforge train examples/dpo.yaml loss_type=simpo beta=2.0 simpo_gamma=1.0
 
 Recipe, top to bottom: check the run dir, read and tokenize the pairs (bad rows fail with their
 index or are skipped and counted; over-long pairs are truncated or dropped, counted), build the
@@ -12,54 +14,66 @@ summary.
 Reference policy: with LoRA the same weights with the adapter switched off (no second copy);
 with full fine-tuning a frozen copy made before training. A model given as a LoRA adapter
 directory (e.g. an SFT run's ``final/``) is merged into its base first and a fresh adapter is
-trained on top, so the reference is the SFT model and not the base under it.
+trained on top, so the reference is the SFT model and not the base under it. SimPO and ORPO
+have no reference: none is copied and no reference pass runs.
+
+KTO trains on answers labelled desirable or undesirable (``prompt``/``completion``/``label``
+rows, or pairs: chosen desirable, rejected undesirable; :mod:`alignforge.data.kto`). Each unit
+is one answer; the batch's second sequence per unit is another prompt's answer, scored only for
+the KL reference point ``z0``.
 
 One forward of the policy per micro-batch scores every chosen and rejected response: the pairs
 are packed into rows with a block-diagonal mask (``padding_free``), optionally with the prompt
 encoded once per pair (``share_prompt``). Only positions that predict a response token go
 through the LM head.
 
-Deviation from the DPO paper: none in the loss; IPO uses length-averaged log-probs (as TRL).
+Deviations from the papers: listed in ``docs/papers.md``. IPO, SimPO and ORPO use
+length-averaged log-probs (as TRL); the KL point of KTO comes from mismatched answers fixed when
+the data is read, averaged per micro-batch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
-import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from alignforge.config.preference import DPOConfig
-from alignforge.data.preference import PreferencePair, collate_pairs, pairs_hash, prepare_pairs
+from alignforge.data.kto import KTOExample, prepare_kto
+from alignforge.data.preference import PreferencePair, collate_pairs, prepare_pairs
+from alignforge.losses.kto import kto_kl, kto_loss
 from alignforge.losses.preference import dpo_loss
-from alignforge.models import (
-    cache_dir,
-    disabled_adapter,
-    fingerprint,
-    load_model,
-    load_tokenizer,
-    resolve_model_path,
-    wrap_lora,
-)
-from alignforge.models.scoring import target_token_logps
+from alignforge.losses.reference_free import orpo_loss, simpo_loss
+from alignforge.models import cache_dir, load_model, load_tokenizer, wrap_lora
 from alignforge.recipes.common import (
     Timer,
+    best_note,
     load_prepared,
     peak_memory_mb,
     save_final,
+    selection_note,
     trainable_params,
     write_summary,
 )
-from alignforge.training import TrainLoop, place_frozen, to_device
+from alignforge.recipes.memory import warn_if_memory_short
+from alignforge.recipes.ref_logps import (
+    attach_ref_logps,
+    compute_ref_logps,
+    model_identity,
+    pair_logps,
+    precision_tag,
+    ref_cache_path,
+    reference_logps,
+)
+from alignforge.training import TrainLoop, place_frozen
 from alignforge.training.plots import plot_loss_curve, save_figure
 from alignforge.training.rundir import open_run
 
 CONFIG = DPOConfig
+REFERENCE_FREE = ("simpo", "orpo")
+LENGTH_AVERAGED = ("ipo", "simpo", "orpo")  # as TRL
 
 STATS = (
     "rewards/chosen",
@@ -69,48 +83,29 @@ STATS = (
     "logps/chosen",
     "logps/rejected",
 )
-
-
-# ---------------------------------------------------------------- log-probs of a batch of pairs
-
-
-def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of every response in ``batch`` (from :func:`collate_pairs`) in one forward.
-
-    Returns ``(logps (2P,), n_tokens (2P,))``; entry ``i`` is pair i's chosen response, ``P + i``
-    its rejected one. Token ``tgt_id`` is scored with the logits at ``tgt_pred``, the position
-    before it (the causal shift), so logits are never compared with their own input token.
-
-    Only the positions that predict a response token go through the LM head
-    (:func:`alignforge.models.scoring.target_token_logps`), so no ``(B, T, V)`` logits tensor is
-    ever held.
-    """
-    kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
-    token_logps = target_token_logps(
-        model, batch["input_ids"], batch["tgt_row"], batch["tgt_pred"], batch["tgt_id"], **kwargs
-    )
-    n_seq = 2 * batch["n_pairs"]
-    logps = torch.zeros(n_seq, dtype=token_logps.dtype, device=token_logps.device)
-    logps = logps.index_add(0, batch["tgt_seq"], token_logps)
-    return logps, batch["resp_len"].to(logps.device)
+KTO_STATS = ("kl", "rewards/accuracies", "rewards/margins")
 
 
 class PreferenceObjective:
-    """Summed DPO-family loss of a micro-batch; ``count`` is its number of pairs.
+    """Summed pair loss of a micro-batch (DPO family, SimPO, ORPO); ``count`` is its pairs.
 
     ``ref_model`` is the frozen reference (full fine-tuning); None means the policy with its
-    adapter disabled. Batches that carry ``ref_logps`` (pre-computed) skip the reference pass.
-    In eval mode it records, by row index, each pair's implicit rewards (chosen, rejected) and
-    the reference's mean log-prob per token of each answer in ``eval_records``: the held-out
-    report is built from the loop's final evaluation, without scoring the pairs again.
+    adapter disabled. Batches that carry ``ref_logps`` (pre-computed) skip the reference pass;
+    SimPO and ORPO run none. In eval mode it records, by row index, each pair's scores (chosen,
+    rejected: implicit rewards, or the mean log-prob per token without a reference) and the
+    reference's mean log-prob per token of each answer (NaN without one) in ``eval_records``:
+    the held-out report is built from the loop's final evaluation, without scoring again.
     """
 
     def __init__(
-        self, beta, loss_type="sigmoid", label_smoothing=0.0, use_margin=True, ref_model=None
-    ):
+        self, beta, loss_type="sigmoid", label_smoothing=0.0, use_margin=True, ref_model=None,
+        simpo_gamma=0.5, cpo_alpha=0.0,
+    ):  # fmt: skip
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.use_margin, self.ref_model = use_margin, ref_model
-        self.average = loss_type == "ipo"  # IPO on length-averaged log-probs, as TRL
+        self.simpo_gamma, self.cpo_alpha = simpo_gamma, cpo_alpha
+        self.reference_free = loss_type in REFERENCE_FREE
+        self.average = loss_type in LENGTH_AVERAGED
         self.eval_records: dict[int, tuple[float, float, float, float]] = {}
 
     def count(self, batch: dict) -> float:
@@ -119,23 +114,16 @@ class PreferenceObjective:
     def tokens(self, batch: dict) -> int:
         return int(batch["tokens"]) if "tokens" in batch else int((batch["input_ids"] >= 0).sum())
 
-    @torch.no_grad()
     def reference(self, model, batch: dict) -> torch.Tensor:
-        if "ref_logps" in batch:
-            return batch["ref_logps"].to(batch["input_ids"].device)
-        if self.ref_model is not None:
-            return pair_logps(self.ref_model, batch)[0]
-        inner = getattr(model, "module", model)  # DDP wrapper: the adapter switch lives inside
-        was_training = inner.training
-        inner.eval()  # the reference sees no dropout
-        with disabled_adapter(inner):
-            ref = pair_logps(inner, batch)[0]
-        inner.train(was_training)
-        return ref
+        return reference_logps(model, self.ref_model, batch)
 
-    def loss(self, logps: torch.Tensor, ref: torch.Tensor, batch: dict):
+    def loss(self, logps: torch.Tensor, ref: torch.Tensor | None, batch: dict):
         """The pair loss from ``(2P,)`` policy and reference log-probs (chosen first)."""
         P = batch["n_pairs"]
+        if self.loss_type == "simpo":
+            return simpo_loss(logps[:P], logps[P:], self.beta, self.simpo_gamma, self.cpo_alpha)
+        if self.loss_type == "orpo":
+            return orpo_loss(logps[:P], logps[P:], self.beta)
         margin = batch.get("margin") if self.use_margin else None
         return dpo_loss(
             logps[:P],
@@ -150,11 +138,15 @@ class PreferenceObjective:
 
     def __call__(self, model, batch: dict):
         logps, n_tok = pair_logps(model, batch)
-        ref = self.reference(model, batch)
+        n_tok = n_tok.clamp_min(1)
+        ref = None if self.reference_free else self.reference(model, batch)
         if not model.training and "index" in batch:
-            self.record(batch["index"], logps - ref, ref / n_tok.clamp_min(1))
+            if ref is None:  # no reference: the score is the mean log-prob per token
+                self.record(batch["index"], logps / n_tok, torch.full_like(logps, float("nan")))
+            else:
+                self.record(batch["index"], logps - ref, ref / n_tok)
         if self.average:
-            logps, ref = logps / n_tok.clamp_min(1), ref / n_tok.clamp_min(1)
+            logps, ref = logps / n_tok, None if ref is None else ref / n_tok
         out = self.loss(logps, ref, batch)
         P = batch["n_pairs"]
         values = (
@@ -165,7 +157,10 @@ class PreferenceObjective:
             logps[:P].detach().sum(),
             logps[P:].detach().sum(),
         )
-        return out.losses.sum(), dict(zip(STATS, values, strict=True))
+        stats = dict(zip(STATS, values, strict=True))
+        if self.reference_free:
+            stats["nll_loss"] = out.nll.sum()
+        return out.losses.sum(), stats
 
     def record(self, index: torch.Tensor, rewards: torch.Tensor, ref_mean: torch.Tensor) -> None:
         P = index.shape[0]
@@ -174,8 +169,34 @@ class PreferenceObjective:
             self.eval_records[i] = tuple(row)
 
 
+class KTOObjective(PreferenceObjective):
+    """Summed KTO loss of a micro-batch of :class:`KTOExample`; ``count`` is its answers.
+
+    Sequence ``i`` is answer i, sequence ``P + i`` another prompt's answer after prompt i: their
+    policy and reference log-probs give ``z0`` (:func:`kto_kl`), one estimate per micro-batch.
+    Statistics: ``kl`` (``z0``), ``rewards/accuracies`` (share of answers on the side of ``z0``
+    their label asks for) and ``rewards/margins`` (mean ``beta * (r - z0)``, sign flipped for
+    undesirable answers: what the loss pushes up).
+    """
+
+    def __init__(self, beta, desirable_weight=1.0, undesirable_weight=1.0, ref_model=None):
+        super().__init__(beta, "kto", ref_model=ref_model)
+        self.weights = (desirable_weight, undesirable_weight)
+
+    def __call__(self, model, batch: dict):
+        logps, _ = pair_logps(model, batch)
+        ref = self.reference(model, batch)
+        P = batch["n_pairs"]
+        kl = kto_kl(logps[P:], ref[P:])
+        labels = batch["label"].to(logps.device)
+        out = kto_loss(logps[:P], ref[:P], labels, kl, self.beta, *self.weights)
+        values = (kl * P, (out.margins > 0).sum(), out.margins.sum())
+        return out.losses.sum(), dict(zip(KTO_STATS, values, strict=True))
+
+
 def make_collate(pad_id: int, cfg):
-    """Batches of pairs in the layout ``cfg`` (DPO or SPIN config) asks for, with a token count."""
+    """Batches of pairs in the layout ``cfg`` (DPO or SPIN config) asks for, with a token count
+    (and KTO's ``label`` for :class:`KTOExample`)."""
     share_prompt = cfg.share_prompt
     layout = "shared" if share_prompt else ("packed" if cfg.padding_free else "padded")
     pack_length = cfg.pack_length or 2 * cfg.max_length
@@ -185,6 +206,8 @@ def make_collate(pad_id: int, cfg):
         n_prompt = sum(len(p.prompt_ids) for p in pairs) * (1 if share_prompt else 2)
         batch["tokens"] = n_prompt + sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
         batch["index"] = torch.tensor([p.index for p in pairs])
+        if isinstance(pairs[0], KTOExample):
+            batch["label"] = torch.tensor([p.label for p in pairs], dtype=torch.bool)
         return batch
 
     return collate
@@ -204,10 +227,12 @@ def build_policy(
     gradient_checkpointing: bool = False,
     cache: str | None = None,
     attn_implementation: str = "sdpa",
+    reference: bool = True,
 ):
     """``(policy, frozen_reference or None)``. LoRA: the reference is the adapter-off policy.
 
     An adapter directory is merged into its base first, so the reference is the adapted model.
+    ``reference=False`` (SimPO, ORPO): full fine-tuning makes no frozen copy.
     """
     quant = finetuning_type == "qlora"
     model = load_model(
@@ -223,7 +248,7 @@ def build_policy(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if finetuning_type == "full":
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        ref = copy.deepcopy(model).eval().requires_grad_(False) if reference else None
         return model, ref
     if gradient_checkpointing:
         model.enable_input_require_grads()
@@ -234,138 +259,19 @@ def build_policy(
     return policy, None
 
 
-def model_identity(name: str, cache: str | None = None) -> str:
-    """Fingerprint of the reference weights (the adapter's too when one is merged in)."""
-    from alignforge.models import is_adapter_dir
-    from alignforge.models.loading import adapter_base
-
-    path = resolve_model_path(name, cache)
-    ident = fingerprint(path)
-    if is_adapter_dir(path):
-        ident += fingerprint(resolve_model_path(adapter_base(path), cache))
-    return ident
-
-
-# ---------------------------------------------------------------- reference log-probs, cached
-
-
-@torch.no_grad()
-def compute_ref_logps(
-    model, ref_model, pairs: list[PreferencePair], collate, batch_size: int, device, acc=None
-) -> torch.Tensor:
-    """Reference log-probs ``(N, 2)`` (chosen, rejected) of every pair, in eval mode.
-
-    With ``acc`` (several processes) batch ``j`` is scored by rank ``j % world`` under the run's
-    autocast, and one all-reduce sum fills in the other ranks' rows (exact: they are 0 here), so
-    every rank returns the same full tensor, built from the same batches as one process would.
-    """
-    from tqdm.auto import tqdm
-
-    rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
-    device = acc.device if acc is not None else device
-    scorer = PreferenceObjective(beta=1.0, ref_model=ref_model)
-    out = torch.zeros(len(pairs), 2)
-    starts = list(range(0, len(pairs), batch_size))[rank::world]
-    for j in tqdm(starts, desc="reference log-probs", leave=False, disable=rank != 0):
-        chunk = [
-            PreferencePair(p.prompt_ids, p.chosen_ids, p.rejected_ids)
-            for p in pairs[j : j + batch_size]
-        ]
-        with acc.autocast() if acc is not None else contextlib.nullcontext():
-            ref = scorer.reference(model, to_device(collate(chunk), device)).float().cpu()
-        P = len(chunk)
-        out[j : j + P] = torch.stack([ref[:P], ref[P:]], dim=1)
-    if world > 1:
-        out = acc.reduce(out.to(acc.device), reduction="sum").cpu()
-    return out
-
-
-def precision_tag(dtype: str, finetuning_type: str, mixed_precision: str | None) -> str:
-    """What besides the weights sets the reference's numbers: weight dtype, 4-bit quantisation
-    (QLoRA), autocast. A bf16 or QLoRA run never reuses an fp32 run's cache."""
-    weights = "nf4" if finetuning_type == "qlora" else "dense"
-    return f"dtype={dtype};weights={weights};autocast={mixed_precision or 'no'}"
-
-
-def ref_cache_path(
-    root: str | Path, model_id: str, pairs, max_length: int, template: str, precision: str
-) -> Path:
-    """``root/ref_logps/<key>.pt``, keyed by everything that changes the values: the reference
-    weights, the tokenized pairs, ``max_length``, the chat template and :func:`precision_tag`."""
-    parts = [model_id, pairs_hash(pairs), str(max_length), template or "", precision]
-    key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
-    return Path(root) / "ref_logps" / f"{key}.pt"
-
-
-def read_ref_cache(cache_file: Path, keys: list[str]) -> torch.Tensor | None:
-    """The cached ``(N, 2)`` values when ``cache_file`` holds exactly ``keys``; None when it is
-    missing, unreadable or for other pairs (then the values are recomputed)."""
-    try:
-        blob = torch.load(cache_file, weights_only=True)
-    except FileNotFoundError:
-        return None
-    except Exception:  # noqa: BLE001 - a damaged file is a miss, never a crash
-        return None
-    if not isinstance(blob, dict) or blob.get("keys") != keys:
-        return None
-    values = blob.get("values")
-    ok = torch.is_tensor(values) and tuple(values.shape) == (len(keys), 2)
-    return values if ok else None
-
-
-def write_ref_cache(cache_file: Path, keys: list[str], values: torch.Tensor) -> None:
-    """Write atomically: a private temporary file in the same directory, then ``os.replace``.
-
-    Any number of concurrent writers (processes, runs sharing a cache) leave one complete file;
-    readers see the old file or the new one, never a partial one.
-    """
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=f".{cache_file.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"keys": keys, "values": values}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, cache_file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def attach_ref_logps(pairs, cache_file: Path, compute, acc=None) -> str:
-    """Set ``pair.ref`` from ``cache_file`` or from ``compute()`` (then cache it).
-
-    Returns ``"cache"`` or ``"computed"``. The cache stores the pair keys next to the values and
-    is refused if they do not match. With ``acc`` every rank takes part: the cache counts only
-    if every rank can read it, ``compute()`` runs on all ranks (each scores its share), rank 0
-    alone writes the file and the others wait for it.
-    """
-    keys = [p.key() for p in pairs]
-    values = read_ref_cache(cache_file, keys)
-    hit = values is not None
-    if acc is not None and acc.num_processes > 1:
-        flag = torch.tensor([float(hit)], device=acc.device)
-        hit = int(acc.reduce(flag, reduction="sum").item()) == acc.num_processes
-    source = "cache"
-    if not hit:
-        values, source = compute(), "computed"
-        if acc is None or acc.is_main_process:
-            write_ref_cache(cache_file, keys, values)
-    if acc is not None:
-        acc.wait_for_everyone()
-    for p, (c, r) in zip(pairs, values.tolist(), strict=True):
-        p.ref = (c, r)
-    return source
-
-
 # ---------------------------------------------------------------- the recipe
 
 
 def load_pairs(cfg, tokenizer):
-    prepare = functools.partial(prepare_pairs, max_prompt_length=cfg.max_prompt_length)
+    """Train and held-out pairs with their stats; for KTO, labelled answers (:func:`prepare_kto`)."""
+    reader = prepare_kto if cfg.loss_type == "kto" else prepare_pairs
+    prepare = functools.partial(reader, max_prompt_length=cfg.max_prompt_length)
     train, train_stats, evals, eval_stats = load_prepared(cfg, tokenizer, prepare)
-    if cfg.loss_type == "ipo" and cfg.use_margin and any(p.margin is not None for p in train):
-        raise ValueError("use_margin: loss_type=ipo has no margin; set use_margin=false")
+    no_margin = cfg.loss_type in ("ipo", "kto", *REFERENCE_FREE)
+    if no_margin and cfg.use_margin and any(p.margin is not None for p in train):
+        raise ValueError(
+            f"use_margin: loss_type={cfg.loss_type} has no margin; set use_margin=false"
+        )
     return train, train_stats, evals, eval_stats
 
 
@@ -412,8 +318,9 @@ def run(cfg: DPOConfig, callbacks=()) -> dict:
     model, ref_model = build_policy(
         cfg.model_name_or_path, cfg.finetuning_type, cfg.dtype, cfg.lora_rank, cfg.lora_alpha,
         cfg.lora_dropout, cfg.lora_target, cfg.gradient_checkpointing, cfg.cache_dir,
-        cfg.attn_implementation,
+        cfg.attn_implementation, reference=cfg.loss_type not in REFERENCE_FREE,
     )  # fmt: skip
+    warn_if_memory_short(model.config, cfg, sequences_per_batch=2 * cfg.per_device_train_batch_size)
     ref_model = place_frozen(acc, ref_model)
     ref_source = None
     if cfg.precompute_ref_logps:
@@ -421,9 +328,13 @@ def run(cfg: DPOConfig, callbacks=()) -> dict:
         splits = {"train": train, "eval": evals}
         ref_source = precompute_reference(cfg, acc, tokenizer, model, ref_model, collate, splits)
         ref_model = None  # every batch carries its reference log-probs: free the copy
-    objective = PreferenceObjective(
-        cfg.beta, cfg.loss_type, cfg.label_smoothing, cfg.use_margin, ref_model
-    )
+    if cfg.loss_type == "kto":
+        objective = KTOObjective(cfg.beta, cfg.desirable_weight, cfg.undesirable_weight, ref_model)
+    else:
+        objective = PreferenceObjective(
+            cfg.beta, cfg.loss_type, cfg.label_smoothing, cfg.use_margin, ref_model,
+            cfg.simpo_gamma, cfg.cpo_alpha,
+        )  # fmt: skip
     n_train, n_total = trainable_params(model)
     loop = TrainLoop(
         model,
@@ -439,7 +350,8 @@ def run(cfg: DPOConfig, callbacks=()) -> dict:
     with Timer() as t:
         result = loop.fit()
     final = save_final(loop.model, tokenizer, loop.out, acc)
-    heldout = heldout_report(objective, evals, acc) if evals else (None, None)
+    pairwise = evals and cfg.loss_type != "kto"  # KTO's held-out units are single answers
+    heldout = heldout_report(objective, evals, acc) if pairwise else (None, None)
     summary = {
         "stage": "dpo",
         "model": cfg.model_name_or_path,
@@ -479,17 +391,20 @@ def run(cfg: DPOConfig, callbacks=()) -> dict:
 def heldout_report(objective: PreferenceObjective, evals, acc) -> tuple[dict, dict]:
     """The held-out implicit-reward accuracy beside a coin flip, the longer answer and the
     reference's mean log-prob per token (:mod:`alignforge.evaluate.preference`), from what the
-    loop's final evaluation recorded."""
+    loop's final evaluation recorded. Without a reference (SimPO, ORPO) the score is the mean
+    log-prob per token, and there is no base-model baseline."""
     from alignforge.evaluate.preference import heldout_report as report
     from alignforge.recipes.reward import recorded_scores
 
     rec = recorded_scores(objective.eval_records, evals, acc)  # (N, 4)
-    return report(rec[:, :2], rec[:, 2:], evals)
+    base = None if objective.reference_free else rec[:, 2:]
+    return report(rec[:, :2], base, evals)
 
 
 def last_train_stats(rows: list[dict]) -> dict:
     train = [r for r in rows if r.get("split") == "train"]
-    return {k: train[-1][k] for k in ("loss", *STATS) if train and k in train[-1]}
+    keys = ("loss", *STATS, *KTO_STATS, "nll_loss")
+    return {k: train[-1][k] for k in keys if train and k in train[-1]}
 
 
 def plot_rewards(rows: list[dict], path: Path) -> Path | None:
@@ -527,16 +442,19 @@ def print_summary(s: dict) -> None:
         f"{d['dropped_identical']} identical once truncated, {d['bad_rows']} bad rows skipped",
         f"  layout: {s['layout']}; {s['pairs_per_s']:.2f} pairs/s, {s['tokens_per_s']:.0f} tokens/s",
     ]
+    if "desirable" in d:
+        lines.append(f"  KTO answers: {d['desirable']} desirable, {d['undesirable']} undesirable")
     if s.get("ref_logps"):
         lines.append(f"  reference log-probs: {s['ref_logps']}")
     ev = s.get("final_eval")
     if ev:
         lines.append(
-            f"  eval: loss {ev['loss']:.4f}, accuracy {ev['rewards/accuracies']:.3f}, margin {ev['rewards/margins']:.3f}"
+            f"  eval: loss {ev['loss']:.4f}, accuracy {ev['rewards/accuracies']:.3f}, margin "
+            f"{ev['rewards/margins']:.3f}{best_note(s.get('best_metric'))}"
         )
     if s.get("eval"):
         from alignforge.evaluate.preference import report_lines
 
-        lines += report_lines(s["eval"], s["baselines"])
+        lines += report_lines(s["eval"], s["baselines"]) + selection_note(s)
     lines.append(f"  model: {s['final_model']}")
     print("\n".join(lines))

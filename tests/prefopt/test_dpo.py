@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from alignforge.config import build_config
 from alignforge.config.preference import DPOConfig
 from alignforge.data.preference import prepare_pairs
-from alignforge.recipes import dpo
+from alignforge.recipes import dpo, ref_logps
 from alignforge.training import TrainLoop
 
 WORDS = (
@@ -236,13 +236,13 @@ def test_concurrent_cache_writers_never_fail_nor_leave_a_partial_file(tmp_path):
     def reader():
         while not stop.is_set():
             if path.exists():
-                got = dpo.read_ref_cache(path, keys)
+                got = ref_logps.read_ref_cache(path, keys)
                 reads.append(got is not None and any(torch.equal(got, c) for c in candidates))
 
     def writer(i, barrier):
         try:
             barrier.wait()
-            dpo.write_ref_cache(path, keys, candidates[i])
+            ref_logps.write_ref_cache(path, keys, candidates[i])
         except Exception as e:  # noqa: BLE001
             errors.append(repr(e))
 
@@ -259,7 +259,7 @@ def test_concurrent_cache_writers_never_fail_nor_leave_a_partial_file(tmp_path):
     watcher.join()
     assert errors == []
     assert reads and all(reads)
-    final = dpo.read_ref_cache(path, keys)
+    final = ref_logps.read_ref_cache(path, keys)
     assert final is not None and any(torch.equal(final, c) for c in candidates)
     assert [p.name for p in path.parent.iterdir()] == ["k.pt"]  # no temporary file left
 
@@ -270,12 +270,12 @@ def test_a_damaged_or_foreign_cache_is_recomputed_not_trusted(tmp_path):
     pairs = [dpo.PreferencePair([1], [2, 3], [4]), dpo.PreferencePair([1], [5], [6, 7])]
     keys = [p.key() for p in pairs]
     path.write_bytes(b"PK\x03\x04 truncated")
-    assert dpo.read_ref_cache(path, keys) is None
+    assert ref_logps.read_ref_cache(path, keys) is None
     want = torch.tensor([[-1.0, -2.0], [-3.0, -4.0]])
-    assert dpo.attach_ref_logps(pairs, path, lambda: want) == "computed"
+    assert ref_logps.attach_ref_logps(pairs, path, lambda: want) == "computed"
     assert [p.ref for p in pairs] == [(-1.0, -2.0), (-3.0, -4.0)]
-    assert dpo.read_ref_cache(path, keys[::-1]) is None  # other pairs: not theirs
-    assert dpo.attach_ref_logps(pairs, path, lambda: 1 / 0) == "cache"
+    assert ref_logps.read_ref_cache(path, keys[::-1]) is None  # other pairs: not theirs
+    assert ref_logps.attach_ref_logps(pairs, path, lambda: 1 / 0) == "cache"
 
 
 @pytest.mark.parametrize("precompute", [False, True])
@@ -299,7 +299,7 @@ def test_models_used_outside_the_loop_are_placed_on_the_run_device(
 
         return wrapped
 
-    real_to_device = dpo.to_device
+    real_to_device = ref_logps.to_device
 
     def to_device(batch, device):
         events.append(("batch", torch.device(device).type, None, None))
@@ -307,7 +307,7 @@ def test_models_used_outside_the_loop_are_placed_on_the_run_device(
 
     monkeypatch.setattr(dpo, "place_frozen", spy("frozen", dpo.place_frozen))
     monkeypatch.setattr(dpo, "place_policy", spy("policy", dpo.place_policy))
-    monkeypatch.setattr(dpo, "to_device", to_device)
+    monkeypatch.setattr(ref_logps, "to_device", to_device)  # reference batches
     seen = {}
     real_objective = dpo.PreferenceObjective
 

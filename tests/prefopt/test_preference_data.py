@@ -136,5 +136,5 @@ def test_ipo_with_margin_and_unknown_keys_are_config_errors():
     with pytest.raises(ConfigError, match="label_smoothing"):
         build_config(DPOConfig, {**base, "label_smoothing": 0.1})
     with pytest.raises(ConfigError, match="loss_type"):
-        build_config(DPOConfig, {**base, "loss_type": "kto"})
+        build_config(DPOConfig, {**base, "loss_type": "bco"})
     assert json.loads(build_config(DPOConfig, base).model_dump_json())["stage"] == "dpo"

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from alignforge.data import read_rows
+from alignforge.data import DataError, read_rows
 
 
 def _messages(row: dict | str, system: str | None) -> list[dict]:
@@ -25,10 +25,17 @@ def _messages(row: dict | str, system: str | None) -> list[dict]:
         p = row["prompt"]
         msgs = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
     else:
-        raise ValueError(f"row needs `prompt` or `messages`; has {sorted(row)}")
+        raise DataError(f"a row needs `prompt` or `messages`; this one has {sorted(row)}")
     if system and msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": system}, *msgs]
     return msgs
+
+
+def _row_messages(rows, idx: int, system: str | None) -> list[dict]:
+    try:
+        return _messages(rows[idx], system)
+    except DataError as e:
+        raise DataError(f"{rows.where(idx)}: {e}") from None
 
 
 @torch.no_grad()
@@ -75,16 +82,17 @@ def run_generate(
 
     from alignforge.models import load_model, load_tokenizer
 
+    rows = read_rows(input_path) if input_path else []  # a bad file fails before the model loads
+    convs = [_row_messages(rows, i, system) for i in range(len(rows))]
     model, tok = load_model(model_name).eval(), load_tokenizer(model_name)
     gen = lambda convs: generate_batch(model, tok, convs, max_new_tokens, temperature, top_p)  # noqa: E731
     if input_path:
-        rows = read_rows(input_path)
         sink = open(output_path, "w") if output_path else sys.stdout
         for i in tqdm(
             range(0, len(rows), batch_size), desc="generate", disable=output_path is None
         ):
             chunk = rows[i : i + batch_size]
-            for row, answer in zip(chunk, gen([_messages(r, system) for r in chunk]), strict=True):
+            for row, answer in zip(chunk, gen(convs[i : i + batch_size]), strict=True):
                 sink.write(json.dumps({**row, "generation": answer}) + "\n")
         if output_path:
             sink.close()

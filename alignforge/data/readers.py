@@ -6,7 +6,9 @@
     held_out = read_rows("runs/datagen/sft", split="eval")      # its test, validation or eval split
 
 A folder is read by split: ``train.jsonl`` and ``test.jsonl`` are two splits, never one dataset.
-Every error names the file and, for JSONL, the line.
+Every error names the file and, for JSONL, the line. The rows remember where each came from
+(:class:`Rows`): ``rows.where(i)`` is ``"data/train.jsonl:150"`` (the line in the file) for
+JSONL and CSV, ``"data/train.parquet row 149"`` (the row index) for JSON, Parquet and 🤗 datasets.
 """
 
 from __future__ import annotations
@@ -22,8 +24,28 @@ class DataError(UserError, ValueError):
     """A dataset file or row is malformed; the message names the file, row and field."""
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
+class Rows(list):
+    """Rows that remember where each came from, so an error can name the row in its file:
+    ``origins[i]`` is ``"file.jsonl:LINE"`` or ``"file.parquet row INDEX"``."""
+
+    def __init__(self, rows: list[dict], origins: list[str]):
+        super().__init__(rows)
+        self.origins = list(origins)
+
+    def where(self, idx: int) -> str:
+        return self.origins[idx]
+
+    def select(self, indices) -> Rows:
+        indices = list(indices)
+        return Rows([self[i] for i in indices], [self.origins[i] for i in indices])
+
+
+def _indexed(rows: list[dict], name) -> Rows:
+    return Rows(rows, [f"{name} row {i}" for i in range(len(rows))])
+
+
+def _read_jsonl(path: Path) -> Rows:
+    rows, lines = [], []
     with open(path, encoding="utf-8", errors="strict") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -37,7 +59,8 @@ def _read_jsonl(path: Path) -> list[dict]:
                     f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
                 )
             rows.append(row)
-    return rows
+            lines.append(f"{path}:{lineno}")
+    return Rows(rows, lines)
 
 
 def _read_json(path: Path) -> list[dict]:
@@ -55,22 +78,27 @@ def _read_json(path: Path) -> list[dict]:
     return data
 
 
-def _read_file(path: Path) -> list[dict]:
+def _read_file(path: Path) -> Rows:
     suffix = path.suffix.lower()
     try:
         if suffix in (".jsonl", ".ndjson"):
             return _read_jsonl(path)
         if suffix == ".json":
-            return _read_json(path)
+            return _indexed(_read_json(path), path)
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            return pq.read_table(path).to_pylist()
+            return _indexed(pq.read_table(path).to_pylist(), path)
         if suffix in (".csv", ".tsv"):
             import csv
 
             with open(path, encoding="utf-8", newline="") as fh:
-                return list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
+                reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+                rows, lines = [], []
+                for row in reader:  # line_num: the line the record ends on
+                    rows.append(row)
+                    lines.append(f"{path}:{reader.line_num}")
+                return Rows(rows, lines)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     raise DataError(
@@ -184,21 +212,23 @@ def resolve_source(source: str | Path, split: str = "train"):
         return path, _split_key(keys, split, path)
     if _looks_like_hub_id(str(source), path):
         return str(source)
-    raise DataError(f"dataset {source!r}: no such file or directory")
+    raise DataError(f"dataset {str(source)!r}: no such file or directory")
 
 
-def read_rows(source: str | Path, split: str = "train") -> list[dict]:
+def read_rows(source: str | Path, split: str = "train") -> Rows:
     """Rows of ``split`` of a dataset as plain dicts, from a file, a folder or a hub id
-    (:func:`resolve_source` says which files or split)."""
+    (:func:`resolve_source` says which files or split), each knowing where it came from."""
     where = resolve_source(source, split)
     if isinstance(where, list):
-        return [row for f in where for row in _read_file(f)]
+        parts = [_read_file(f) for f in where]
+        return Rows([r for p in parts for r in p], [o for p in parts for o in p.origins])
     import datasets
 
     if isinstance(where, tuple):
         path, key = where
         ds = datasets.load_from_disk(str(path))
-        return (ds[key] if key is not None else ds).to_list()
+        ds = ds[key] if key is not None else ds
+        return _indexed(ds.to_list(), f"{path} ({key})" if key is not None else path)
     try:
         ds = datasets.load_dataset(where)
         if isinstance(ds, datasets.DatasetDict):
@@ -209,4 +239,4 @@ def read_rows(source: str | Path, split: str = "train") -> list[dict]:
         raise DataError(
             f"dataset {source!r}: not a local path, and loading it from the hub failed: {e}"
         ) from e
-    return ds.to_list()
+    return _indexed(ds.to_list(), source)

@@ -6,7 +6,8 @@
 
 Each record is one line written with a single ``write`` and ``fsync``. A line torn by a crash
 (the only possible damage) is dropped and truncated away when the cache is reopened, so a re-run
-neither loses finished items nor repeats them. A key seen twice keeps its first record.
+neither loses finished items nor repeats them. A record appended with ``replace=True`` supersedes
+the key's earlier one (both lines stay in the file; the last one counts when it is reopened).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class JsonlCache:
                 except (ValueError, KeyError, TypeError):
                     self.torn_lines += 1
                     break  # only the tail can be torn: drop it and anything after
-                self.records.setdefault(key, rec)
+                self.records[key] = rec  # a later record of a key supersedes the earlier
                 good_bytes += len(raw)
         if self.torn_lines:
             with open(self.path, "r+b") as fh:
@@ -53,8 +54,9 @@ class JsonlCache:
     def get(self, key: str) -> dict | None:
         return self.records.get(key)
 
-    def append(self, key: str, record: dict) -> None:
-        if key in self.records:
+    def append(self, key: str, record: dict, replace: bool = False) -> None:
+        """Add ``key``'s record; a key that has one keeps it unless ``replace``."""
+        if key in self.records and not replace:
             return
         rec = {"key": key, **record}
         line = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")

@@ -16,7 +16,9 @@ content (back-translation) and rephrases that content into answers in the author
 reply is requested as JSON valid for :func:`instruction_set_schema` (``response_format`` for
 endpoints, constrained decoding for local models). Near-JSON is repaired (code fences, prose
 around the object, trailing commas, key aliases); an item whose reply still fails is retried
-alone up to ``max_attempts`` times and then written to ``rejects.jsonl`` with the reason.
+alone up to ``max_attempts`` times and then written to ``rejects.jsonl`` with the reason. A
+failure of the teacher itself (no connection, 5xx after the client's retries, 401/403/404) is no
+reason to reject a chunk: the run stops with :class:`TeacherUnavailable`, caching nothing for it.
 
 Outputs in ``output_dir``: ``cache.jsonl`` (one fsync'ed line per finished chunk, keyed by chunk
 text hash, prompt version, teacher and generation parameters, so an interrupted run resumes),
@@ -70,6 +72,24 @@ class InstructionSet(BaseModel):
 
 class ParseError(ValueError):
     """A teacher reply that cannot be turned into instruction pairs (the message says why)."""
+
+
+class TeacherUnavailable(RuntimeError):
+    """The teacher endpoint failed (no connection, 5xx after the client's retries, 401/403/404):
+    the run stops, and no chunk is cached as rejected for it."""
+
+
+# How older versions cached a chunk rejected because the teacher failed; such chunks are retried.
+_ENDPOINT_REJECTION = re.compile(
+    r"^request failed: \S+: (no response|HTTP (5\d\d|401|403|404)) after \d+ attempt"
+)
+
+
+def endpoint_rejection(record: dict) -> bool:
+    """A cache record of a chunk rejected for an endpoint failure, not for its reply."""
+    return record.get("status") == "rejected" and bool(
+        _ENDPOINT_REJECTION.match(record.get("reason", ""))
+    )
 
 
 class InstructionReport(NamedTuple):
@@ -197,14 +217,18 @@ def _now() -> str:
 
 
 def _try_batch(client, chunks, n_pairs, min_pairs, gen_kwargs, attempt, errors, on_ok):
-    """One request per chunk; returns the chunks that must be retried."""
+    """One request per chunk; returns the chunks that must be retried. The chunks that came back
+    are kept (``on_ok``) before an endpoint failure raises :class:`TeacherUnavailable`."""
     replies = client.chat_many(
         [build_messages(c.text, n_pairs) for c in chunks], return_exceptions=True, **gen_kwargs
     )
-    retry = []
+    retry, down = [], None
     for chunk, reply in zip(chunks, replies, strict=True):
         try:
             if isinstance(reply, BaseException):
+        if getattr(reply, "endpoint_down", False):
+            down = down or reply
+            continue
                 raise ParseError(f"request failed: {reply}")
             result = reply[0]
             if result.finish_reason == "length":
@@ -222,6 +246,12 @@ def _try_batch(client, chunks, n_pairs, min_pairs, gen_kwargs, attempt, errors, 
         on_ok(chunk, pairs, repaired, attempt)
     return retry
 
+    if down is not None:
+        base_url = getattr(client, "base_url", down.url)
+        raise TeacherUnavailable(
+            f"teacher at {base_url} failed: {' '.join(str(down).split())}; {down.hint}. Stopped "
+            "without caching the chunks it failed on; finished chunks are cached, a re-run goes on"
+        )
 
 def generate_instructions(
     chunks: Sequence[Chunk], client, output_dir: str | Path, *, n_pairs: int = 3,
@@ -240,7 +270,11 @@ def generate_instructions(
               "use_json_schema": use_json_schema, "max_instruction_chars": max_instruction_chars,
               "max_answer_chars": max_answer_chars, "min_pairs": min_pairs}  # fmt: skip
     keys = {c.chunk_id: cache_key(c, version, teacher, params) for c in chunks}
-    todo = list({keys[c.chunk_id]: c for c in chunks if keys[c.chunk_id] not in cache}.values())
+
+    def done(key):  # a chunk that older versions rejected because the teacher failed is redone
+        return key in cache and not endpoint_rejection(cache.get(key))
+
+    todo = list({keys[c.chunk_id]: c for c in chunks if not done(keys[c.chunk_id])}.values())
     n_cached = len(chunks) - len(todo)
     schema = instruction_set_schema(n_pairs, max_instruction_chars, max_answer_chars)
     gen_kwargs = {"temperature": temperature, "max_tokens": max_tokens}
@@ -258,7 +292,10 @@ def generate_instructions(
             "start": chunk.start,
             "end": chunk.end,
         }
-        cache.append(keys[chunk.chunk_id], {**base, **meta, **fields, "created_at": _now()})
+        # replace: the key may hold an endpoint failure cached by an older version
+        cache.append(
+            keys[chunk.chunk_id], {**base, **meta, **fields, "created_at": _now()}, replace=True
+        )
 
     def on_ok(chunk, pairs, repaired, attempt):
         record(

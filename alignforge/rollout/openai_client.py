@@ -44,12 +44,34 @@ class ChatResult:
 
 
 class EndpointError(UserError, RuntimeError):
-    """A request that failed for good; the message names the URL, the status and the reply."""
+    """A request that failed for good; the message names the URL, the status and the reply.
 
-    def __init__(self, url: str, status: int | None, detail: str, attempts: int = 1):
+    ``connection`` is true when no reply came at all (refused, DNS, timeout) after the retries.
+    """
+
+    def __init__(
+        self, url: str, status: int | None, detail: str, attempts: int = 1, connection: bool = False
+    ):
         self.url, self.status, self.detail, self.attempts = url, status, detail, attempts
+        self.connection = connection
         where = f"HTTP {status}" if status is not None else "no response"
         super().__init__(f"{url}: {where} after {attempts} attempt(s): {detail[:300]}")
+
+    @property
+    def endpoint_down(self) -> bool:
+        """The endpoint failed, not this request: every other request would fail the same way.
+        No connection, a 5xx after the retries, or 401/403 (credentials) and 404 (base_url or
+        model name)."""
+        return self.connection or self.status in (401, 403, 404) or (self.status or 0) >= 500
+
+    @property
+    def hint(self) -> str:
+        """What to check when :attr:`endpoint_down`."""
+        if self.status in (401, 403):
+            return "check the API key and that it may use this model"
+        if self.status == 404:
+            return "check base_url (it usually ends in /v1) and the model name"
+        return "check that the server is running and reachable at base_url"
 
 
 def schema_from_response_format(response_format: dict | None) -> dict | None:
@@ -185,7 +207,9 @@ class OpenAIChatClient:
             if attempt < self.max_retries:
                 delay = retry_after if retry_after is not None else self.backoff * 2**attempt
                 await asyncio.sleep(delay * (1 + 0.1 * random.random()))
-        raise EndpointError(self.url, status, detail, self.max_retries + 1)
+        raise EndpointError(
+            self.url, status, detail, self.max_retries + 1, connection=status is None
+        )
 
     def chat(self, messages: list[dict], **kwargs) -> list[ChatResult]:
         """One request (``n`` choices). Keyword arguments as in :meth:`achat`."""

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,14 +127,18 @@ def scripted_teacher(delay: float = 0.0):
             return reply(good[:30], "length")
         if "SLOW" in passage:
             await asyncio.sleep(3)
+        if "DOWN" in passage:
+            return JSONResponse({"error": "upstream gone"}, status_code=503)
+        if "KEY" in passage:
+            return JSONResponse({"error": "invalid api key"}, status_code=401)
         return reply(good)
 
     return app, calls
 
 
 def test_bad_teacher_items_are_repaired_retried_or_rejected_alone(tmp_path):
-    tags = ["plain one", "JUNK two", "FENCED three", "FLAKY four", "BADFIRST five", "SLOW six",
-            "CUT seven", "plain eight"]  # fmt: skip
+    tags = ["plain one", "JUNK two", "FENCED three", "FLAKY four", "BADFIRST five", "CUT six",
+            "plain seven"]  # fmt: skip
     chunks = [Chunk(f"doc{i}", f"doc{i}:0", 0, len(t), t) for i, t in enumerate(tags)]
     app, calls = scripted_teacher()
     server = start_server(app)
@@ -147,18 +152,14 @@ def test_bad_teacher_items_are_repaired_retried_or_rejected_alone(tmp_path):
     finally:
         server.stop()
     rejects = {r["chunk_id"]: r for r in read_jsonl(tmp_path / "rejects.jsonl")}
-    assert set(rejects) == {"doc1:0", "doc5:0", "doc6:0"}
+    assert set(rejects) == {"doc1:0", "doc5:0"}
     assert "no JSON object" in rejects["doc1:0"]["reason"]
-    assert (
-        "timed out" in rejects["doc5:0"]["reason"]
-        and "/chat/completions" in rejects["doc5:0"]["reason"]
-    )
-    assert "cut at max_tokens" in rejects["doc6:0"]["reason"]
+    assert "cut at max_tokens" in rejects["doc5:0"]["reason"]
     assert [e["attempt"] for e in rejects["doc1:0"]["errors"]] == [1, 2]
     rows = read_jsonl(tmp_path / "sft.jsonl")
-    assert {r["chunk_id"] for r in rows} == {"doc0:0", "doc2:0", "doc3:0", "doc4:0", "doc7:0"}
+    assert {r["chunk_id"] for r in rows} == {"doc0:0", "doc2:0", "doc3:0", "doc4:0", "doc6:0"}
     # good items were asked once; the bad ones were retried on their own
-    assert calls["plain one"] == 1 and calls["plain eight"] == 1
+    assert calls["plain one"] == 1 and calls["plain seven"] == 1
     assert calls["BADFIRST five"] == 2 and calls["FLAKY four"] == 2 and calls["JUNK two"] == 2
     assert all(r["repaired"] for r in rows if r["chunk_id"] == "doc2:0")
     cache = JsonlCache(tmp_path / "cache.jsonl")
@@ -166,7 +167,7 @@ def test_bad_teacher_items_are_repaired_retried_or_rejected_alone(tmp_path):
     assert attempts["doc4:0"] == 2 and attempts["doc0:0"] == 1
     # "Summarise the text." repeats for every chunk: kept once
     assert sum(r["messages"][0]["content"] == "Summarise the text." for r in rows) == 1
-    assert report.n_duplicates == 4 and report.n_rejected == 3 and report.n_repaired == 1
+    assert report.n_duplicates == 4 and report.n_rejected == 2 and report.n_repaired == 1
 
 
 def test_schema_is_sent_and_bounds_lengths():
@@ -233,3 +234,111 @@ def test_kill_and_resume_keeps_every_item_exactly_once(tmp_path):
     assert len(keys) == len(set(keys)) == len(chunks)
     # at most the request in flight at the kill was asked twice
     assert sum(v - 1 for v in calls.values()) <= 2
+
+
+def tagged_chunks(tags):
+    return [Chunk(f"doc{i}", f"doc{i}:0", 0, len(t), t) for i, t in enumerate(tags)]
+
+
+def test_an_unreachable_teacher_stops_the_command_and_caches_nothing(tmp_path):
+    """A closed port: ``alignforge data instructions`` stops after the client's retries with one
+    line naming base_url; nothing is cached as rejected, so a re-run against a live teacher does
+    every chunk."""
+    from multiproc import free_port
+    from typer.testing import CliRunner
+
+    from alignforge.datagen.cli import app
+
+    write_chunks(tagged_chunks(["plain one", "plain two"]), tmp_path / "chunks.jsonl")
+    out, base_url = tmp_path / "run", f"http://127.0.0.1:{free_port()}/v1"  # nothing listens
+    cfg = {"input": str(tmp_path / "chunks.jsonl"), "input_is_chunks": True, "output_dir": str(out),
+           "base_url": base_url, "model": "scripted", "max_retries": 1}  # fmt: skip
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["instructions", str(tmp_path / "cfg.yaml")])
+    assert result.exit_code == 1, result.output
+    message = result.stderr.strip()
+    assert "\n" not in message and f"teacher at {base_url} failed" in message
+    assert (
+        "no response after 2 attempt(s)" in message
+        and "check that the server is running" in message
+    )
+    assert len(JsonlCache(out / "cache.jsonl")) == 0 and not (out / "rejects.jsonl").exists()
+    app_, calls = scripted_teacher()
+    server = start_server(app_)
+    try:
+        (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({**cfg, "base_url": server.base_url}))
+        result = CliRunner().invoke(app, ["instructions", str(tmp_path / "cfg.yaml")])
+    finally:
+        server.stop()
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_generated"] == 2 and report["n_rejected"] == 0
+
+
+@pytest.mark.parametrize(
+    "tag, what, hint, calls_made",
+    [
+        ("DOWN", "HTTP 503 after 2 attempt(s)", "check that the server is running", 2),
+        ("KEY", "HTTP 401 after 1 attempt(s)", "check the API key", 1),
+        (
+            "SLOW",
+            "no response after 2 attempt(s): timed out",
+            "check that the server is running",
+            2,
+        ),
+    ],
+)
+def test_an_endpoint_failure_is_not_a_rejection(tmp_path, tag, what, hint, calls_made):
+    """5xx and timeouts after the client's retries, and 401, stop the run; the chunks that came
+    back are cached, the one the endpoint failed on is not (and is not retried as an item)."""
+    from alignforge.datagen.instructions import TeacherUnavailable
+
+    chunks = tagged_chunks(["plain one", f"{tag} two", "plain three"])
+    app, calls = scripted_teacher()
+    server = start_server(app)
+    try:
+        client = OpenAIChatClient(server.base_url, model="scripted", timeout=0.5, max_retries=1,
+                                  backoff=0.01)  # fmt: skip
+        expected = f"teacher at {re.escape(server.base_url)} failed: .*{re.escape(what)}.*{hint}"
+        with pytest.raises(TeacherUnavailable, match=expected):
+            generate_instructions(chunks, client, tmp_path, max_attempts=3, progress=False)
+    finally:
+        server.stop()
+    cached = {
+        r["chunk_id"]: r["status"] for r in JsonlCache(tmp_path / "cache.jsonl").records.values()
+    }
+    assert cached == {"doc0:0": "ok", "doc2:0": "ok"}
+    assert calls[f"{tag} two"] == calls_made
+
+
+def test_chunks_cached_as_rejected_for_a_dead_teacher_are_retried(tmp_path):
+    """Older versions cached a connection failure as the chunk's rejection; a re-run redoes such
+    chunks (the new record supersedes the old line) and keeps real rejections."""
+    chunks = tagged_chunks(["plain one", "plain two", "JUNK three"])
+    app, calls = scripted_teacher()
+    server = start_server(app)
+    try:
+        client = OpenAIChatClient(server.base_url, model="scripted", max_retries=0)
+        first = generate_instructions(chunks, client, tmp_path, max_attempts=1, progress=False)
+        assert first.n_rejected == 1  # JUNK: its reply is no JSON
+        # rewrite plain two's record as an older version wrote a dead teacher's rejection
+        cache_file = tmp_path / "cache.jsonl"
+        records = [json.loads(x) for x in cache_file.read_text().splitlines()]
+        dead = "request failed: http://127.0.0.1:9/v1/chat/completions: no response after 5 attempt(s): connection failed: ConnectError: [Errno 111] Connection refused"  # noqa: E501
+        for r in records:
+            if r["chunk_id"] == "doc1:0":
+                r.update(status="rejected", reason=dead, errors=[])
+                r.pop("pairs")
+        cache_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+        again = generate_instructions(chunks, client, tmp_path, max_attempts=1, progress=False)
+    finally:
+        server.stop()
+    assert again.n_generated == 1 and again.n_rejected == 1 and again.n_cached == 2
+    assert calls["plain two"] == 2 and calls["plain one"] == 1 and calls["JUNK three"] == 1
+    reopened = JsonlCache(tmp_path / "cache.jsonl")
+    assert {r["chunk_id"]: r["status"] for r in reopened.records.values()} == {
+        "doc0:0": "ok",
+        "doc1:0": "ok",
+        "doc2:0": "rejected",
+    }
+    assert len((tmp_path / "cache.jsonl").read_text().splitlines()) == 4  # nothing deleted

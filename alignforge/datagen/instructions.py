@@ -41,6 +41,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from alignforge.datagen.cache import JsonlCache, write_jsonl_atomic
 from alignforge.datagen.chunking import Chunk
+from alignforge.errors import UserError
 
 SYSTEM_PROMPT = (
     "You turn passages of text into instruction/answer pairs used to fine-tune a language "
@@ -74,9 +75,11 @@ class ParseError(ValueError):
     """A teacher reply that cannot be turned into instruction pairs (the message says why)."""
 
 
-class TeacherUnavailable(RuntimeError):
+class TeacherUnavailable(UserError, RuntimeError):
     """The teacher endpoint failed (no connection, 5xx after the client's retries, 401/403/404):
     the run stops, and no chunk is cached as rejected for it."""
+
+    exit_code = 1
 
 
 # How older versions cached a chunk rejected because the teacher failed; such chunks are retried.
@@ -224,11 +227,11 @@ def _try_batch(client, chunks, n_pairs, min_pairs, gen_kwargs, attempt, errors, 
     )
     retry, down = [], None
     for chunk, reply in zip(chunks, replies, strict=True):
-        try:
-            if isinstance(reply, BaseException):
         if getattr(reply, "endpoint_down", False):
             down = down or reply
             continue
+        try:
+            if isinstance(reply, BaseException):
                 raise ParseError(f"request failed: {reply}")
             result = reply[0]
             if result.finish_reason == "length":
@@ -244,14 +247,14 @@ def _try_batch(client, chunks, n_pairs, min_pairs, gen_kwargs, attempt, errors, 
             retry.append(chunk)
             continue
         on_ok(chunk, pairs, repaired, attempt)
-    return retry
-
     if down is not None:
         base_url = getattr(client, "base_url", down.url)
         raise TeacherUnavailable(
             f"teacher at {base_url} failed: {' '.join(str(down).split())}; {down.hint}. Stopped "
             "without caching the chunks it failed on; finished chunks are cached, a re-run goes on"
         )
+    return retry
+
 
 def generate_instructions(
     chunks: Sequence[Chunk], client, output_dir: str | Path, *, n_pairs: int = 3,
@@ -306,20 +309,19 @@ def generate_instructions(
             attempts=attempt,
         )
 
-    bar = tqdm(total=len(todo), disable=not progress, desc="instructions")
-    for start in range(0, len(todo), batch_size):
-        pending, errors = todo[start : start + batch_size], {}
-        for attempt in range(1, max_attempts + 1):
-            pending = _try_batch(
-                client, pending, n_pairs, min_pairs, gen_kwargs, attempt, errors, on_ok
-            )
-            if not pending:
-                break
-        for chunk in pending:
-            errs = errors[chunk.chunk_id]
-            record(chunk, status="rejected", reason=errs[-1]["reason"], errors=errs)
-        bar.update(len(todo[start : start + batch_size]))
-    bar.close()
+    with tqdm(total=len(todo), disable=not progress, desc="instructions") as bar:
+        for start in range(0, len(todo), batch_size):
+            pending, errors = todo[start : start + batch_size], {}
+            for attempt in range(1, max_attempts + 1):
+                pending = _try_batch(
+                    client, pending, n_pairs, min_pairs, gen_kwargs, attempt, errors, on_ok
+                )
+                if not pending:
+                    break
+            for chunk in pending:
+                errs = errors[chunk.chunk_id]
+                record(chunk, status="rejected", reason=errs[-1]["reason"], errors=errs)
+            bar.update(len(todo[start : start + batch_size]))
     return _finalize(
         chunks, keys, cache, out, n_cached, len(todo), near_dup_threshold, output_format
     )

@@ -240,37 +240,39 @@ def tagged_chunks(tags):
     return [Chunk(f"doc{i}", f"doc{i}:0", 0, len(t), t) for i, t in enumerate(tags)]
 
 
-def test_an_unreachable_teacher_stops_the_command_and_caches_nothing(tmp_path):
+def test_an_unreachable_teacher_stops_the_command_and_caches_nothing(tmp_path, monkeypatch, capsys):
     """A closed port: ``alignforge data instructions`` stops after the client's retries with one
     line naming base_url; nothing is cached as rejected, so a re-run against a live teacher does
     every chunk."""
     from multiproc import free_port
-    from typer.testing import CliRunner
 
-    from alignforge.datagen.cli import app
+    from alignforge.cli import main
+
+    def alignforge(*args):
+        monkeypatch.setattr(sys, "argv", ["alignforge", *args])
+        with pytest.raises(SystemExit) as e:
+            main()
+        return e.value.code, capsys.readouterr().err.strip().splitlines()[-1]  # after the bar
 
     write_chunks(tagged_chunks(["plain one", "plain two"]), tmp_path / "chunks.jsonl")
     out, base_url = tmp_path / "run", f"http://127.0.0.1:{free_port()}/v1"  # nothing listens
     cfg = {"input": str(tmp_path / "chunks.jsonl"), "input_is_chunks": True, "output_dir": str(out),
            "base_url": base_url, "model": "scripted", "max_retries": 1}  # fmt: skip
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    result = CliRunner().invoke(app, ["instructions", str(tmp_path / "cfg.yaml")])
-    assert result.exit_code == 1, result.output
-    message = result.stderr.strip()
-    assert "\n" not in message and f"teacher at {base_url} failed" in message
-    assert (
-        "no response after 2 attempt(s)" in message
-        and "check that the server is running" in message
-    )
+    code, message = alignforge("data", "instructions", str(tmp_path / "cfg.yaml"))
+    assert code == 1  # the last line of stderr holds the whole message
+    assert message.startswith(f"error: teacher at {base_url} failed")
+    assert "no response after 2 attempt(s)" in message
+    assert "check that the server is running" in message
     assert len(JsonlCache(out / "cache.jsonl")) == 0 and not (out / "rejects.jsonl").exists()
-    app_, calls = scripted_teacher()
-    server = start_server(app_)
+    app, calls = scripted_teacher()
+    server = start_server(app)
     try:
         (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({**cfg, "base_url": server.base_url}))
-        result = CliRunner().invoke(app, ["instructions", str(tmp_path / "cfg.yaml")])
+        code, err = alignforge("data", "instructions", str(tmp_path / "cfg.yaml"))
     finally:
         server.stop()
-    assert result.exit_code == 0, result.output
+    assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     assert report["n_generated"] == 2 and report["n_rejected"] == 0
 

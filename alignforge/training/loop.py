@@ -328,6 +328,7 @@ class TrainCore:
         return state, blob.get("user", {}), mine.get("extra")
 
     def resume_path(self, target: str | bool) -> Path | None:
+        """The checkpoint a run resumes from (``resume_from_checkpoint``), said on rank 0."""
         if target in ("auto", True):
             path = self.ckpt.latest()
         else:
@@ -371,7 +372,6 @@ class TrainLoop(TrainCore):
         self.per_rank = args.per_device_train_batch_size * args.gradient_accumulation_steps
         self.global_batch = self.per_rank * world
         n = len(self.train_units)
-        """The checkpoint a run resumes from (``resume_from_checkpoint``), said on rank 0."""
         if n < self.global_batch and world > 1:
             raise ValueError(
                 f"{n} training units cannot fill one global batch of {self.global_batch}"

@@ -73,18 +73,36 @@ def _root(
         os.environ["ALIGNFORGE_DEBUG"] = "1"
 
 
-@app.command()
+@app.command(context_settings={"help_option_names": []})
 def train(
+    ctx: typer.Context,
     config: str = typer.Argument(
-        ..., help="YAML config; its `stage:` picks the recipe (sft, rm, dpo, spin, ppo)."
+        None, help="YAML config; its `stage:` picks the recipe (sft, rm, dpo, spin, ppo)."
     ),
     overrides: list[str] = typer.Argument(
         None, help="key=value overrides, e.g. learning_rate=1e-4 lora_rank=8."
     ),
+    show_help: bool = typer.Option(
+        False,
+        "--help",
+        help="Show this help and the stages; with a config or stage=NAME, that stage's keys "
+        "with their type, default and meaning.",
+    ),
 ) -> None:
-    """Train with a recipe chosen by the config's `stage:`."""
-    from alignforge.recipes import run_stage
+    """Train with a recipe chosen by the config's `stage:`.
 
+    `alignforge train --help stage=dpo` or `alignforge train CONFIG --help` lists the stage's keys.
+    """
+    from alignforge.recipes import run_stage, train_help
+
+    if show_help:
+        text = train_help(config, overrides or [])
+        typer.echo(text if "Keys of stage" in text else f"{ctx.get_help()}\n\n{text}")
+        return
+    if config is None:
+        raise typer.BadParameter(
+            "none given; pass a YAML config (--help lists the stages)", ctx, param_hint="CONFIG"
+        )
     run_stage(config, overrides or [])
 
 
@@ -130,13 +148,19 @@ def generate(
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
     system: str = typer.Option(None, help="Optional system message."),
     batch_size: int = typer.Option(8, help="Prompts generated together in batch mode."),
+    template: str = typer.Option(
+        "default",
+        help="Chat template: `default` (the one saved with the model), chatml, llama3, alpaca, "
+        "empty or a Jinja file.",
+    ),
 ) -> None:
     """Chat with, or batch-generate from, a model or adapter."""
     from alignforge.generate import run_generate
 
     run_generate(
-        model, prompt or [], input, output, max_new_tokens, temperature, top_p, system, batch_size
-    )
+        model, prompt or [], input, output, max_new_tokens, temperature, top_p, system, batch_size,
+        template,
+    )  # fmt: skip
 
 
 _register()

@@ -12,6 +12,7 @@ import sys
 import torch
 
 from alignforge.data import DataError, read_rows
+from alignforge.data.templating import render_chat, set_chat_template
 
 
 def _messages(row: dict | str, system: str | None) -> list[dict]:
@@ -49,10 +50,7 @@ def generate_batch(
 ) -> list[str]:
     """Left-padded batched generation from chat messages; returns the decoded answers."""
     tokenizer.padding_side = "left"
-    texts = [
-        tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-        for c in conversations
-    ]
+    texts = [render_chat(tokenizer, c, add_generation_prompt=True) for c in conversations]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     sample = temperature > 0
     out = model.generate(
@@ -77,6 +75,7 @@ def run_generate(
     top_p,
     system,
     batch_size,
+    template="default",
 ):
     from tqdm.auto import tqdm
 
@@ -84,7 +83,8 @@ def run_generate(
 
     rows = read_rows(input_path) if input_path else []  # a bad file fails before the model loads
     convs = [_row_messages(rows, i, system) for i in range(len(rows))]
-    model, tok = load_model(model_name).eval(), load_tokenizer(model_name)
+    model = load_model(model_name).eval()
+    tok = set_chat_template(load_tokenizer(model_name), template)
     gen = lambda convs: generate_batch(model, tok, convs, max_new_tokens, temperature, top_p)  # noqa: E731
     if input_path:
         sink = open(output_path, "w") if output_path else sys.stdout

@@ -4,11 +4,17 @@
 
 Overrides use dotted keys for nested mappings (``optim.betas=[0.9,0.95]``) and are parsed as
 YAML scalars, so ``true``, ``3``, ``1e-4`` and ``[a, b]`` get their natural types.
+
+A relative input path written in a config file (a field marked ``INPUT_PATH``: ``dataset``,
+``model_name_or_path``, ``template``...) is read against the file's folder when it exists there,
+else against the working directory; an override is always read against the working directory
+(docs/decisions.md).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +28,44 @@ T = TypeVar("T", bound="StrictModel")
 
 class ConfigError(UserError, ValueError):
     """A config value is missing, unknown or out of range; the message names the field."""
+
+
+# Marks a field whose value is a path a run reads (``Field(..., json_schema_extra=INPUT_PATH)``).
+INPUT_PATH = {"input_path": True}
+
+# Names other tools give our keys (LLaMA-Factory, TRL, PEFT). A config using one is refused with the
+# name to use rather than accepted: one name per setting, and a saved config reads like the docs.
+KEY_ALIASES = {
+    "cutoff_len": "max_length",
+    "max_seq_length": "max_length",
+    "lora_r": "lora_rank",
+    "r": "lora_rank",
+    "lora_target_modules": "lora_target",
+    "target_modules": "lora_target",
+    "lr": "learning_rate",
+    "epochs": "num_train_epochs",
+    "num_epochs": "num_train_epochs",
+    "batch_size": "per_device_train_batch_size",
+    "train_batch_size": "per_device_train_batch_size",
+    "eval_batch_size": "per_device_eval_batch_size",
+    "gradient_accumulation": "gradient_accumulation_steps",
+    "pref_beta": "beta",
+    "pref_loss": "loss_type",
+    "model": "model_name_or_path",
+    "model_name": "model_name_or_path",
+    "dataset_name": "dataset",
+    "train_file": "dataset",
+    "validation_file": "eval_dataset",
+    "chat_template": "template",
+    "init_kl_coef": "kl_coef",
+}
+# LLaMA-Factory keys with no counterpart here, and what to do instead.
+KEY_NOTES = {
+    "dataset_dir": "give `dataset` as paths; a relative one is read against this config file's "
+    "folder when it exists there, else the working directory",
+    "do_train": "not needed: `alignforge train` trains",
+    "do_eval": "not needed: eval runs when there is eval data (eval_dataset or val_size)",
+}
 
 
 class StrictModel(BaseModel):
@@ -99,12 +143,25 @@ def format_validation_error(cls: type[BaseModel], err: ValidationError, source: 
             lines.append("  " + msg.removeprefix("Value error, "))
             continue
         if e["type"] == "extra_forbidden":
-            msg = _unknown_key(_model_at(cls, e["loc"][:-1]), str(e["loc"][-1]))
+            model, key = _model_at(cls, e["loc"][:-1]), str(e["loc"][-1])
+            msg = _alias_hint(key, model.model_fields) or _unknown_key(model, key)
         elif "input" in e and e["type"] != "missing":
             msg = f"{msg} (got {e['input']!r})"
         lines.append(f"  {loc}: {msg}")
     where = f" in {source}" if source else ""
     return f"invalid {cls.__name__}{where}:\n" + "\n".join(lines)
+
+
+def _alias_hint(key: str, fields) -> str | None:
+    """What to write instead of another tool's name for a key, or None."""
+    if key in KEY_NOTES:
+        return f"unknown key; {KEY_NOTES[key]}"
+    canonical = KEY_ALIASES.get(key)
+    if canonical in fields:
+        return f"unknown key (did you mean {canonical}? {key} is another tool's name for it)"
+    if canonical:
+        return f"unknown key; {key} is another tool's name for {canonical}, which this config does not take"
+    return None
 
 
 def _unknown_key(model: type[BaseModel], key: str) -> str:
@@ -155,9 +212,35 @@ def build_config(cls: type[T], data: dict[str, Any], source: str = "") -> T:
 def load_config(
     cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None
 ) -> T:
-    data = read_yaml(path) if path else {}
+    data = resolve_paths(cls, read_yaml(path), Path(path).parent) if path else {}
     data = deep_merge(data, parse_overrides(overrides))
     return build_config(cls, data, str(path or ""))
+
+
+def resolve_paths(cls: type[BaseModel], data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``data``, read from a config file in ``folder``, with each relative input path (an
+    ``INPUT_PATH`` field) that exists under ``folder`` made absolute; any other value is left as
+    written, for the working directory to read. A value may name several paths, as a YAML list
+    or separated by commas (``dataset: a.jsonl,b.jsonl``)."""
+    out = dict(data)
+    for name, field in cls.model_fields.items():
+        extra = field.json_schema_extra
+        if name in out and isinstance(extra, dict) and extra.get("input_path"):
+            out[name] = _resolve(out[name], folder)
+    return out
+
+
+def _resolve(value: Any, folder: Path) -> Any:
+    if isinstance(value, list):
+        return [_resolve(v, folder) for v in value]
+    if not isinstance(value, str) or not value:
+        return value
+    here = folder / Path(value).expanduser()
+    if here.exists():  # an absolute value stays itself: folder / absolute == absolute
+        return os.path.abspath(here)
+    if "," in value:
+        return ",".join(_resolve(part.strip(), folder) for part in value.split(","))
+    return value
 
 
 def save_config(cfg: BaseModel, path: str | Path) -> None:

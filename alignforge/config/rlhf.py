@@ -9,9 +9,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from alignforge.config.base import StrictModel
+from alignforge.config.base import INPUT_PATH
 from alignforge.config.preference import PromptLengthArgs
-from alignforge.config.stages import DataArgs, ModelArgs, RunArgs, TrainArgs
+from alignforge.config.stages import DataArgs, DatasetMixArgs, ModelArgs, RunArgs, TrainArgs
 
 
 class RMConfig(ModelArgs, DataArgs, TrainArgs, PromptLengthArgs):
@@ -61,11 +61,14 @@ class RMConfig(ModelArgs, DataArgs, TrainArgs, PromptLengthArgs):
         return self
 
 
-class PromptArgs(StrictModel):
+class PromptArgs(DatasetMixArgs):
     """Prompts to sample answers for: every row format SFT reads, the answer (if any) dropped."""
 
-    dataset: str = Field(
-        ..., description="Prompts: a .jsonl/.json/.parquet file, a directory, or a hub id."
+    dataset: str | list[str] = Field(
+        ...,
+        description="Prompts: a .jsonl/.json/.parquet file, a directory or a hub id; several as a "
+        "list or separated by commas, mixed by mix_strategy.",
+        json_schema_extra=INPUT_PATH,
     )
     formatting: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text"] = (
         Field("auto", description="Row format; `auto` detects it from the columns.")
@@ -77,7 +80,9 @@ class PromptArgs(StrictModel):
         1024, gt=8, description="Prompt tokens kept (the end of a longer prompt)."
     )
     skip_bad_rows: bool = Field(False, description="Skip malformed rows instead of failing.")
-    max_samples: int | None = Field(None, gt=0, description="Use only the first N rows.")
+    max_samples: int | None = Field(
+        None, gt=0, description="Use only the first N rows (of the mixed data)."
+    )
     per_device_eval_batch_size: int = Field(
         8, gt=0, description="Sequences generated together by the in-process rollout engine."
     )
@@ -94,7 +99,9 @@ class PPOConfig(ModelArgs, PromptArgs, RunArgs):
     stage: Literal["ppo"] = "ppo"
     # -- rewards --
     reward_model: str | None = Field(
-        None, description="A reward model saved by `stage: rm` (its `final` dir)."
+        None,
+        description="A reward model saved by `stage: rm` (its `final` dir).",
+        json_schema_extra=INPUT_PATH,
     )
     reward_model_weight: float = Field(1.0, description="Weight of the RM score in the reward.")
     reward_fn: str | None = Field(
@@ -190,6 +197,7 @@ class PPOConfig(ModelArgs, PromptArgs, RunArgs):
     drift_reference: str | None = Field(
         None,
         description="JSON list of reference scores; default: reward_scores_eval.json of reward_model.",
+        json_schema_extra=INPUT_PATH,
     )
     drift_window: int = Field(256, gt=0, description="Rolling window of policy scores.")
     drift_min_samples: int = Field(32, gt=0, description="Scores needed before a breach can fire.")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from alignforge.config.base import StrictModel
+from alignforge.config.base import INPUT_PATH, StrictModel
 
 AttnImplementation = Literal[
     "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"
@@ -18,9 +18,20 @@ AttnImplementation = Literal[
 
 
 class ModelArgs(StrictModel):
+    """The model: where it comes from, its chat template, how it is trained, its attention."""
+
     model_name_or_path: str = Field(
         "default",
         description="`default` (embedded SmolLM2-135M-Instruct), an HF dir, a PEFT adapter dir, a .gguf file or a hub id.",
+        json_schema_extra=INPUT_PATH,
+    )
+    template: str = Field(
+        "default",
+        description="Chat template that formats every prompt and answer: `default` (the tokenizer's "
+        "own), chatml, llama3, alpaca, empty (raw text: the messages' contents, EOS after each "
+        "answer; also `none`) or a Jinja file. Saved with the model's tokenizer, so generate, eval "
+        "and serve format prompts the same way.",
+        json_schema_extra=INPUT_PATH,
     )
     cache_dir: str | None = Field(
         None,
@@ -49,6 +60,14 @@ class ModelArgs(StrictModel):
         "mask; compute in bfloat16/float16) or flex_attention (torch FlexAttention, GPU).",
     )
 
+    @field_validator("template")
+    @classmethod
+    def _check_template(cls, value: str) -> str:
+        from alignforge.data.templating import chat_template_source
+
+        chat_template_source(value)  # a DataError (a ValueError) lists the named templates
+        return value
+
     @model_validator(mode="after")
     def _check_attention(self):
         # the stage configs combine ModelArgs with TrainArgs, whose bf16/fp16 autocast also counts
@@ -61,14 +80,82 @@ class ModelArgs(StrictModel):
         return self
 
 
-class DataSourceArgs(StrictModel):
+def split_paths(value: str | list[str] | None) -> list[str]:
+    """``"a.jsonl,b.jsonl"`` or ``["a.jsonl", "b.jsonl"]`` -> ``["a.jsonl", "b.jsonl"]``."""
+    if value is None:
+        return []
+    parts = value.split(",") if isinstance(value, str) else value
+    return [p.strip() for p in parts if p.strip()]
+
+
+class DatasetMixArgs(StrictModel):
+    """Several datasets (``dataset: a.jsonl,b.jsonl`` or a YAML list) mixed into one, under the
+    LLaMA-Factory names."""
+
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = Field(
+        "concat",
+        description="How several datasets become one: concat (every row of each, in turn), "
+        "interleave_under (rows drawn from each in turn, or at random by interleave_probs, until "
+        "the first one runs out) or interleave_over (until each one has run out at least once, "
+        "the exhausted ones starting again). Deterministic under seed.",
+    )
+    interleave_probs: list[float] | None = Field(
+        None,
+        description="Chance that the next row comes from each dataset, e.g. 0.7,0.3 (one value per "
+        "dataset, summing to 1; interleave strategies only). Default: one from each in turn.",
+    )
+
+    @field_validator("interleave_probs", mode="before")
+    @classmethod
+    def _parse_probs(cls, value):
+        if isinstance(value, int | float):
+            return [value]
+        if isinstance(value, str):  # LLaMA-Factory's form: interleave_probs: 0.7,0.3
+            try:
+                return [float(v) for v in value.split(",") if v.strip()]
+            except ValueError:
+                raise ValueError("expected numbers separated by commas, e.g. 0.7,0.3") from None
+        return value
+
+    @property
+    def datasets(self) -> list[str]:
+        """The training datasets, in the order written."""
+        return split_paths(self.dataset)
+
+    @model_validator(mode="after")
+    def _check_mix(self):
+        n, probs = len(self.datasets), self.interleave_probs
+        if n == 0:
+            raise ValueError("dataset: names no dataset")
+        if probs is None:
+            return self
+        if self.mix_strategy == "concat":
+            raise ValueError(
+                "interleave_probs: only mix_strategy interleave_under or interleave_over draws by "
+                "probability; set one of them or drop interleave_probs"
+            )
+        if len(probs) != n:
+            raise ValueError(
+                f"interleave_probs: {len(probs)} values for {n} datasets; give one per dataset"
+            )
+        if min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
+            raise ValueError(f"interleave_probs: must be >= 0 and sum to 1 (got {probs})")
+        return self
+
+
+class DataSourceArgs(DatasetMixArgs):
     """Where the rows come from, which are held out, and how long an example may be."""
 
-    dataset: str = Field(
-        ..., description="Training data: a .jsonl/.json/.parquet file, a directory, or a hub id."
+    dataset: str | list[str] = Field(
+        ...,
+        description="Training data: a .jsonl/.json/.parquet file, a directory or a hub id; several "
+        "as a list or separated by commas, mixed by mix_strategy.",
+        json_schema_extra=INPUT_PATH,
     )
-    eval_dataset: str | None = Field(
-        None, description="Held-out data; if unset, `val_size` of `dataset` is held out."
+    eval_dataset: str | list[str] | None = Field(
+        None,
+        description="Held-out data (several are concatenated); if unset, `val_size` of `dataset` is held out.",
+        json_schema_extra=INPUT_PATH,
     )
     val_size: float = Field(
         0.0,
@@ -85,8 +172,12 @@ class DataSourceArgs(StrictModel):
         False, description="Skip (and count) malformed rows instead of failing on the first one."
     )
     max_samples: int | None = Field(
-        None, gt=0, description="Use only the first N rows (quick experiments)."
+        None, gt=0, description="Use only the first N rows (of the mixed data; quick experiments)."
     )
+
+    @property
+    def eval_datasets(self) -> list[str]:
+        return split_paths(self.eval_dataset)
 
 
 class DataArgs(DataSourceArgs):
@@ -115,20 +206,30 @@ class RunArgs(StrictModel):
     resume_from_checkpoint: str | bool = Field(
         "auto",
         description="`auto` resumes from the latest checkpoint in output_dir, a path resumes from it, false starts fresh.",
+        json_schema_extra=INPUT_PATH,
     )
-    seed: int = 42
-    learning_rate: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_epsilon: float = Field(1e-8, gt=0)
+    seed: int = Field(
+        42, description="Seed of initialisation, shuffling, held-out split and dataset mixing."
+    )
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float | None = Field(
         1.0, description="Clip the global gradient norm; null disables clipping."
     )
-    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = Field(
+        "cosine",
+        description="Learning-rate decay after warmup: linear or cosine to 0, or constant.",
+    )
+    warmup_ratio: float = Field(
+        0.0, ge=0, lt=1, description="Share of the training steps spent warming up from 0."
+    )
     warmup_steps: int = Field(0, ge=0, description="Overrides warmup_ratio when > 0.")
-    num_train_epochs: float = Field(1.0, gt=0)
+    num_train_epochs: float = Field(
+        1.0, gt=0, description="Passes over the training data (a fraction stops part-way)."
+    )
     max_steps: int = Field(
         -1, description="If > 0, train this many optimizer steps (overrides num_train_epochs)."
     )
@@ -143,7 +244,8 @@ class RunArgs(StrictModel):
         "the resolved config too; a resumed run continues the same tracker run).",
     )
     run_name: str | None = Field(
-        None, description="The run's name in wandb / mlflow / TensorBoard; default: output_dir's name."
+        None,
+        description="The run's name in wandb / mlflow / TensorBoard; default: output_dir's name.",
     )
     progress: bool = Field(True, description="Show a progress bar.")
     bf16: bool = Field(
@@ -169,10 +271,19 @@ class RunArgs(StrictModel):
 class TrainArgs(RunArgs):
     """A run over a dataset of examples or pairs: micro-batches, accumulation, eval and early stop."""
 
-    per_device_train_batch_size: int = Field(4, gt=0)
-    per_device_eval_batch_size: int = Field(8, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    logging_steps: int = Field(1, gt=0)
+    per_device_train_batch_size: int = Field(
+        4,
+        gt=0,
+        description="Examples (pairs, or packed rows with packing) per micro-batch per process.",
+    )
+    per_device_eval_batch_size: int = Field(8, gt=0, description="Eval micro-batch per process.")
+    gradient_accumulation_steps: int = Field(
+        1,
+        gt=0,
+        description="Micro-batches per optimizer step: the global batch is per_device_train_batch_size "
+        "x this x processes.",
+    )
+    logging_steps: int = Field(1, gt=0, description="Log training metrics every N steps.")
     eval_steps: int | None = Field(
         None, gt=0, description="Evaluate every N steps (and at the end) when there is eval data."
     )

@@ -230,20 +230,30 @@ def to_prompt(row: dict, formatting: str = "auto", columns: dict[str, str] | Non
 
 
 def read_prompts(
-    path: str, formatting="auto", columns=None, max_samples=None, skip_bad=False
+    path: str | list[str],
+    formatting="auto",
+    columns=None,
+    max_samples=None,
+    skip_bad=False,
+    mix_strategy="concat",
+    interleave_probs=None,
+    seed=42,
 ) -> list:
-    """The prompts of a data file (:func:`to_prompt` per row); a bad row names its line."""
+    """The prompts of one or more data files (:func:`to_prompt` per row), several mixed by
+    ``mix_strategy`` (:mod:`alignforge.data.mix`); a bad row names its file and row."""
+    from alignforge.data.mix import mix_rows
     from alignforge.data.readers import read_rows
 
-    rows = read_rows(path)
-    rows = rows[:max_samples] if max_samples else rows
+    paths = [path] if isinstance(path, str) else list(path)
+    rows = mix_rows([read_rows(p) for p in paths], paths, mix_strategy, interleave_probs, seed)
+    rows = rows.select(range(min(max_samples, len(rows)))) if max_samples else rows
     prompts = []
     for i, row in enumerate(rows):
         try:
             prompts.append(to_prompt(row, formatting, columns))
         except DataError as e:
             if not skip_bad:
-                raise DataError(f"{path} row {i + 1}: {e}") from None
+                raise DataError(f"{rows.where(i)}: {e}") from None
     if not prompts:
-        raise DataError(f"{path}: no prompts")
+        raise DataError(f"{', '.join(paths)}: no prompts")
     return prompts

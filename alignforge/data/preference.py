@@ -58,7 +58,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from alignforge.data.formats import SHAREGPT_ROLES, _check_messages
+from alignforge.data.mix import row_name
 from alignforge.data.readers import DataError
+from alignforge.data.templating import render_chat
 
 PAIR_FORMATS = ("auto", "sharegpt", "explicit", "implicit")
 LAYOUTS = ("padded", "packed", "shared")
@@ -223,7 +225,7 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
 
     Used for training pairs and for SPIN's generations alike.
     """
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render_chat(tokenizer, messages, add_generation_prompt=True)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -254,10 +256,7 @@ def tokenize_pair(tokenizer, prompt, chosen, rejected) -> tuple[list[int], list[
         ]
     else:
         p_ids = _encode(tokenizer, render_prompt(tokenizer, prompt))
-        full = [
-            _encode(tokenizer, tokenizer.apply_chat_template(prompt + r, tokenize=False))
-            for r in (chosen, rejected)
-        ]
+        full = [_encode(tokenizer, render_chat(tokenizer, prompt + r)) for r in (chosen, rejected)]
     n = min(_common_prefix(p_ids, full[0]), _common_prefix(p_ids, full[1]))
     return p_ids[:n], full[0][n:], full[1][n:]
 
@@ -343,9 +342,9 @@ def prepare_pairs(
                 raise DataError("a response has no tokens after the prompt")
         except DataError as e:
             if not skip_bad_rows:
-                raise DataError(f"{source} row {idx}: {e}") from None
+                raise DataError(f"{row_name(rows, idx, source)}: {e}") from None
             stats.bad_rows += 1
-            stats.bad_examples.append(f"row {idx}: {e}")
+            stats.bad_examples.append(f"{row_name(rows, idx, source)}: {e}")
             continue
         lengths = (len(ids[1]), len(ids[2]))
         key = hashlib.sha1(json.dumps(ids[0]).encode()).hexdigest()[:16]

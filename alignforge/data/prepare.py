@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from alignforge.data.formats import to_example
+from alignforge.data.mix import row_name
 from alignforge.data.readers import DataError
 from alignforge.data.templating import Tokenized, fit_length, tokenize_example
 
@@ -52,9 +53,9 @@ def prepare_sft(
             )
         except DataError as e:
             if not skip_bad_rows:
-                raise DataError(f"{source} row {idx}: {e}") from None
+                raise DataError(f"{row_name(rows, idx, source)}: {e}") from None
             stats.bad_rows += 1
-            stats.bad_examples.append(f"row {idx}: {e}")
+            stats.bad_examples.append(f"{row_name(rows, idx, source)}: {e}")
             continue
         fitted = fit_length(tok, max_length, truncation)
         if fitted is None:

@@ -1,8 +1,14 @@
 """Chat templating with loss masks.
 
+    set_chat_template(tokenizer, "chatml")               # or "default", "llama3", "my.jinja"...
     ids, labels = tokenize_example(tokenizer, example)   # labels == -100 where no loss is taken
 
-The conversation is rendered once with the tokenizer's own chat template. The character span
+:func:`render_chat` is the one place a conversation becomes text: SFT, the preference stages,
+SPIN's and PPO's generation, ``alignforge generate`` and ``eval`` all call it, so the template a
+run sets with :func:`set_chat_template` (the config's ``template:``) is the one every prompt is
+formatted with, and the one saved with the tokenizer.
+
+The conversation is rendered once with the tokenizer's chat template. The character span
 of each trainable message is found by rendering the conversation's prefixes (the template is
 applied to ``messages[:i]`` with the generation prompt, then to ``messages[:i+1]``), so the
 span covers exactly what the model must produce: the message text and the end-of-turn marker,
@@ -12,11 +18,83 @@ never the role header. Token labels come from the fast tokenizer's offset mappin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from alignforge.data.formats import ChatExample, Example, TextExample
 from alignforge.data.readers import DataError
 
 IGNORE = -100
+
+# Named templates, after LLaMA-Factory's names; each renders conversations prefix-consistently,
+# which the loss masks need. ``default`` keeps the tokenizer's own.
+TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+        " + '<|im_end|>' + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "llama3": (  # Meta's Llama 3 Instruct template
+        "{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
+        "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}"
+        "{% if loop.index0 == 0 and bos_token %}{% set content = bos_token + content %}{% endif %}"
+        "{{ content }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    "alpaca": (
+        "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}"
+        "{{ 'Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.' }}{% endif %}{{ '\n\n' }}"
+        "{% for message in messages %}{% if message['role'] == 'user' %}"
+        "{{ '### Instruction:\n' + message['content'] + '\n\n### Response:\n' }}"
+        "{% elif message['role'] == 'assistant' %}{{ message['content'] + (eos_token or '') + '\n\n' }}"
+        "{% endif %}{% endfor %}"
+    ),
+    "empty": (  # raw text: the contents one after another, EOS closing each answer
+        "{% for message in messages %}{{ message['content'] }}"
+        "{% if message['role'] == 'assistant' %}{{ eos_token or '' }}{% endif %}{% endfor %}"
+    ),
+}
+TEMPLATES["none"] = TEMPLATES["empty"]
+
+
+def chat_template_source(template: str) -> str | None:
+    """The Jinja source a ``template:`` setting names: None for ``default`` (the tokenizer's
+    own), a named template's, or a file's text. A DataError (a ValueError) says what is wrong."""
+    if template == "default":
+        return None
+    if template in TEMPLATES:
+        return TEMPLATES[template]
+    path = Path(template).expanduser()
+    if not path.is_file():
+        raise DataError(
+            f"template {template!r} is neither a named template (default, "
+            f"{', '.join(TEMPLATES)}) nor a Jinja file"
+        )
+    source = path.read_text(encoding="utf-8")
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise DataError(f"template {path} line {e.lineno}: not valid Jinja ({e.message})") from None
+    return source
+
+
+def set_chat_template(tokenizer, template: str):
+    """Give ``tokenizer`` the chat template ``template`` names (``default`` keeps its own);
+    ``save_pretrained`` then saves it with the model. Returns the tokenizer."""
+    source = chat_template_source(template)
+    if source is not None:
+        tokenizer.chat_template = source
+    return tokenizer
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """``messages`` as text in the tokenizer's chat template; with ``add_generation_prompt`` the
+    text ends where the assistant's answer starts."""
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 @dataclass
@@ -33,29 +111,24 @@ class Tokenized:
         return sum(1 for t in self.labels if t != IGNORE)
 
 
-def _render(tokenizer, messages, add_generation_prompt=False) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
-
-
 def trainable_spans(tokenizer, ex: ChatExample) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the [start, end) character spans to learn."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(
-            "the tokenizer has no chat template; use `formatting: text` or a chat model"
+            "the tokenizer has no chat template; set `template:` (chatml, llama3, alpaca, empty or "
+            "a Jinja file), use `formatting: text` or a chat model"
         )
-    full = _render(tokenizer, ex.messages)
+    full = render_chat(tokenizer, ex.messages)
     spans = []
     for i, (msg, train) in enumerate(zip(ex.messages, ex.trainable, strict=True)):
         if not train:
             continue
         if i == 0:
             raise DataError("a conversation cannot start with a trained message; it needs a prompt")
-        before = _render(
+        before = render_chat(
             tokenizer, ex.messages[:i], add_generation_prompt=msg["role"] == "assistant"
         )
-        upto = _render(tokenizer, ex.messages[: i + 1])
+        upto = render_chat(tokenizer, ex.messages[: i + 1])
         if not full.startswith(before) or not full.startswith(upto):
             raise DataError(
                 "the chat template does not render conversations prefix-consistently "

@@ -101,6 +101,13 @@ def eval_command(
         min=1,
         help="--task preference: prompt tokens kept (its last ones; default max-length // 2).",
     ),
+    template: str = typer.Option(
+        "default",
+        "--template",
+        help="Chat template of --model (for --task preference, the one pairs are tokenized with): "
+        "default (the one saved with the model), chatml, llama3, alpaca, empty or a Jinja file. "
+        "--system takes template= per system.",
+    ),
 ) -> None:
     """Score one or more systems on a task's test split, with bootstrap CIs, latency and failures.
 
@@ -126,7 +133,7 @@ def eval_command(
 
         run_preference_eval(
             data, output_dir, specs, model or "default", max_length, max_prompt_length, limit,
-            split, batch_size, n_boot, alpha, seed,
+            split, batch_size, n_boot, alpha, seed, template,
         )  # fmt: skip
         typer.echo((Path(output_dir) / "results.md").read_text())
         return
@@ -143,6 +150,7 @@ def eval_command(
                 adapter=adapter,
                 endpoint=endpoint,
                 api_key_env=api_key_env,
+                template=template,
             ),
         )
     elif endpoint or adapter:

@@ -54,13 +54,15 @@ class Generator(Protocol):
 # ---- local transformers models -------------------------------------------------------------
 
 
-def _load(path: str, adapter: str | None = None) -> tuple[Any, Any]:
+def _load(path: str, adapter: str | None = None, template: str = "default") -> tuple[Any, Any]:
     """(model, tokenizer) from ``default``, an HF model dir, an adapter dir, or a base plus an adapter.
 
     A LoRA adapter is merged into the base weights: same outputs, faster greedy decoding.
+    ``template`` replaces the saved chat template (:func:`alignforge.data.templating.set_chat_template`).
     """
     import torch
 
+    from alignforge.data.templating import set_chat_template
     from alignforge.models import load_model, load_tokenizer
 
     model = load_model(path)
@@ -70,15 +72,19 @@ def _load(path: str, adapter: str | None = None) -> tuple[Any, Any]:
         model = PeftModel.from_pretrained(model, adapter)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    tokenizer = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else path)
+    tokenizer = load_tokenizer(
+        adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else path
+    )
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    return model, tokenizer
+    return model, set_chat_template(tokenizer, template)
 
 
 def render_chat(tokenizer: Any, messages: Messages) -> str:
     """The prompt text: the tokenizer's chat template, or a plain ``role: content`` fallback."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        from alignforge.data.templating import render_chat as render
+
+        return render(tokenizer, messages, add_generation_prompt=True)
     body = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
     return body + "assistant:"
 
@@ -115,9 +121,9 @@ class TransformersGenerator:
 
     @classmethod
     def from_path(
-        cls, path: str, adapter: str | None = None, **kwargs: Any
+        cls, path: str, adapter: str | None = None, template: str = "default", **kwargs: Any
     ) -> TransformersGenerator:
-        model, tokenizer = _load(path, adapter)
+        model, tokenizer = _load(path, adapter, template)
         return cls(model, tokenizer, **kwargs)
 
     def generate(self, batch: Sequence[Messages]) -> list[Generation]:

@@ -82,18 +82,22 @@ def run_preference_eval(
     n_boot: int = 2000,
     alpha: float = 0.05,
     seed: int = 0,
+    template: str = "default",
 ) -> dict:
-    """Score every system (``SystemSpec`` with ``model`` only) on the pairs in ``data``."""
+    """Score every system (``SystemSpec`` with ``model`` only) on the pairs in ``data``, which
+    are tokenized once, with the chat template ``template`` names (default: the base model's)."""
+    from alignforge.data.templating import set_chat_template
     from alignforge.models import load_tokenizer
     from alignforge.recipes.reward import column
 
-    bad = [s.name for s in systems if s.adapter or s.endpoint]
+    bad = [s.name for s in systems if s.adapter or s.endpoint or s.template != "default"]
     if bad:
         raise ConfigError(
             f"--system {bad[0]}: the preference task takes name=PATH (a reward model, an adapter "
-            "or a model directory), no adapter= or endpoint="
+            "or a model directory), no adapter=, endpoint= or template= (--template sets the one "
+            "template pairs are tokenized with)"
         )
-    tokenizer = load_tokenizer(base)
+    tokenizer = set_chat_template(load_tokenizer(base), template)
     rows, pairs, stats = load_pairs(data, tokenizer, max_length, max_prompt_length, limit, split)
     lengths = np.array([p.lengths for p in pairs])
     groups = [p.prompt_key for p in pairs]

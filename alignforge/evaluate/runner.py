@@ -44,6 +44,7 @@ class SystemSpec(StrictModel):
     adapter: str | None = None
     endpoint: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
+    template: str = "default"  # chat template of a local model (docs/guide.md); default: its own
 
     @model_validator(mode="after")
     def _check(self) -> SystemSpec:
@@ -51,6 +52,11 @@ class SystemSpec(StrictModel):
             raise ValueError(f"name {self.name!r} must be non-empty, without '/' or leading '.'")
         if self.endpoint and self.adapter:
             raise ValueError("adapter cannot be combined with endpoint")
+        if self.template != "default" and (self.endpoint or self.model.endswith(".gguf")):
+            raise ValueError(
+                "template: a GGUF file or an endpoint formats prompts with its own chat template; "
+                "set template on local models only"
+            )
         if self.adapter and self.model.endswith(".gguf"):
             raise ValueError(
                 f"adapter: {self.model} is a GGUF file; export the adapter merged "
@@ -65,7 +71,7 @@ class SystemsFile(StrictModel):
 
 def parse_system(text: str) -> SystemSpec:
     """``name=PATH`` or ``name=key=value,key=value`` (keys: model, adapter, endpoint,
-    api_key_env), e.g. ``ppo=model=runs/sft-merged,adapter=runs/ppo/final`` or
+    api_key_env, template), e.g. ``ppo=model=runs/sft-merged,adapter=runs/ppo/final`` or
     ``gpt=endpoint=https://api.openai.com/v1,model=gpt-4o-mini``."""
     if "=" not in text:
         raise ConfigError(f"--system {text!r}: expected name=PATH or name=key=value,...")
@@ -109,7 +115,11 @@ def build_generator(
     if spec.model.endswith(".gguf"):  # run by llama.cpp, as it will be served
         return LlamaCppGenerator.from_path(spec.model, max_new_tokens=max_new_tokens)
     return TransformersGenerator.from_path(
-        spec.model, spec.adapter, max_new_tokens=max_new_tokens, batch_size=batch_size
+        spec.model,
+        spec.adapter,
+        template=spec.template,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
     )
 
 

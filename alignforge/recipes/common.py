@@ -10,27 +10,39 @@ from pathlib import Path
 import torch
 
 from alignforge.data import DataError, read_rows
+from alignforge.data.mix import mix_rows
 from alignforge.models import load_model, wrap_lora
 
 
 def load_splits(
-    dataset: str, eval_dataset: str | None, val_size: float, seed: int, max_samples: int | None
+    datasets: list[str],
+    eval_datasets: list[str],
+    val_size: float,
+    seed: int,
+    max_samples: int | None,
+    mix_strategy: str = "concat",
+    interleave_probs: list[float] | None = None,
 ):
-    """Training rows and eval rows; without an eval dataset, hold out ``val_size`` of the rows.
+    """Training rows (several datasets mixed by ``mix_strategy``: :mod:`alignforge.data.mix`) and
+    eval rows (several datasets concatenated); without eval datasets, hold out ``val_size`` of
+    the rows. Both are :class:`Rows`, each row knowing its dataset and row for error messages.
 
-    A folder is read by split: ``dataset`` takes its train split, ``eval_dataset`` its one
+    A folder is read by split: a training dataset gives its train split, an eval dataset its one
     held-out split (test, validation or eval), so a folder holding both is never read whole."""
-    rows = _read(dataset, "train", "dataset")
+    parts = [_read(d, "train", "dataset") for d in datasets]
+    rows = mix_rows(parts, datasets, mix_strategy, interleave_probs, seed)
     if max_samples:
-        rows = rows[:max_samples]
-    if eval_dataset:
-        return rows, _read(eval_dataset, "eval", "eval_dataset")
+        rows = rows.select(range(min(max_samples, len(rows))))
+    if eval_datasets:
+        return rows, mix_rows(
+            [_read(d, "eval", "eval_dataset") for d in eval_datasets], eval_datasets
+        )
     if val_size > 0:
         idx = list(range(len(rows)))
         random.Random(seed).shuffle(idx)
         n_eval = max(1, int(round(len(rows) * val_size)))
         held = set(idx[:n_eval])
-        return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+        return rows.select(i for i in range(len(rows)) if i not in held), rows.select(sorted(held))
     return rows, []
 
 
@@ -45,15 +57,16 @@ def load_prepared(cfg, tokenizer, prepare):
     """Train and eval rows of ``cfg``'s data, each turned into examples by ``prepare``
     (``prepare_sft`` or ``prepare_pairs``); returns (train, train_stats, eval, eval_stats)."""
     train_rows, eval_rows = load_splits(
-        cfg.dataset, cfg.eval_dataset, cfg.val_size, cfg.seed, cfg.max_samples
-    )
+        cfg.datasets, cfg.eval_datasets, cfg.val_size, cfg.seed, cfg.max_samples,
+        cfg.mix_strategy, cfg.interleave_probs,
+    )  # fmt: skip
     prep = dict(max_length=cfg.max_length, truncation=cfg.truncation, formatting=cfg.formatting,
                 columns=cfg.columns, skip_bad_rows=cfg.skip_bad_rows)  # fmt: skip
-    train, train_stats = prepare(train_rows, tokenizer, source=cfg.dataset, **prep)
+    train, train_stats = prepare(train_rows, tokenizer, source=", ".join(cfg.datasets), **prep)
     if not eval_rows:
         return train, train_stats, [], None
     evals, eval_stats = prepare(
-        eval_rows, tokenizer, source=cfg.eval_dataset or "held-out split", **prep
+        eval_rows, tokenizer, source=", ".join(cfg.eval_datasets) or "held-out split", **prep
     )
     return train, train_stats, evals, eval_stats
 

@@ -43,6 +43,7 @@ import torch
 from alignforge.config.preference import DPOConfig
 from alignforge.data.kto import KTOExample, prepare_kto
 from alignforge.data.preference import PreferencePair, collate_pairs, prepare_pairs
+from alignforge.data.templating import set_chat_template
 from alignforge.losses.kto import kto_kl, kto_loss
 from alignforge.losses.preference import dpo_loss
 from alignforge.losses.reference_free import orpo_loss, simpo_loss
@@ -312,7 +313,9 @@ def precompute_reference(cfg, acc, tokenizer, model, ref_model, collate, splits)
 
 def run(cfg: DPOConfig, callbacks=()) -> dict:
     acc = open_run(cfg)
-    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir)
+    tokenizer = set_chat_template(
+        load_tokenizer(cfg.model_name_or_path, cfg.cache_dir), cfg.template
+    )
     train, train_stats, evals, eval_stats = load_pairs(cfg, tokenizer)
     collate = make_collate(tokenizer.pad_token_id, cfg)
     model, ref_model = build_policy(

@@ -40,6 +40,7 @@ from torch import Tensor
 from alignforge.config import ConfigError
 from alignforge.config.rlhf import PPOConfig
 from alignforge.data import read_prompts
+from alignforge.data.templating import set_chat_template
 from alignforge.losses.ppo import ppo_policy_loss, ppo_value_loss
 from alignforge.models import load_tokenizer
 from alignforge.recipes.common import peak_memory_mb, write_summary
@@ -93,10 +94,11 @@ class PPORun:
         check_parallel(cfg, acc.num_processes)
         self.out = Path(cfg.output_dir)
         path = check_reference(cfg.model_name_or_path, cfg.cache_dir)
-        self.tokenizer = load_tokenizer(path, cfg.cache_dir)
+        self.tokenizer = set_chat_template(load_tokenizer(path, cfg.cache_dir), cfg.template)
         self.prompts = read_prompts(
-            cfg.dataset, cfg.formatting, cfg.columns, cfg.max_samples, cfg.skip_bad_rows
-        )
+            cfg.datasets, cfg.formatting, cfg.columns, cfg.max_samples, cfg.skip_bad_rows,
+            cfg.mix_strategy, cfg.interleave_probs, cfg.seed,
+        )  # fmt: skip
         self.prompt_ids = [
             chat_prompt_ids(self.tokenizer, p)[-cfg.max_length :] for p in self.prompts
         ]

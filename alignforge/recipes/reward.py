@@ -34,6 +34,7 @@ import torch
 from alignforge.config.rlhf import RMConfig
 from alignforge.data import DataError
 from alignforge.data.preference import PreferencePair, prepare_pairs
+from alignforge.data.templating import set_chat_template
 from alignforge.evaluate import preference as pref
 from alignforge.evaluate.pair_scores import last_token_features, mean_token_logps, sequences
 from alignforge.losses.pairwise import bradley_terry_loss
@@ -153,8 +154,9 @@ def load_pairs(cfg: RMConfig, tokenizer):
     """Train and held-out pairs (with their stats) and the held-out rows (for ``agreement``
     and ``category`` columns)."""
     train_rows, eval_rows = load_splits(
-        cfg.dataset, cfg.eval_dataset, cfg.val_size, cfg.seed, cfg.max_samples
-    )
+        cfg.datasets, cfg.eval_datasets, cfg.val_size, cfg.seed, cfg.max_samples,
+        cfg.mix_strategy, cfg.interleave_probs,
+    )  # fmt: skip
     if not eval_rows:
         raise DataError(
             "eval_dataset / val_size: a reward model needs held-out pairs to report its accuracy; "
@@ -165,8 +167,8 @@ def load_pairs(cfg: RMConfig, tokenizer):
         formatting=cfg.formatting, columns=cfg.columns, skip_bad_rows=cfg.skip_bad_rows,
         max_prompt_length=cfg.max_prompt_length,
     )  # fmt: skip
-    train, train_stats = prep(train_rows, source=cfg.dataset)
-    evals, eval_stats = prep(eval_rows, source=cfg.eval_dataset or "held-out split")
+    train, train_stats = prep(train_rows, source=", ".join(cfg.datasets))
+    evals, eval_stats = prep(eval_rows, source=", ".join(cfg.eval_datasets) or "held-out split")
     return train, train_stats, evals, eval_stats, eval_rows
 
 
@@ -232,7 +234,9 @@ def run(cfg: RMConfig, callbacks=()) -> dict:
     if acc.is_main_process:
         prepare_output_dir(cfg)
     acc.wait_for_everyone()
-    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir)
+    tokenizer = set_chat_template(
+        load_tokenizer(cfg.model_name_or_path, cfg.cache_dir), cfg.template
+    )
     train, train_stats, evals, eval_stats, eval_rows = load_pairs(cfg, tokenizer)
     gamma = fit_length_coef(log_length_ratio(train)) if cfg.length_control else 0.0
     collate = PairCollator(tokenizer.pad_token_id, gamma)

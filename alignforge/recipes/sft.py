@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from alignforge.config.stages import SFTConfig
 from alignforge.data import IGNORE, collate_packed, collate_padded, pack, prepare_sft
+from alignforge.data.templating import set_chat_template
 from alignforge.models import load_tokenizer
 from alignforge.models.scoring import target_token_logps
 from alignforge.recipes.common import (
@@ -72,7 +73,9 @@ def make_units(examples, cfg, pad_id):
 
 def run(cfg: SFTConfig, callbacks=()) -> dict:
     acc = open_run(cfg)
-    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir)
+    tokenizer = set_chat_template(
+        load_tokenizer(cfg.model_name_or_path, cfg.cache_dir), cfg.template
+    )
 
     train_ex, train_stats, eval_ex, eval_stats = load_prepared(cfg, tokenizer, prepare_sft)
     train_units, collate = make_units(train_ex, cfg, tokenizer.pad_token_id)

@@ -47,7 +47,9 @@ import torch
 from alignforge.config.preference import SPINConfig
 from alignforge.data import DataError, to_example
 from alignforge.data.formats import ChatExample
+from alignforge.data.mix import row_name
 from alignforge.data.preference import prepare_pairs, render_prompt
+from alignforge.data.templating import set_chat_template
 from alignforge.losses.preference import spin_loss
 from alignforge.models import fingerprint, load_model, load_tokenizer, wrap_lora
 from alignforge.recipes.common import Timer, load_splits, peak_memory_mb, write_summary
@@ -122,7 +124,7 @@ def sft_prompts(rows, formatting="auto", columns=None, skip_bad_rows=False, sour
                 )
         except DataError as e:
             if not skip_bad_rows:
-                raise DataError(f"{source} row {idx}: {e}") from None
+                raise DataError(f"{row_name(rows, idx, source)}: {e}") from None
             bad += 1
             continue
         out.append((ex.messages[:j], ex.messages[j]["content"]))
@@ -415,14 +417,17 @@ def run_iteration(k, opponent, opponent_id, tokenizer, items, eval_items, prev_r
 def run(cfg: SPINConfig, callbacks=()) -> dict:
     acc = open_run(cfg)
     out = Path(cfg.output_dir)
-    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir)
-    train_rows, eval_rows = load_splits(
-        cfg.dataset, cfg.eval_dataset, cfg.val_size, cfg.seed, cfg.max_samples
+    tokenizer = set_chat_template(
+        load_tokenizer(cfg.model_name_or_path, cfg.cache_dir), cfg.template
     )
+    train_rows, eval_rows = load_splits(
+        cfg.datasets, cfg.eval_datasets, cfg.val_size, cfg.seed, cfg.max_samples,
+        cfg.mix_strategy, cfg.interleave_probs,
+    )  # fmt: skip
     prep = dict(formatting=cfg.formatting, columns=cfg.columns, skip_bad_rows=cfg.skip_bad_rows)
-    items, bad = sft_prompts(train_rows, source=cfg.dataset, **prep)
+    items, bad = sft_prompts(train_rows, source=", ".join(cfg.datasets), **prep)
     eval_items = (
-        sft_prompts(eval_rows, source=cfg.eval_dataset or "held-out split", **prep)[0]
+        sft_prompts(eval_rows, source=", ".join(cfg.eval_datasets) or "held-out split", **prep)[0]
         if eval_rows
         else []
     )

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from alignforge.data.templating import render_chat
 from alignforge.rollout.base import Rollout
 
 
@@ -35,7 +36,7 @@ def chat_prompt_ids(tokenizer, messages_or_text, *, system: str | None = None) -
     if system is not None and (not messages or messages[0].get("role") != "system"):
         messages = [{"role": "system", "content": system}, *messages]
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = render_chat(tokenizer, messages, add_generation_prompt=True)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     return list(tokenizer(text)["input_ids"])

@@ -74,7 +74,7 @@ def test_a_failed_start_is_reusable_without_a_flag(tiny_model_dir, data_file, tm
     bad = tmp_path / "bad.jsonl"
     bad.write_text(open(data_file).read() + '{"instruction": "no answer"}\n')
     out = tmp_path / "run"
-    with pytest.raises(DataError, match="row 24: cannot tell the format"):
+    with pytest.raises(DataError, match="bad.jsonl:25: cannot tell the format"):
         sft.run(cfg(tiny_model_dir, str(bad), out))
     assert [p.name for p in out.iterdir()] == ["config.yaml"]
     bad.write_text(open(data_file).read())  # the user fixes the data and runs the same command

@@ -91,3 +91,26 @@ def test_exemplar_selection_is_greedy_forward():
         pool, dev_inputs, dev_refs, predict=predict, metric=metric, k=4, stop_when_no_gain=True
     )
     assert stop.indices == [1, 2, 0]
+
+
+def test_a_shared_system_message_is_no_leak_but_the_same_question_is(tmp_path):
+    """Near duplicates are judged on what prompts ask, not on the instruction they all share
+    (embedded with it, two different ner_finance sentences come out 0.96 alike)."""
+    with open("examples/data/ner_finance.jsonl") as fh:
+        system = json.loads(fh.readline())["input"][0]
+    assert system["role"] == "system" and len(system["content"]) > 500
+
+    def row(sentence, doc):
+        return {"prompt": [system, {"role": "user", "content": sentence}], "doc_id": doc}
+
+    train = _write(tmp_path / "train.jsonl", [
+        row("Acme Corp hired Jane Doe in Paris.", "a"),
+        row("The Borrower shall repay the Loan in full on the Maturity Date.", "b"),
+    ])  # fmt: skip
+    test = _write(tmp_path / "test.jsonl", [
+        row("Globex bought Initech for $3 million.", "c"),
+        row("The Borrower shall repay the loan in full on the maturity date .", "d"),
+    ])  # fmt: skip
+    report = check_leaks({"train": train, "test": test})
+    assert [(leak.kind, {r[1] for r in leak.rows}) for leak in report.leaks] == [("near", {2})]
+    assert report.leaks[0].value.startswith("The Borrower")  # the question, not the instruction

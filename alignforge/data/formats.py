@@ -10,6 +10,10 @@ Accepted row formats (``formatting: auto`` detects them in this order):
 | ``sharegpt`` | ``conversations: [{from, value}, ...]`` | every ``gpt`` turn |
 | ``text`` | ``text`` | every token |
 
+TRL's unpaired preference rows (``prompt``, ``completion`` and ``label``: the KTO format) are
+detected as ``unpaired_preference`` and refused here: they judge completions, and an SFT run would
+learn the ``label: false`` ones too. :func:`is_unpaired_preference` is the one test of it.
+
 A ``columns`` mapping renames a dataset's own columns onto these names, e.g.
 ``columns: {prompt: question, completion: answer}``.
 """
@@ -53,7 +57,19 @@ class TextExample:
 Example = ChatExample | TextExample
 
 
+UNPAIRED_PREFERENCE = "unpaired_preference"
+
+
+def is_unpaired_preference(row: dict) -> bool:
+    """TRL's unpaired preference row (the KTO format): ``prompt``, ``completion`` and ``label``
+    (whether the completion is desirable). The one test of the format: SFT refuses such rows,
+    the preference stage (:mod:`alignforge.data.kto`) reads them."""
+    return all(k in row for k in ("prompt", "completion", "label"))
+
+
 def detect_format(row: dict) -> str:
+    if is_unpaired_preference(row):
+        return UNPAIRED_PREFERENCE
     if "messages" in row:
         return "messages"
     if "conversations" in row:
@@ -182,6 +198,12 @@ def to_example(
                 )
             row[target] = row[source]
     fmt = detect_format(row) if formatting == "auto" else formatting
+    if fmt in ("prompt_completion", UNPAIRED_PREFERENCE) and is_unpaired_preference(row):
+        raise DataError(
+            "unpaired preference data (TRL's KTO format: prompt, completion, label); "
+            "SFT would learn its label: false completions too. Train on it with stage: dpo, "
+            "loss_type: kto (docs/dpo_spin.md), or keep the label: true rows, without label, for SFT"
+        )
     required = {
         "messages": ["messages"],
         "prompt_completion": ["prompt", "completion"],
@@ -208,14 +230,16 @@ def to_example(
 def to_prompt(row: dict, formatting: str = "auto", columns: dict[str, str] | None = None):
     """The prompt of a row, for methods that sample their own answers (PPO, GRPO, RLOO).
 
-    A ``prompt`` column alone (a string or a message list) is the prompt as it is. Any other
+    A ``prompt`` column alone (a string or a message list), or the prompt of an unpaired
+    preference row, is the prompt as it is. Any other
     format is read as :func:`to_example` reads it (ShareGPT roles mapped, alpaca's system and
     history kept) and its messages up to the last trainable turn are the prompt; a row without
     an answer (alpaca without ``output``) is read with an empty one.
     """
     if columns:
         row = {**row, **{t: row[s] for t, s in columns.items() if s in row}}
-    if formatting in ("auto", "prompt_completion") and "prompt" in row and "completion" not in row:
+    prompt_only = "completion" not in row or is_unpaired_preference(row)
+    if formatting in ("auto", "prompt_completion") and "prompt" in row and prompt_only:
         p = row["prompt"]
         return p if isinstance(p, str) and p.strip() else _check_messages(p, "prompt")
     if formatting in ("auto", "alpaca") and "instruction" in row and not row.get("output"):

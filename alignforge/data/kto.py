@@ -27,6 +27,7 @@ import json
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from alignforge.data.formats import is_unpaired_preference
 from alignforge.data.preference import (
     PreferencePair,
     PreferenceStats,
@@ -52,11 +53,6 @@ class KTOStats(PreferenceStats):
     undesirable: int = 0
 
 
-def is_unpaired(row: dict) -> bool:
-    """A TRL KTO row: ``prompt``, ``completion`` and ``label`` and no chosen/rejected."""
-    return all(k in row for k in ("prompt", "completion", "label"))
-
-
 def _label(value) -> bool:
     if isinstance(value, bool):
         return value
@@ -74,7 +70,7 @@ def split_labelled(
     if not isinstance(row, dict):
         raise DataError(f"row is a {type(row).__name__}, not an object")
     mapped = {**row, **{t: row[s] for t, s in (columns or {}).items() if s in row}}
-    if formatting == "auto" and is_unpaired(mapped):
+    if formatting == "auto" and is_unpaired_preference(mapped):
         if mapped["completion"] in ("", [], {}, None):
             raise DataError("completion is empty")
         prompt = _messages(mapped["prompt"], "user", "prompt")

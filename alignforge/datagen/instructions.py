@@ -119,6 +119,7 @@ def instruction_set_schema(n_pairs: int, max_instruction_chars: int, max_answer_
             "answer": {"type": "string", "minLength": 1, "maxLength": max_answer_chars},
         },
         "required": ["instruction", "answer"],
+        "additionalProperties": False,
     }
     return {
         "type": "object",
@@ -126,6 +127,7 @@ def instruction_set_schema(n_pairs: int, max_instruction_chars: int, max_answer_
             "pairs": {"type": "array", "items": pair, "minItems": n_pairs, "maxItems": n_pairs}
         },
         "required": ["pairs"],
+        "additionalProperties": False,
     }
 
 

@@ -18,7 +18,8 @@ _EXPORTS = {
     "TransformersChatClient": "alignforge.rollout.openai_client",
     "ChatResult": "alignforge.rollout.openai_client",
     "EndpointError": "alignforge.rollout.openai_client",
-    "JsonSchemaConstraint": "alignforge.rollout.json_constraint",
+    "json_constraint": "alignforge.rollout.constrained",
+    "schema_from_response_format": "alignforge.rollout.constrained",
 }
 
 __all__ = sorted(_EXPORTS)

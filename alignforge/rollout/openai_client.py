@@ -13,9 +13,10 @@
 alone on 429, 5xx, timeouts and connection errors with exponential backoff
 (``backoff * 2**attempt`` seconds, or the server's ``Retry-After``). With
 ``return_exceptions=True`` a request that still fails becomes an :class:`EndpointError` in its
-slot, so one bad item never sinks the batch. ``response_format`` takes the OpenAI form
-``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}``; local models then
-decode under the schema's constraint.
+slot, so one bad item never sinks the batch. ``response_format`` takes the OpenAI forms
+``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}`` and
+``{"type": "json_object"}``; local models then decode under the constraint
+(:mod:`alignforge.rollout.constrained`).
 """
 
 from __future__ import annotations
@@ -72,19 +73,6 @@ class EndpointError(UserError, RuntimeError):
         if self.status == 404:
             return "check base_url (it usually ends in /v1) and the model name"
         return "check that the server is running and reachable at base_url"
-
-
-def schema_from_response_format(response_format: dict | None) -> dict | None:
-    """The JSON schema inside an OpenAI ``response_format`` (``None`` if there is none)."""
-    if not response_format:
-        return None
-    if response_format.get("type") == "json_schema":
-        inner = response_format.get("json_schema") or {}
-        schema = inner.get("schema")
-        if not isinstance(schema, dict):
-            raise ValueError("response_format.json_schema.schema must be a JSON schema object")
-        return schema
-    return None
 
 
 def _run_sync(coro):
@@ -325,6 +313,7 @@ class TransformersChatClient:
         logprobs: bool = False, top_p: float | None = None, seed: int | None = None,
         return_exceptions: bool = False, progress: bool = False,
     ) -> list:  # fmt: skip
+        from alignforge.rollout.constrained import schema_from_response_format
         from alignforge.rollout.transformers_engine import chat_prompt_ids
 
         schema = schema_from_response_format(response_format)

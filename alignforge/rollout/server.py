@@ -74,7 +74,7 @@ def create_app(engine, model_name: str = "alignforge", max_tokens_default: int =
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import StreamingResponse
 
-    from alignforge.rollout.openai_client import schema_from_response_format
+    from alignforge.rollout.constrained import schema_from_response_format
     from alignforge.rollout.transformers_engine import chat_prompt_ids
 
     app = FastAPI(title="alignforge OpenAI-compatible server")

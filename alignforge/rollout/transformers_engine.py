@@ -6,10 +6,12 @@
     [[greedy]] = engine.generate([ids], greedy=True, max_new_tokens=64)
     samples = engine.generate([ids], n=4, temperature=0.9, top_p=0.95, seed=0)[0]
 
-Behaviour log-probs are read from the scores ``generate`` actually sampled from: after the JSON
-constraint (if any), temperature and top-p. With ``temperature=1, top_p=1`` they equal the
-teacher-forced log-probs of the model; with temperature ``T`` they equal
-``log_softmax(logits / T)``. Greedy rollouts report the untempered (T=1) log-probs.
+Behaviour log-probs are those of the distribution each token was actually drawn from: the
+logits with the JSON constraint's mask applied (disallowed tokens at -inf; rows without a schema
+unmasked), divided by the temperature, then cut to the top-p nucleus and renormalised. With
+``temperature=1, top_p=1`` and no schema they equal the model's teacher-forced log-probs; with
+temperature ``T`` they equal ``log_softmax(logits / T)``. Greedy rollouts report the untempered
+(T=1) log-probs of the masked logits.
 """
 
 from __future__ import annotations
@@ -64,7 +66,6 @@ class TransformersEngine:
         self.eos_ids = eos_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
-        self._constraints: dict[str, object] = {}
 
     def set_policy_version(self, version: str) -> None:
         self.policy_version = str(version)
@@ -72,18 +73,6 @@ class TransformersEngine:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    def json_constraint(self, schema: dict, max_string_chars: int = 1000):
-        import json
-
-        from alignforge.rollout.json_constraint import JsonSchemaConstraint
-
-        key = json.dumps(schema, sort_keys=True) + f"|{max_string_chars}"
-        if key not in self._constraints:
-            self._constraints[key] = JsonSchemaConstraint(
-                self.tokenizer, schema, max_string_chars=max_string_chars, eos_ids=self.eos_ids
-            )
-        return self._constraints[key]
 
     @torch.no_grad()
     def generate(
@@ -96,7 +85,7 @@ class TransformersEngine:
         max_new_tokens: int = 128,
         greedy: bool = False,
         seed: int | list[int] | None = None,
-        json_schema: dict | None = None,
+        json_schema: dict | list[dict | None] | None = None,
         streamer=None,
     ) -> list[list[Rollout]]:
         """``n`` rollouts for each prompt (token id lists).
@@ -105,8 +94,10 @@ class TransformersEngine:
         list), the prompt's position and the sample's index: a prompt's samples do not depend on
         which other prompts share its batch or its process.
 
-        ``json_schema`` constrains the output to JSON valid for that schema; ``streamer`` (a
-        transformers streamer, one prompt and ``n=1`` only) receives tokens as they are made.
+        ``json_schema`` constrains the output to JSON valid for that schema (see
+        :mod:`alignforge.rollout.constrained`); a list gives one schema, or ``None`` for free
+        text, per prompt. ``streamer`` (a transformers streamer, one prompt and ``n=1`` only)
+        receives tokens as they are made.
         """
         if streamer is not None and (len(prompts) != 1 or n != 1):
             raise ValueError("streaming needs exactly one prompt and n=1")
@@ -124,7 +115,7 @@ class TransformersEngine:
         # Similar lengths share a batch so left padding stays short.
         rows.sort(key=lambda r: len(prompts[r[0]]))
         out: list[list[Rollout | None]] = [[None] * n for _ in prompts]
-        constraint = self.json_constraint(json_schema) if json_schema else None
+        constraints = self._constraints(json_schema, len(prompts))
         was_training = self.model.training
         self.model.eval()
         try:
@@ -132,8 +123,10 @@ class TransformersEngine:
                 chunk = rows[start : start + self.batch_size]
                 batch = [prompts[p] for p, _ in chunk]
                 gens = [_row_generator(seeds[p], j) for p, j in chunk]
+                matchers = [c.matcher() if (c := constraints[p]) is not None else None
+                            for p, _ in chunk]  # fmt: skip
                 results = self._generate_batch(
-                    batch, temperature, top_p, max_new_tokens, greedy, constraint, streamer, gens
+                    batch, temperature, top_p, max_new_tokens, greedy, matchers, streamer, gens
                 )
                 for (p, j), rollout in zip(chunk, results, strict=True):
                     out[p][j] = rollout
@@ -141,8 +134,21 @@ class TransformersEngine:
             self.model.train(was_training)
         return out  # type: ignore[return-value]
 
+    def _constraints(self, json_schema, n_prompts: int) -> list:
+        """One compiled :class:`JsonConstraint` (or ``None``) per prompt."""
+        from alignforge.rollout.constrained import json_constraint
+
+        if not isinstance(json_schema, list):
+            json_schema = [json_schema] * n_prompts
+        if len(json_schema) != n_prompts:
+            raise ValueError(f"{len(json_schema)} json schemas for {n_prompts} prompts")
+        return [
+            json_constraint(self.tokenizer, s, self.eos_ids) if s is not None else None
+            for s in json_schema
+        ]
+
     def _generate_batch(
-        self, batch, temperature, top_p, max_new_tokens, greedy, constraint, streamer, gens
+        self, batch, temperature, top_p, max_new_tokens, greedy, matchers, streamer, gens
     ):
         from transformers import GenerationConfig, LogitsProcessorList
         from transformers.generation.logits_process import (
@@ -157,8 +163,11 @@ class TransformersEngine:
             input_ids[i, width - len(ids) :] = torch.tensor(ids)
             attention[i, width - len(ids) :] = 1
         processors = LogitsProcessorList()
-        if constraint is not None:
-            processors.append(constraint.processor())
+        if any(m is not None for m in matchers):
+            from alignforge.rollout.constrained import JsonLogitsProcessor
+
+            # the mask comes first: temperature and top-p then act on the allowed tokens only
+            processors.append(JsonLogitsProcessor(matchers, pad_id=self.pad_id))
         sampler = None
         if not greedy:
             warpers = []
@@ -245,7 +254,8 @@ def _row_generator(seed: int, sample: int) -> torch.Generator:
 class RowSampler:
     """A logits processor that samples each row from its own generator after the warpers
     (temperature, top-p), records the sampled token's log-prob under that processed
-    distribution, and leaves only that token possible so decoding takes it."""
+    distribution, and leaves only that token possible so decoding takes it. The scores it
+    receives are already masked by the JSON constraint, if any."""
 
     def __init__(self, warpers, generators: list[torch.Generator]):
         self.warpers, self.generators = warpers, generators

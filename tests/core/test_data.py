@@ -158,3 +158,24 @@ def test_a_folder_is_read_by_split_never_whole(tmp_path):
         read_rows(tmp_path / "hf", split="eval")
     datasets.DatasetDict({s: dd[s] for s in ("train", "test")}).save_to_disk(str(tmp_path / "hf2"))
     assert read_rows(tmp_path / "hf2", split="eval") == [{"text": "test"}]
+
+
+def test_unpaired_preference_rows_are_refused_by_sft(tok):
+    """TRL's KTO rows (prompt, completion, label) judge completions: SFT would learn the
+    label: false ones. One test names the format; SFT refuses it, PPO still takes its prompts."""
+    from alignforge.data.formats import detect_format, to_prompt
+
+    rows = [
+        {"prompt": "2 + 2?", "completion": "4", "label": True},
+        {"prompt": "2 + 2?", "completion": "5", "label": False},
+    ]
+    assert detect_format(rows[1]) == "unpaired_preference"
+    for formatting in ("auto", "prompt_completion"):
+        with pytest.raises(
+            DataError, match=r"train.jsonl row 0: unpaired preference data .*KTO.*loss_type: kto"
+        ):
+            prepare_sft(rows, tok, max_length=64, formatting=formatting, source="train.jsonl")
+    assert to_prompt(rows[1]) == "2 + 2?"
+    renamed = [{"q": "2 + 2?", "a": "5", "label": False}]
+    with pytest.raises(DataError, match="unpaired preference data"):
+        prepare_sft(renamed, tok, max_length=64, columns={"prompt": "q", "completion": "a"})

@@ -1,10 +1,7 @@
-import json
-
 import pytest
 import torch
 
 from alignforge.rollout import Rollout, RolloutEngine, TransformersEngine, chat_prompt_ids
-from alignforge.rollout.json_constraint import JsonSchemaConstraint, feed_text, is_complete
 
 
 def teacher_forced(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
@@ -86,68 +83,3 @@ def test_seed_makes_sampling_reproducible(tiny_model, tokenizer, prompts):
     a = engine.generate(prompts, n=2, max_new_tokens=6, seed=7)
     b = engine.generate(prompts, n=2, max_new_tokens=6, seed=7)
     assert [[r.completion_ids for r in g] for g in a] == [[r.completion_ids for r in g] for g in b]
-
-
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "label": {"enum": ["PER", "ORG", "LOC"]},
-        "items": {
-            "type": "array", "minItems": 1, "maxItems": 3,
-            "items": {"type": "object", "properties": {
-                "name": {"type": "string", "maxLength": 12},
-                "score": {"type": "integer"}, "ok": {"type": "boolean"}}},
-        },
-    },
-}  # fmt: skip
-
-
-def test_constrained_decoding_yields_schema_valid_json(tiny_model, tokenizer, prompts):
-    engine = TransformersEngine(tiny_model, tokenizer, batch_size=4)
-    groups = engine.generate(prompts, n=2, max_new_tokens=200, seed=0, json_schema=SCHEMA)
-    for group in groups:
-        for r in group:
-            assert r.finish_reason == "stop", r.text
-            obj = json.loads(r.text)
-            assert obj["label"] in {"PER", "ORG", "LOC"}
-            assert 1 <= len(obj["items"]) <= 3
-            for item in obj["items"]:
-                assert len(item["name"]) <= 12
-                assert isinstance(item["score"], int) and isinstance(item["ok"], bool)
-            # the constraint changes the distribution: logps are those of the masked scores
-            assert all(lp <= 1e-6 for lp in r.logps)
-
-
-def test_constraint_automaton_accepts_and_rejects(tokenizer):
-    c = JsonSchemaConstraint(tokenizer, SCHEMA)
-    s0 = c.initial_state()
-    good = '{"label":"ORG","items":[{"name":"a\\"b","score":-12,"ok":false}]}'
-    assert is_complete(feed_text(s0, good))
-    for bad in [
-        '{"label":"ORX"',  # not an enum prefix
-        '{"label":"ORG","items":[]}',  # minItems
-        '{"label":"ORG","items":[{"name":"aaaaaaaaaaaaa"',  # maxLength 12
-        '{"label":"ORG","items":[{"name":"a","score":1.5',  # integer
-        '{ "label"',  # compact output only
-    ]:
-        state = feed_text(s0, bad)
-        assert state is None or not is_complete(state), bad
-    assert feed_text(s0, '{"label":"ORX"') is None
-    # after a complete object only EOS may follow
-    assert c.allowed(feed_text(s0, good)).tolist() == c.eos_ids
-
-
-def test_constraint_resolves_pydantic_refs(tokenizer):
-    from pydantic import BaseModel, Field
-
-    class Pair(BaseModel):
-        instruction: str = Field(max_length=30)
-        answer: str | None = None
-
-    class PairSet(BaseModel):
-        pairs: list[Pair] = Field(min_length=2, max_length=2)
-
-    c = JsonSchemaConstraint(tokenizer, PairSet.model_json_schema())
-    text = '{"pairs":[{"instruction":"x","answer":"y"},{"instruction":"z","answer":"w"}]}'
-    assert is_complete(feed_text(c.initial_state(), text))
-    PairSet.model_validate_json(text)

@@ -34,7 +34,8 @@ def test_models_and_chat_completion(server):
 
 def test_json_schema_response_format_is_enforced(server):
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 15},
-                                               "population": {"type": "integer"}}}  # fmt: skip
+                                               "population": {"type": "integer", "maximum": 10**9}},
+              "required": ["city", "population"], "additionalProperties": False}  # fmt: skip
     rf = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
     client = OpenAIChatClient(server.base_url, model="tiny")
     for r in client.chat(MSG, temperature=1.0, max_tokens=60, n=2, response_format=rf, seed=0):
@@ -134,7 +135,8 @@ def test_local_chat_client_has_the_same_surface(tiny_model, tokenizer):
     from alignforge.rollout import TransformersChatClient
 
     client = TransformersChatClient(tiny_model, tokenizer, model_name="tiny")
-    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 10}}}
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 10}},
+              "required": ["answer"], "additionalProperties": False}  # fmt: skip
     rf = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
     out = client.chat_many([MSG, MSG + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]],
                            temperature=1.0, max_tokens=40, response_format=rf, n=2, logprobs=True, seed=0)  # fmt: skip

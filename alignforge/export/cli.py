@@ -30,8 +30,7 @@ def export_command(
     `alignforge eval --system fp32=MODEL --system q4=OUT.gguf ...`.
     """
     from alignforge.config import ConfigError
-    from alignforge.export import ExportError, export_gguf, export_hf
-    from alignforge.models import ModelLoadError
+    from alignforge.export import export_gguf, export_hf
 
     if format not in ("hf", "gguf"):
         raise ConfigError(f"--format {format}: expected hf or gguf")
@@ -46,7 +45,4 @@ def export_command(
             path = export_gguf(model, output, quant=quant or "q4_k_m")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    except (ExportError, ModelLoadError) as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
     typer.echo(f"exported {model} to {path}")

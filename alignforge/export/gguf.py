@@ -42,6 +42,8 @@ _SAFE = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 class ExportError(UserError, RuntimeError):
     """An export step failed; the message names the step and the file."""
 
+    exit_code = 1
+
 
 def llama_cpp_version() -> str:
     from importlib.metadata import PackageNotFoundError, version

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from alignforge.data.formats import is_unpaired_preference
+from alignforge.data.mix import row_name
 from alignforge.data.preference import (
     PreferencePair,
     PreferenceStats,
@@ -53,14 +54,6 @@ class KTOStats(PreferenceStats):
     undesirable: int = 0
 
 
-def _label(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if value in (0, 1):  # 0/1 integers, as some datasets store them
-        return bool(value)
-    raise DataError(f"label must be true (desirable) or false (undesirable), got {value!r}")
-
-
 def split_labelled(
     row: dict, formatting: str = "auto", columns: dict[str, str] | None = None
 ) -> list[tuple[list[dict], list[dict], bool, float | None]]:
@@ -77,7 +70,7 @@ def split_labelled(
         answer = _messages(mapped["completion"], "assistant", "completion")
         if not any(m["content"].strip() for m in answer):
             raise DataError("completion is empty")
-        return [(prompt, answer, _label(mapped["label"]), None)]
+        return [(prompt, answer, mapped["label"], None)]  # a bool: is_unpaired_preference
     prompt, chosen, rejected, margin = split_pair(row, formatting, columns)
     return [(prompt, chosen, True, margin), (prompt, rejected, False, margin)]
 
@@ -115,9 +108,9 @@ def prepare_kto(
                 items.append((p_ids, a_ids, label, margin, idx))
         except DataError as e:
             if not skip_bad_rows:
-                raise DataError(f"{source} row {idx}: {e}") from None
+                raise DataError(f"{row_name(rows, idx, source)}: {e}") from None
             stats.bad_rows += 1
-            stats.bad_examples.append(f"row {idx}: {e}")
+            stats.bad_examples.append(f"{row_name(rows, idx, source)}: {e}")
             continue
         full += items
     examples = _cut_and_mismatch(full, max_length, truncation, max_prompt_length, stats)

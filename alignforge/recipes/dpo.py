@@ -440,7 +440,8 @@ def print_summary(s: dict) -> None:
     lines = [
         f"DPO ({s['loss_type']}, beta={s['beta']}) finished in {s['seconds']:.0f}s: {s['steps']}/{s['total_steps']} steps"
         + (" (stopped early)" if s["stopped_early"] else ""),
-        f"  pairs: {d['used']} used of {d['rows']} rows; {d['truncated']} truncated ({d['prompt_truncated']} "
+        f"  {'answers' if 'desirable' in d else 'pairs'}: {d['used']} used of {d['rows']} rows; "
+        f"{d['truncated']} truncated ({d['prompt_truncated']} "
         f"prompts, {d['answer_truncated']} answers), {d['dropped_too_long']} dropped too long, "
         f"{d['dropped_identical']} identical once truncated, {d['bad_rows']} bad rows skipped",
         f"  layout: {s['layout']}; {s['pairs_per_s']:.2f} pairs/s, {s['tokens_per_s']:.0f} tokens/s",

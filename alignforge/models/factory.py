@@ -24,6 +24,7 @@ from alignforge.models.loading import (
     adapter_base,
     hub_failure,
     is_adapter_dir,
+    portable_name,
     resolve_model_path,
 )
 
@@ -62,13 +63,16 @@ def _from_pretrained(
             device_map="cpu" if not torch.cuda.is_available() else None,
         )
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001
         hint = ""
         if "attention implementation" in str(e) or "does not support" in str(e):
             hint = f" (attn_implementation={attn}: this model may need another one, e.g. eager)"
         why = hub_failure(path, e) or f"model {path!r}: from_pretrained failed{hint}: {_line(e)}"
         raise ModelLoadError(why) from e
+    # the name an adapter trained on it records as its base: `default`, not this machine's cache
+    model.name_or_path = model.config.name_or_path = portable_name(path)
+    return model
 
 
 def _line(err: BaseException) -> str:

@@ -201,6 +201,33 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (p / "adapter_config.json").exists() and not (p / "config.json").exists()
 
 
+def portable_name(path: str | Path) -> str:
+    """``default`` for the cached conversion of the embedded default model (in any cache), else
+    ``path``: the name a model records as its own, and so an adapter as its base. The cache path
+    exists on one machine only; ``default`` resolves to the cached conversion on every machine.
+    (The hub id would name other weights: the default is de-quantised from a Q4_1 GGUF.)"""
+    p = Path(path)
+    source = p / "alignforge_source.json"
+    if p.name != DEFAULT_DIRNAME or not source.exists():
+        return str(path)
+    try:
+        gguf = json.loads(source.read_text()).get("gguf", "")
+    except ValueError:
+        return str(path)
+    return DEFAULT_MODEL if Path(gguf).name == DEFAULT_GGUF else str(path)
+
+
 def adapter_base(path: str | Path) -> str:
+    """The base an adapter names; an older adapter that names the default model's cache path on
+    another machine (``.../models/SmolLM2-135M-Instruct``, absent here) gets ``default``."""
     cfg = json.loads((Path(path) / "adapter_config.json").read_text())
-    return cfg["base_model_name_or_path"]
+    base = cfg["base_model_name_or_path"]
+    b = Path(base)
+    if (
+        b.is_absolute()
+        and b.name == DEFAULT_DIRNAME
+        and b.parent.name == "models"
+        and not b.exists()
+    ):
+        return DEFAULT_MODEL
+    return base

@@ -40,6 +40,7 @@ from alignforge.evaluate.pair_scores import last_token_features, mean_token_logp
 from alignforge.losses.pairwise import bradley_terry_loss
 from alignforge.models import load_tokenizer
 from alignforge.models.heads import RewardModel, ScalarHead, pad_left
+from alignforge.models.loading import portable_name
 from alignforge.recipes.common import (
     Timer,
     best_note,
@@ -283,7 +284,10 @@ def run(cfg: RMConfig, callbacks=()) -> dict:
         "peak_memory_mb": peak_memory_mb(),
     }
     if acc.is_main_process:
-        meta = {"base": cfg.model_name_or_path, "finetuning_type": cfg.finetuning_type}
+        meta = {
+            "base": portable_name(cfg.model_name_or_path),
+            "finetuning_type": cfg.finetuning_type,
+        }
         trained.save(final, tokenizer, meta=meta)
         flat = [float(x) for x in np.concatenate([scores[:, 0], scores[:, 1]])]
         for where in (loop.out, final):  # the PPO drift monitor reads it next to the model

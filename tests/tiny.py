@@ -43,7 +43,14 @@ def make_tokenizer(path: str | Path, vocab_size: int = 384):
     return fast
 
 
-def make_model(path: str | Path, tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0):
+def make_model(
+    path: str | Path,
+    tokenizer,
+    hidden: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+    context: int = 1024,
+):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -54,7 +61,7 @@ def make_model(path: str | Path, tokenizer, hidden: int = 32, layers: int = 2, s
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
+        max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

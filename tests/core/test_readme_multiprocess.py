@@ -3,7 +3,6 @@ processes, gloo) with a tiny random model swapped in, so the documented command 
 
 import json
 import os
-import re
 import shlex
 import socket
 import subprocess
@@ -11,21 +10,19 @@ import sys
 from pathlib import Path
 
 import yaml
+from doc_blocks import bash_commands
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def readme_command() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     lines = [
-        line.split("#")[0].strip()
-        for block in blocks
-        for line in block.splitlines()
+        line
+        for line in bash_commands("README.md")
         if line.startswith("python -m torch.distributed.run ")
     ]
     assert len(lines) == 1, f"expected one torch.distributed.run command in README.md, got {lines}"
-    return shlex.split(lines[0])
+    return shlex.split(lines[0], comments=True)
 
 
 def free_port() -> int:

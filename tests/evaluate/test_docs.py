@@ -1,19 +1,20 @@
-"""The Python examples in docs/evaluate.md run as written."""
-
-import re
-from pathlib import Path
+"""The Python examples in docs/evaluate.md and docs/guide.md run as written."""
 
 import pytest
+from doc_blocks import ROOT, blocks
 
-DOC = Path("docs/evaluate.md")
-BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S) if DOC.exists() else []
+DOCS = ["docs/evaluate.md", "docs/guide.md"]
+BLOCKS = [(doc, i, code) for doc in DOCS for i, code in enumerate(blocks(doc, "python"))]
 
 
-@pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
-def test_doc_example_runs(code, capsys):
-    exec(compile(code, str(DOC), "exec"), {"__name__": "doc_example"})
+@pytest.mark.parametrize(
+    "doc,code", [(d, c) for d, _, c in BLOCKS], ids=[f"{d}-block{i}" for d, i, _ in BLOCKS]
+)
+def test_doc_example_runs(doc, code, capsys):
+    exec(compile(code, str(ROOT / doc), "exec"), {"__name__": "doc_example"})
     assert capsys.readouterr().out.strip()  # each example prints something
 
 
 def test_docs_have_examples():
-    assert len(BLOCKS) >= 5
+    assert sum(doc == "docs/evaluate.md" for doc, _, _ in BLOCKS) >= 5
+    assert any(doc == "docs/guide.md" for doc, _, _ in BLOCKS)

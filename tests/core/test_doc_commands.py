@@ -25,6 +25,8 @@ import shlex
 import subprocess
 import sys
 import time
+import traceback
+import urllib.error
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
@@ -81,7 +83,7 @@ class Session:
 
     def run(self, line: str) -> None:
         cmds, background = commands(line)
-        print(f"{'checked' if MARKED.search(line) else 'run'}: {line[:100]}")
+        print(f"{'checked' if MARKED.search(line) else 'line'}: {line[:100]}")
         for args in cmds:
             args = self.free_ports(args)
             if MARKED.search(line):
@@ -90,17 +92,12 @@ class Session:
                 self.serve(args[1:], line)
             elif args[0] == "alignforge":
                 self.alignforge(args[1:], line)
-            elif (
-                args[0] == "make"
-            ):  # from a source checkout; tests/workflow/test_demo.py runs the demo
-                done = subprocess.run(
-                    ["make", "-n", *args[1:]], cwd=ROOT, capture_output=True, text=True
-                )
-                assert done.returncode == 0, f"{line}\n{done.stderr}"
-            elif args[0] == "ruff":
-                assert subprocess.run(["ruff", "--version"], capture_output=True).returncode == 0, (
-                    line
-                )
+            elif args[0] == "make":
+                # a source checkout's target: it expands (tests/workflow/test_demo.py runs the demo)
+                make = subprocess.run(["make", "-n", *args[1:]], cwd=ROOT, capture_output=True)
+                assert make.returncode == 0, f"{line}\n{make.stderr.decode()}"
+            elif args[0] == "ruff":  # a development tool: it is installed
+                assert subprocess.run(["ruff", "--version"], capture_output=True).returncode == 0
             elif args[:3] == ["python", "-m", "torch.distributed.run"]:
                 pass  # run by test_readme_multiprocess.py
             elif args[0] in ("echo", "printf"):
@@ -129,8 +126,6 @@ class Session:
         t0 = time.perf_counter()
         res = CliRunner().invoke(app, args + extra, input="Hello!\n" if chat else None)
         if res.exit_code != 0:
-            import traceback
-
             tb = "".join(traceback.format_exception(res.exception)) if res.exception else ""
             pytest.fail(f"`{line}` exited {res.exit_code}:\n{res.output[-3000:]}\n{tb[-3000:]}")
         last = (res.output.strip().splitlines() or [""])[-1]

@@ -212,7 +212,7 @@ def resolve_source(source: str | Path, split: str = "train"):
         return path, _split_key(keys, split, path)
     if _looks_like_hub_id(str(source), path):
         return str(source)
-    raise DataError(f"dataset {str(source)!r}: no such file or directory")
+    raise DataError(f"{source}: no such file or directory")
 
 
 def read_rows(source: str | Path, split: str = "train") -> Rows:

@@ -15,13 +15,18 @@ def serve_command(
     policy_version: str = typer.Option(
         None, help="Policy identity recorded with generations (default: the path)."
     ),
-    batch_size: int = typer.Option(8, help="Rows generated together (prompts x n)."),
+    batch_size: int = typer.Option(
+        8, help="Most rows (prompts x n, of any concurrent requests) generated as one batch."
+    ),
     dtype: str = typer.Option(
         "float32", help="Precision the weights run in: float32, bfloat16 (a GPU's) or float16."
     ),
 ) -> None:
-    """Serve MODEL over an OpenAI-compatible API: /v1/models, /v1/chat/completions (n, seed,
-    logprobs, json_schema response_format with constrained decoding, stream) and /v1/completions.
+    """Serve MODEL over vLLM's OpenAI-compatible API: /v1/models, /v1/chat/completions and
+    /v1/completions (n, seed, stop, logprobs with top alternatives, json_object and json_schema
+    response formats, stream, token-id prompts), LoRA adapters loaded at runtime
+    (/v1/load_lora_adapter, /v1/unload_lora_adapter) and new weights (/v1/load_weights).
+    Concurrent requests are generated in shared batches.
 
     Example: alignforge serve runs/sft-merged --port 8000
 

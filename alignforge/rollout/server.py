@@ -1,230 +1,363 @@
-"""An OpenAI-compatible HTTP server over a transformers model.
+"""``alignforge serve``: vLLM's OpenAI-compatible HTTP API over a transformers model.
 
-    alignforge serve runs/sft-merged --port 8000
-    curl http://127.0.0.1:8000/v1/chat/completions -d '{"messages": [{"role": "user",
-         "content": "Hi"}], "max_tokens": 32}'
+    alignforge serve runs/sft-merged --port 8000 --model-name policy
+    curl http://127.0.0.1:8000/v1/chat/completions -d '{"model": "policy", "messages":
+         [{"role": "user", "content": "Hi"}], "max_tokens": 32, "logprobs": true}'
 
 From Python (tests, notebooks) the same server runs in a background thread:
 
     from alignforge.rollout.server import create_app, start_server
     server = start_server(create_app(engine, model_name="smol"))   # 127.0.0.1, free port
-    print(server.base_url)   # http://127.0.0.1:PORT/v1
+    client = openai.OpenAI(base_url=server.base_url, api_key="-")
     server.stop()
 
-Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (temperature, top_p, max_tokens,
-n, seed, ``response_format`` json_schema → constrained decoding, logprobs, ``stream`` via
-server-sent events) and ``POST /v1/completions``. Requests are served one at a time (the model
-is shared); each request's prompts and its ``n`` choices are batched together.
+Routes, with vLLM's request and response shapes (see :mod:`alignforge.rollout.protocol` for the
+parameters and what is refused):
+
+* ``GET /v1/models``: the served model and the LoRA adapters loaded at runtime.
+* ``POST /v1/chat/completions``: ``n``, ``seed``, ``stop``, ``logprobs`` + ``top_logprobs``,
+  ``response_format`` (``json_object``, ``json_schema``: constrained decoding), ``stream`` with
+  ``stream_options.include_usage``, ``return_tokens_as_token_ids``, ``return_token_ids``.
+* ``POST /v1/completions``: ``prompt`` as a string, strings, token ids or lists of token ids;
+  ``logprobs: k``, ``stop``, ``stream``, the same extras.
+* ``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path", "load_inplace"}`` and
+  ``POST /v1/unload_lora_adapter`` ``{"lora_name"}`` (vLLM's); ``"model": lora_name`` then
+  generates with that adapter.
+* ``POST /v1/load_weights`` ``{"path", "policy_version"}`` (alignforge's own; vLLM's OpenAI
+  server has no such route): replace the base weights by a saved model's, between batches.
+
+Log-probs are those of the distribution each token was sampled from (after the JSON mask,
+temperature and top-p: vLLM's ``--logprobs-mode processed_logprobs``), which is what off-policy
+correction needs. Concurrent requests are batched (:class:`~alignforge.rollout.batcher.Batcher`).
+``system_fingerprint`` is the policy version that generated the answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
+
+from alignforge.rollout.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionLogprobs,
+    CompletionRequest,
+    chat_logprob_entry,
+    check_supported,
+    usage,
+)
+
+log = logging.getLogger(__name__)
 
 
-def _load_model(path: str, dtype: str = "float32"):
-    """Load ``(model, tokenizer)``: ``default``, an HF dir, an adapter dir or a .gguf file; on
-    the GPU when there is one."""
+def _load_model(path: str, dtype: str = "float32", device=None):
+    """Load ``(model, tokenizer)``: ``default``, an HF dir, an adapter dir (merged into its base,
+    so runtime adapters apply to plain weights) or a .gguf file; on ``device``, else the GPU when
+    there is one."""
     import torch
 
     from alignforge.models import load_model, load_tokenizer
 
     model = load_model(path, dtype=dtype).eval()
-    return model.to("cuda" if torch.cuda.is_available() else "cpu"), load_tokenizer(path)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload().eval()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device), load_tokenizer(path)
 
 
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str | None = None
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=64)
-    seed: int | None = None
-    response_format: dict[str, Any] | None = None
-    logprobs: bool = False
-    stream: bool = False
+class LoadLoraRequest(BaseModel):
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str | None = None
-    prompt: str | list[str]
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(16, ge=1)
-    n: int = Field(1, ge=1, le=64)
-    seed: int | None = None
-    logprobs: int | None = None
+class UnloadLoraRequest(BaseModel):
+    lora_name: str
+    lora_int_id: int | None = None
 
 
-def create_app(engine, model_name: str = "alignforge", max_tokens_default: int = 256):
-    """FastAPI app serving ``engine`` (a :class:`TransformersEngine`)."""
-    from fastapi import FastAPI, HTTPException
-    from fastapi.responses import StreamingResponse
+class LoadWeightsRequest(BaseModel):
+    path: str
+    policy_version: str | None = None
 
-    from alignforge.rollout.constrained import schema_from_response_format
-    from alignforge.rollout.transformers_engine import chat_prompt_ids
+
+def create_app(engine, model_name: str = "alignforge", max_tokens_default: int = 256,
+               model_path: str | None = None):  # fmt: skip
+    """FastAPI app serving ``engine`` (a :class:`TransformersEngine`) as ``model_name``."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+    from alignforge.rollout.batcher import Adapters, Batcher
+    from alignforge.rollout.transformers_engine import RowSpec, chat_prompt_ids, row_seeds
 
     app = FastAPI(title="alignforge OpenAI-compatible server")
-    lock = threading.Lock()
+    adapters = Adapters(engine)
+    batcher = Batcher(engine, adapters)
+    app.state.batcher, app.state.adapters = batcher, adapters
     tok = engine.tokenizer
 
-    def run(prompts, req, max_tokens, schema=None, streamer=None):
-        with lock:
-            return engine.generate(
-                prompts, n=req.n, temperature=req.temperature, top_p=req.top_p,
-                max_new_tokens=max_tokens, greedy=req.temperature == 0, seed=req.seed,
-                json_schema=schema, streamer=streamer,
-            )  # fmt: skip
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError):  # 400 as vLLM, not FastAPI's 422
+        errors = e.errors()
+        if errors and errors[0]["type"] == "json_invalid":
+            error = ApiError(400, f"body: not valid JSON ({errors[0].get('ctx', {}).get('error')})")
+            return JSONResponse(error.body(), status_code=400)
+        param = next((str(x) for err in errors for x in err["loc"][1:2]), None)
+        lines = [f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: "
+                 f"{str(err['msg']).removeprefix('Value error, ')}" for err in errors[:3]]  # fmt: skip
+        return JSONResponse(ApiError(400, "; ".join(lines), param).body(), status_code=400)
+
+    def adapter_for(model: str | None) -> str | None:
+        if not model or model == model_name:
+            return None
+        if model in adapters.paths:
+            return model
+        raise ApiError(404, f"The model `{model}` does not exist.", "model")
+
+    def constraint_schema(response_format) -> dict | None:
+        """The schema to decode under; compiled here so a bad one is this request's 400."""
+        from alignforge.rollout.constrained import json_constraint, schema_from_response_format
+
+        try:
+            schema = schema_from_response_format(response_format)
+            if schema is not None:
+                json_constraint(tok, schema, engine.eos_ids)
+        except ValueError as e:
+            raise ApiError(400, f"response_format: {e}", "response_format") from None
+        return schema
+
+    def check_lengths(prompts, max_tokens: int) -> None:
+        vocab = engine.model.get_input_embeddings().weight.shape[0]
+        limit = getattr(engine.model.config, "max_position_embeddings", None)
+        for p in prompts:
+            if not p:
+                raise ApiError(400, "prompt: empty prompt", "prompt")
+            if bad := [t for t in p if not 0 <= t < vocab]:
+                raise ApiError(400, f"prompt: token id {bad[0]} is outside the vocabulary "
+                               f"(0..{vocab - 1})", "prompt")  # fmt: skip
+            if limit and len(p) + max_tokens > limit:
+                raise ApiError(400, f"This model's maximum context length is {limit} tokens. "
+                               f"However, you requested {len(p) + max_tokens} tokens "
+                               f"({len(p)} in the messages, {max_tokens} in the completion).")  # fmt: skip
+
+    async def prepare(req, prompts, max_tokens, top_k):
+        """Validate, then one :class:`RowSpec` per prompt and choice (prompt-major)."""
+        check_supported(req)
+        adapter = adapter_for(req.model)
+        check_lengths(prompts, max_tokens)
+        schema = await asyncio.to_thread(constraint_schema, req.response_format)
+        sampling = req.sampling()
+        seeds = row_seeds(req.seed, len(prompts), req.n)
+        specs = [RowSpec(prompt, max_new_tokens=max_tokens, seed=seeds[p][j], json_schema=schema,
+                         top_logprobs=top_k, **sampling)
+                 for p, prompt in enumerate(prompts) for j in range(req.n)]  # fmt: skip
+        return specs, adapter
+
+    async def run(specs, adapter):
+        futures = [batcher.submit(s, adapter) for s in specs]
+        try:
+            return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        except ApiError:
+            raise
+        except Exception as e:
+            log.exception("generation failed")
+            raise ApiError(500, f"generation failed: {e}") from None
 
     @app.get("/v1/models")
     def models():
-        return {
-            "object": "list",
-            "data": [{"id": model_name, "object": "model", "owned_by": "alignforge"}],
-        }
+        created = int(time.time())
+        limit = getattr(engine.model.config, "max_position_embeddings", None)
+        cards = [{"id": model_name, "object": "model", "created": created,
+                  "owned_by": "alignforge", "root": model_path or model_name, "parent": None,
+                  "max_model_len": limit}]  # fmt: skip
+        cards += [{"id": name, "object": "model", "created": created, "owned_by": "alignforge",
+                   "root": path, "parent": model_name, "max_model_len": limit}
+                  for name, path in adapters.paths.items()]  # fmt: skip
+        return {"object": "list", "data": cards}
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
         max_tokens = req.max_completion_tokens or req.max_tokens or max_tokens_default
         try:
-            schema = schema_from_response_format(req.response_format)
             prompt = chat_prompt_ids(tok, req.messages)
         except (ValueError, KeyError, TypeError) as e:
-            raise HTTPException(400, f"bad request: {e}") from None
+            raise ApiError(400, f"messages: {e}", "messages") from None
+        top_k = req.top_logprobs or 0
+        specs, adapter = await prepare(req, [prompt], max_tokens, top_k)
+        view = _View(tok, "chat", req, model_name, top_k, [prompt])
         if req.stream:
-            if req.n != 1 or schema is not None:
-                raise HTTPException(400, "stream=true supports n=1 without response_format")
-            return StreamingResponse(_sse_chat(run, prompt, req, max_tokens, tok, model_name),
+            return StreamingResponse(_sse(view, batcher, specs, adapter),
                                      media_type="text/event-stream")  # fmt: skip
-        created = int(time.time())
-        [group] = await asyncio.to_thread(run, [prompt], req, max_tokens, schema)
-        choices = [_chat_choice(i, r, tok, req.logprobs) for i, r in enumerate(group)]
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
-            "created": created, "model": model_name, "choices": choices,
-            "usage": _usage(prompt, group),
-            "system_fingerprint": engine.policy_version,
-        }  # fmt: skip
+        return view.response(await run(specs, adapter))
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-        prompts = [list(tok(t)["input_ids"]) for t in texts]
-        if any(not p for p in prompts):
-            raise HTTPException(400, "bad request: empty prompt")
-        groups = await asyncio.to_thread(run, prompts, req, req.max_tokens)
-        choices = []
-        for group in groups:
-            for r in group:
-                lp = None
-                if req.logprobs is not None:
-                    toks = [tok.decode([t]) for t in r.completion_ids]
-                    lp = {"tokens": toks, "token_logprobs": r.logps, "top_logprobs": None}
-                choices.append({"index": len(choices), "text": r.text,
-                                "finish_reason": r.finish_reason, "logprobs": lp})  # fmt: skip
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
-            "created": int(time.time()), "model": model_name, "choices": choices,
-            "usage": _usage([t for p in prompts for t in p], [r for g in groups for r in g]),
-        }  # fmt: skip
+        prompt = req.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        prompts = [list(tok(p, add_special_tokens=req.add_special_tokens)["input_ids"])
+                   if isinstance(p, str) else list(p) for p in prompt]  # fmt: skip
+        if not prompts:
+            raise ApiError(400, "prompt: empty prompt", "prompt")
+        specs, adapter = await prepare(req, prompts, req.max_tokens or 16, req.logprobs or 0)
+        view = _View(tok, "completion", req, model_name, req.logprobs or 0, prompts)
+        if req.stream:
+            return StreamingResponse(_sse(view, batcher, specs, adapter),
+                                     media_type="text/event-stream")  # fmt: skip
+        return view.response(await run(specs, adapter))
+
+    async def locked(fn, *args):
+        def work():
+            with batcher.lock:  # between batches
+                fn(*args)
+
+        await asyncio.to_thread(work)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora(req: LoadLoraRequest):
+        if req.lora_name == model_name:
+            raise ApiError(400, f"lora_name: '{req.lora_name}' is the served model's name")
+        await locked(adapters.load, req.lora_name, req.lora_path, req.load_inplace)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora(req: UnloadLoraRequest):
+        await locked(adapters.unload, req.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
+
+    @app.post("/v1/load_weights")
+    async def load_weights(req: LoadWeightsRequest):
+        await locked(adapters.reload_base, req.path, req.policy_version)
+        return {"policy_version": engine.policy_version}
 
     return app
 
 
-def _chat_choice(index, rollout, tok, logprobs: bool) -> dict:
-    lp = None
-    if logprobs:
-        content = []
-        for t, logp in zip(rollout.completion_ids, rollout.logps, strict=True):
-            piece = tok.decode([t])
-            content.append({"token": piece, "logprob": logp,
-                            "bytes": list(piece.encode()), "top_logprobs": []})  # fmt: skip
-        lp = {"content": content}
-    return {
-        "index": index,
-        "message": {"role": "assistant", "content": rollout.text},
-        "finish_reason": rollout.finish_reason,
-        "logprobs": lp,
-    }
+class _View:
+    """Turns rollouts (or, streaming, token events) into one endpoint's response shapes."""
+
+    def __init__(self, tok, kind: str, req, model_name: str, top_k: int, prompts):
+        self.tok, self.kind, self.req, self.top_k = tok, kind, req, top_k
+        self.prompts, self.model = prompts, model_name
+        self.as_ids = bool(req.return_tokens_as_token_ids)
+        self.logprobs = bool(req.logprobs) if kind == "chat" else req.logprobs is not None
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.object = "chat.completion" if kind == "chat" else "text_completion"
+
+    def prompt_of(self, index: int) -> list[int]:
+        return self.prompts[index // self.req.n]
+
+    def logprobs_of(self, token_ids, logps, tops, builder=None):
+        if not self.logprobs:
+            return None
+        tops = tops or [None] * len(token_ids)
+        if self.kind == "chat":
+            return {"content": [chat_logprob_entry(self.tok, t, lp, top, self.top_k, self.as_ids)
+                                for t, lp, top in zip(token_ids, logps, tops, strict=True)]}  # fmt: skip
+        builder = builder or CompletionLogprobs(self.tok, self.top_k, self.as_ids)
+        return builder.add(token_ids, logps, tops)
+
+    def response(self, rollouts) -> dict:
+        choices = []
+        for i, r in enumerate(rollouts):
+            lp = self.logprobs_of(r.completion_ids, r.logps, r.extra.get("top_logprobs"))
+            choice: dict[str, Any] = {"index": i, "logprobs": lp, "finish_reason": r.finish_reason,
+                                      "stop_reason": r.extra.get("stop_reason")}  # fmt: skip
+            if self.kind == "chat":
+                choice["message"] = {"role": "assistant", "content": r.text}
+            else:
+                choice["text"] = r.text
+            if self.req.return_token_ids:
+                choice["token_ids"] = r.completion_ids
+                if self.kind == "completion":
+                    choice["prompt_token_ids"] = self.prompt_of(i)
+            choices.append(choice)
+        out = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+               "choices": choices, "system_fingerprint": rollouts[0].policy_version,
+               "usage": usage(sum(map(len, self.prompts)),
+                              sum(len(r.completion_ids) for r in rollouts))}  # fmt: skip
+        if self.req.return_token_ids and self.kind == "chat":
+            out["prompt_token_ids"] = self.prompts[0]
+        return out
+
+    def chunk(self, choices: list[dict], **extra) -> str:
+        body = {"id": self.id, "object": self.object + (".chunk" if self.kind == "chat" else ""),
+                "created": self.created, "model": self.model, "choices": choices, **extra}  # fmt: skip
+        return f"data: {json.dumps(body)}\n\n"
+
+    def delta(self, index: int, text: str, role: bool = False) -> dict:
+        if self.kind == "completion":
+            return {"index": index, "text": text}
+        delta = {"role": "assistant", "content": text} if role else {"content": text}
+        return {"index": index, "delta": delta}
 
 
-def _usage(prompt_ids, rollouts) -> dict:
-    completion = sum(len(r.completion_ids) for r in rollouts)
-    return {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
-            "total_tokens": len(prompt_ids) + completion}  # fmt: skip
-
-
-async def _sse_chat(run, prompt, req, max_tokens, tok, model_name):
-    streamer = _token_streamer(tok)
-    box: dict = {}
-
-    def work():
-        try:
-            box["groups"] = run([prompt], req, max_tokens, None, streamer)
-        except Exception as e:  # reported in the final event
-            box["error"] = e
-            streamer.end()
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-
-    def event(delta: dict, finish=None) -> str:
-        chunk = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
-                 "model": model_name,
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
-        return f"data: {json.dumps(chunk)}\n\n"
-
-    yield event({"role": "assistant", "content": ""})
-    iterator = iter(streamer)
-    while True:
-        piece = await asyncio.to_thread(next, iterator, None)
-        if piece is None:
-            break
-        if piece:
-            yield event({"content": piece})
-    await asyncio.to_thread(thread.join)
-    if "error" in box:
-        yield f"data: {json.dumps({'error': {'message': str(box['error'])}})}\n\n"
+async def _sse(view: _View, batcher, specs, adapter):
+    """Server-sent events: one chunk per token and choice (text held back while it may be the
+    start of a stop string or of a split character), each choice's last chunk with its
+    ``finish_reason``, then ``usage`` if asked, then ``[DONE]``."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    for i, spec in enumerate(specs):
+        spec.on_token = lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev))
+    futures = [batcher.submit(s, adapter) for s in specs]
+    for i, f in enumerate(futures):
+        f.add_done_callback(lambda f, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, f)))
+    hold = max((len(s) for s in specs[0].stop), default=1) - 1
+    sent, counts = [0] * len(specs), [0] * len(specs)
+    builders = [CompletionLogprobs(view.tok, view.top_k, view.as_ids) for _ in specs]
+    if view.kind == "chat":
+        for i in range(len(specs)):
+            yield view.chunk([{**view.delta(i, "", role=True), "logprobs": None,
+                               "finish_reason": None}])  # fmt: skip
+    done = 0
+    while done < len(specs):
+        i, ev = await events.get()
+        if isinstance(ev, Future):  # the row's end: its last token's event came before it
+            done += 1
+            if ev.exception() is not None:
+                yield f"data: {json.dumps(ApiError(500, str(ev.exception())).body())}\n\n"
+                break
+            continue
+        counts[i] += 1
+        text = ev.text if ev.finish_reason else _settled(ev.text, hold)
+        piece, sent[i] = text[sent[i] :], max(sent[i], len(text))
+        lp = view.logprobs_of([ev.token_id], [ev.logp], [ev.top], builders[i])
+        if not (piece or lp or ev.finish_reason):
+            continue
+        choice = {**view.delta(i, piece), "logprobs": lp, "finish_reason": ev.finish_reason}
+        if ev.finish_reason:
+            choice["stop_reason"] = ev.stop_reason
+        if view.req.return_token_ids:
+            choice["token_ids"] = [ev.token_id]
+        yield view.chunk([choice])
     else:
-        yield event({}, box["groups"][0][0].finish_reason)
+        if view.req.include_usage():
+            yield view.chunk([], usage=usage(sum(map(len, view.prompts)), sum(counts)))
     yield "data: [DONE]\n\n"
 
 
-def _token_streamer(tok):
-    """A ``TextIteratorStreamer`` that sends each token's text as soon as it is decoded.
-
-    The stock one holds text back until a space or newline, so a client's first chunk (its time
-    to first token) waited for the first whole word: ``{"entities":`` is four tokens.
-    """
-    from transformers import TextIteratorStreamer
-
-    class TokenStreamer(TextIteratorStreamer):
-        def put(self, value):
-            if self.skip_prompt and self.next_tokens_are_prompt:
-                self.next_tokens_are_prompt = False
-                return
-            self.token_cache.extend(value.reshape(-1).tolist())
-            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
-            if text.endswith("\ufffd"):  # a character split over tokens: wait for the rest
-                return
-            self.on_finalized_text(text[self.print_len :])
-            self.print_len = len(text)
-
-    return TokenStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
+def _settled(text: str, hold: int) -> str:
+    """The part of a growing text that later tokens cannot change: without a trailing split
+    character, and without the last ``hold`` characters (a stop string may be starting)."""
+    text = text.rstrip("\ufffd")
+    return text[: len(text) - hold] if hold else text
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -277,5 +410,5 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, model_name
 
     model, tokenizer = _load_model(model_path, dtype)
     engine = TransformersEngine(model, tokenizer, policy_version or model_path, batch_size)
-    app = create_app(engine, model_name or model_path)
+    app = create_app(engine, model_name or model_path, model_path=model_path)
     uvicorn.run(app, host=host, port=port, log_level="info")

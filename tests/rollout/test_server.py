@@ -60,7 +60,7 @@ def test_completions_endpoint_and_bad_requests(server):
         reply["choices"][0]["logprobs"]["tokens"]
     )
     bad = httpx.post(server.base_url + "/chat/completions", json={"messages": [], "max_tokens": 2})
-    assert bad.status_code == 422
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
     client = OpenAIChatClient(server.base_url, model="tiny", max_retries=3, backoff=0.01)
     with pytest.raises(EndpointError, match=r"/chat/completions: HTTP 400 after 1 attempt"):
         client.chat(MSG, response_format={"type": "json_schema", "json_schema": {}}, max_tokens=2)
@@ -146,29 +146,3 @@ def test_local_chat_client_has_the_same_surface(tiny_model, tokenizer):
             assert set(json.loads(r.text)) == {"answer"} and len(r.logprobs) > 0
     [greedy] = client.chat(MSG, temperature=0.0, max_tokens=5)
     assert greedy.finish_reason in {"stop", "length"}
-
-
-def test_stream_sends_each_token_as_it_is_decoded(tokenizer):
-    """The first chunk must not wait for a whole word (that delays time to first token); a
-    character split over tokens is held back until it is whole."""
-    import torch
-
-    from alignforge.rollout.server import _token_streamer
-
-    text = '{"entities": ["Acme Corp"]} 🦩 done'
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    streamer = _token_streamer(tokenizer)
-    streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt, skipped
-    chunks = []  # what each new token sent, "" when it sent nothing
-    for t in ids:
-        streamer.put(torch.tensor([t]))
-        sent = []
-        while not streamer.text_queue.empty():
-            sent.append(streamer.text_queue.get())
-        chunks.append("".join(sent))
-    streamer.end()
-    assert chunks[:4] == ['{"', "entities", '":', ' ["']  # one chunk per token, at once
-    chunks = [c for c in chunks if c]
-    assert "".join(chunks) == text and not any("\ufffd" in c for c in chunks)
-    assert len(tokenizer(" 🦩", add_special_tokens=False)["input_ids"]) == 3  # the split case ran
-    assert len(chunks) == len(ids) - 2  # the flamingo waited for its third token

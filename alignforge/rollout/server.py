@@ -96,15 +96,16 @@ def create_app(engine, model_name: str = "alignforge", max_tokens_default: int =
     """FastAPI app serving ``engine`` (a :class:`TransformersEngine`) as ``model_name``."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, StreamingResponse
 
     from alignforge.rollout.batcher import Adapters, Batcher
-    from alignforge.rollout.transformers_engine import RowSpec, chat_prompt_ids, row_seeds
+    from alignforge.rollout.transformers_engine import chat_prompt_ids
 
     app = FastAPI(title="alignforge OpenAI-compatible server")
     adapters = Adapters(engine)
     batcher = Batcher(engine, adapters)
     app.state.batcher, app.state.adapters = batcher, adapters
+    gen = _Generation(engine, batcher, adapters, model_name)
     tok = engine.tokenizer
 
     @app.exception_handler(ApiError)
@@ -113,70 +114,7 @@ def create_app(engine, model_name: str = "alignforge", max_tokens_default: int =
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError):  # 400 as vLLM, not FastAPI's 422
-        errors = e.errors()
-        if errors and errors[0]["type"] == "json_invalid":
-            error = ApiError(400, f"body: not valid JSON ({errors[0].get('ctx', {}).get('error')})")
-            return JSONResponse(error.body(), status_code=400)
-        param = next((str(x) for err in errors for x in err["loc"][1:2]), None)
-        lines = [f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: "
-                 f"{str(err['msg']).removeprefix('Value error, ')}" for err in errors[:3]]  # fmt: skip
-        return JSONResponse(ApiError(400, "; ".join(lines), param).body(), status_code=400)
-
-    def adapter_for(model: str | None) -> str | None:
-        if not model or model == model_name:
-            return None
-        if model in adapters.paths:
-            return model
-        raise ApiError(404, f"The model `{model}` does not exist.", "model")
-
-    def constraint_schema(response_format) -> dict | None:
-        """The schema to decode under; compiled here so a bad one is this request's 400."""
-        from alignforge.rollout.constrained import json_constraint, schema_from_response_format
-
-        try:
-            schema = schema_from_response_format(response_format)
-            if schema is not None:
-                json_constraint(tok, schema, engine.eos_ids)
-        except ValueError as e:
-            raise ApiError(400, f"response_format: {e}", "response_format") from None
-        return schema
-
-    def check_lengths(prompts, max_tokens: int) -> None:
-        vocab = engine.model.get_input_embeddings().weight.shape[0]
-        limit = getattr(engine.model.config, "max_position_embeddings", None)
-        for p in prompts:
-            if not p:
-                raise ApiError(400, "prompt: empty prompt", "prompt")
-            if bad := [t for t in p if not 0 <= t < vocab]:
-                raise ApiError(400, f"prompt: token id {bad[0]} is outside the vocabulary "
-                               f"(0..{vocab - 1})", "prompt")  # fmt: skip
-            if limit and len(p) + max_tokens > limit:
-                raise ApiError(400, f"This model's maximum context length is {limit} tokens. "
-                               f"However, you requested {len(p) + max_tokens} tokens "
-                               f"({len(p)} in the messages, {max_tokens} in the completion).")  # fmt: skip
-
-    async def prepare(req, prompts, max_tokens, top_k):
-        """Validate, then one :class:`RowSpec` per prompt and choice (prompt-major)."""
-        check_supported(req)
-        adapter = adapter_for(req.model)
-        check_lengths(prompts, max_tokens)
-        schema = await asyncio.to_thread(constraint_schema, req.response_format)
-        sampling = req.sampling()
-        seeds = row_seeds(req.seed, len(prompts), req.n)
-        specs = [RowSpec(prompt, max_new_tokens=max_tokens, seed=seeds[p][j], json_schema=schema,
-                         top_logprobs=top_k, **sampling)
-                 for p, prompt in enumerate(prompts) for j in range(req.n)]  # fmt: skip
-        return specs, adapter
-
-    async def run(specs, adapter):
-        futures = [batcher.submit(s, adapter) for s in specs]
-        try:
-            return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-        except ApiError:
-            raise
-        except Exception as e:
-            log.exception("generation failed")
-            raise ApiError(500, f"generation failed: {e}") from None
+        return JSONResponse(_validation_error(e.errors()).body(), status_code=400)
 
     @app.get("/v1/models")
     def models():
@@ -190,6 +128,12 @@ def create_app(engine, model_name: str = "alignforge", max_tokens_default: int =
                   for name, path in adapters.paths.items()]  # fmt: skip
         return {"object": "list", "data": cards}
 
+    async def answer(view, specs, adapter):
+        if view.req.stream:
+            return StreamingResponse(_sse(view, batcher, specs, adapter),
+                                     media_type="text/event-stream")  # fmt: skip
+        return view.response(await gen.run(specs, adapter))
+
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
         max_tokens = req.max_completion_tokens or req.max_tokens or max_tokens_default
@@ -198,12 +142,8 @@ def create_app(engine, model_name: str = "alignforge", max_tokens_default: int =
         except (ValueError, KeyError, TypeError) as e:
             raise ApiError(400, f"messages: {e}", "messages") from None
         top_k = req.top_logprobs or 0
-        specs, adapter = await prepare(req, [prompt], max_tokens, top_k)
-        view = _View(tok, "chat", req, model_name, top_k, [prompt])
-        if req.stream:
-            return StreamingResponse(_sse(view, batcher, specs, adapter),
-                                     media_type="text/event-stream")  # fmt: skip
-        return view.response(await run(specs, adapter))
+        specs, adapter = await gen.prepare(req, [prompt], max_tokens, top_k)
+        return await answer(_View(tok, "chat", req, model_name, top_k, [prompt]), specs, adapter)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
@@ -214,16 +154,101 @@ def create_app(engine, model_name: str = "alignforge", max_tokens_default: int =
                    if isinstance(p, str) else list(p) for p in prompt]  # fmt: skip
         if not prompts:
             raise ApiError(400, "prompt: empty prompt", "prompt")
-        specs, adapter = await prepare(req, prompts, req.max_tokens or 16, req.logprobs or 0)
-        view = _View(tok, "completion", req, model_name, req.logprobs or 0, prompts)
-        if req.stream:
-            return StreamingResponse(_sse(view, batcher, specs, adapter),
-                                     media_type="text/event-stream")  # fmt: skip
-        return view.response(await run(specs, adapter))
+        top_k = req.logprobs or 0
+        specs, adapter = await gen.prepare(req, prompts, req.max_tokens or 16, top_k)
+        return await answer(
+            _View(tok, "completion", req, model_name, top_k, prompts), specs, adapter
+        )
+
+    _add_weight_routes(app, engine, batcher, adapters, model_name)
+    return app
+
+
+def _validation_error(errors: list[dict]) -> ApiError:
+    """pydantic's errors as one message naming the fields."""
+    if errors and errors[0]["type"] == "json_invalid":
+        return ApiError(400, f"body: not valid JSON ({errors[0].get('ctx', {}).get('error')})")
+    param = next((str(x) for err in errors for x in err["loc"][1:2]), None)
+    lines = [f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: "
+             f"{str(err['msg']).removeprefix('Value error, ')}" for err in errors[:3]]  # fmt: skip
+    return ApiError(400, "; ".join(lines), param)
+
+
+class _Generation:
+    """What the chat and completions routes share: checking a request, its rows, running them."""
+
+    def __init__(self, engine, batcher, adapters, model_name: str):
+        self.engine, self.batcher, self.adapters = engine, batcher, adapters
+        self.model_name = model_name
+
+    def adapter_for(self, model: str | None) -> str | None:
+        if not model or model == self.model_name:
+            return None
+        if model in self.adapters.paths:
+            return model
+        raise ApiError(404, f"The model `{model}` does not exist.", "model")
+
+    def constraint_schema(self, response_format) -> dict | None:
+        """The schema to decode under; compiled here so a bad one is this request's 400."""
+        from alignforge.rollout.constrained import json_constraint, schema_from_response_format
+
+        try:
+            schema = schema_from_response_format(response_format)
+            if schema is not None:
+                json_constraint(self.engine.tokenizer, schema, self.engine.eos_ids)
+        except ValueError as e:
+            raise ApiError(400, f"response_format: {e}", "response_format") from None
+        return schema
+
+    def check_lengths(self, prompts, max_tokens: int) -> None:
+        model = self.engine.model
+        vocab = model.get_input_embeddings().weight.shape[0]
+        limit = getattr(model.config, "max_position_embeddings", None)
+        for p in prompts:
+            if not p:
+                raise ApiError(400, "prompt: empty prompt", "prompt")
+            if bad := [t for t in p if not 0 <= t < vocab]:
+                raise ApiError(400, f"prompt: token id {bad[0]} is outside the vocabulary "
+                               f"(0..{vocab - 1})", "prompt")  # fmt: skip
+            if limit and len(p) + max_tokens > limit:
+                raise ApiError(400, f"This model's maximum context length is {limit} tokens. "
+                               f"However, you requested {len(p) + max_tokens} tokens "
+                               f"({len(p)} in the messages, {max_tokens} in the completion).")  # fmt: skip
+
+    async def prepare(self, req, prompts, max_tokens: int, top_k: int):
+        """Check ``req``, then one :class:`RowSpec` per prompt and choice (prompt-major)."""
+        from alignforge.rollout.transformers_engine import RowSpec, row_seeds
+
+        check_supported(req)
+        adapter = self.adapter_for(req.model)
+        self.check_lengths(prompts, max_tokens)
+        schema = await asyncio.to_thread(self.constraint_schema, req.response_format)
+        sampling = req.sampling()
+        seeds = row_seeds(req.seed, len(prompts), req.n)
+        specs = [RowSpec(prompt, max_new_tokens=max_tokens, seed=seeds[p][j], json_schema=schema,
+                         top_logprobs=top_k, **sampling)
+                 for p, prompt in enumerate(prompts) for j in range(req.n)]  # fmt: skip
+        return specs, adapter
+
+    async def run(self, specs, adapter):
+        futures = [self.batcher.submit(s, adapter) for s in specs]
+        try:
+            return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        except ApiError:
+            raise
+        except Exception as e:
+            log.exception("generation failed")
+            raise ApiError(500, f"generation failed: {e}") from None
+
+
+def _add_weight_routes(app, engine, batcher, adapters, model_name: str) -> None:
+    """vLLM's LoRA routes and alignforge's ``/v1/load_weights``; each waits for the batch in
+    flight and holds the next."""
+    from fastapi.responses import PlainTextResponse
 
     async def locked(fn, *args):
         def work():
-            with batcher.lock:  # between batches
+            with batcher.lock:
                 fn(*args)
 
         await asyncio.to_thread(work)
@@ -244,8 +269,6 @@ def create_app(engine, model_name: str = "alignforge", max_tokens_default: int =
     async def load_weights(req: LoadWeightsRequest):
         await locked(adapters.reload_base, req.path, req.policy_version)
         return {"policy_version": engine.policy_version}
-
-    return app
 
 
 class _View:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import typer
 
+from alignforge.errors import UserError
+
 app = typer.Typer(
     help="Annotation web app, AI judge and blind tests.",
     no_args_is_help=True,
@@ -293,7 +295,7 @@ def judge(
         f"judged {r.n_judged}/{r.n_items} items ({r.n_already} done before, {r.n_failed} failed, "
         f"{r.n_inconsistent} aspect answers flipped with the sides -> tie)"
     )
-    for e in r.errors:
+    for e in r.errors[:3]:
         typer.secho(f"  {e}", err=True)
     with store.connect() as conn:
         js = store.judgements(conn)
@@ -301,6 +303,11 @@ def judge(
         if a.n:
             typer.echo(f"  judge vs humans on {a.aspect}: kappa {_f(a.kappa)} "
                        f"(no ties {_f(a.kappa_no_ties)}), n={a.n}")  # fmt: skip
+    if r.n_failed:  # a judge that answered nothing usable must not look like success
+        raise UserError(
+            f"{r.n_failed} of {r.n_items} items were not judged (first: {r.errors[0][:200]}); "
+            "fix the cause and run the same command again: judged items are kept"
+        )
 
 
 def _f(x: float) -> str:

@@ -3,7 +3,9 @@
 Rules: ``entities`` prefers the response with more entities (a fair judge), ``first`` always
 prefers response 1 (a position-biased judge). Faults can be injected: the first
 ``fail_first`` requests get HTTP 503; with ``reject_json_mode`` a request carrying
-``response_format`` gets HTTP 400; ``fenced`` wraps the JSON in prose and a code fence.
+``response_format`` gets HTTP 400; with ``reject_all`` every chat request gets HTTP 400 (as
+for a prompt longer than the judge's context); ``fenced`` wraps the JSON in prose and a code
+fence.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ def count_entities(text: str) -> int:
 
 
 class JudgeServer:
-    def __init__(self, rule="entities", fail_first=0, reject_json_mode=False, fenced=False):
+    def __init__(
+        self, rule="entities", fail_first=0, reject_json_mode=False, fenced=False, reject_all=False
+    ):
         self.rule, self.fail_first, self.reject_json_mode, self.fenced = (
             rule, fail_first, reject_json_mode, fenced)  # fmt: skip
+        self.reject_all = reject_all
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         server = self
@@ -37,6 +42,8 @@ class JudgeServer:
                     n = len(server.requests)
                 if self.path != "/v1/chat/completions":
                     return self._send(404, {"error": "not found"})
+                if server.reject_all:
+                    return self._send(400, {"error": "prompt is longer than the context"})
                 if n <= server.fail_first:
                     return self._send(503, {"error": "overloaded"})
                 if server.reject_json_mode and "response_format" in body:

@@ -181,3 +181,21 @@ def test_callable_backend_passes_only_the_options_the_function_takes():
     assert as_backend(lambda m: "x").chat([], response_format={"type": "json_object"}) == "x"
     as_backend(lambda m, **kw: seen.append(kw) or "y").chat([], response_format={"a": 1})
     assert seen == [{"response_format": {"a": 1}}]
+
+
+def test_the_command_fails_when_items_were_not_judged(tmp_path, monkeypatch, capsys):
+    """Every request refused (HTTP 400): the command says so and exits non-zero instead of
+    printing "judged 0/12" and succeeding."""
+    from alignforge.cli import main
+
+    make_project(tmp_path / "p", n_prompts=4, k=3, overlap=1.0)
+    with JudgeServer(reject_all=True) as srv:
+        argv = ["alignforge", "annotate", "judge", str(tmp_path / "p"), "--base-url", srv.url,
+                "--model", "rule"]  # fmt: skip
+        monkeypatch.setattr("sys.argv", argv)
+        with pytest.raises(SystemExit) as done:
+            main()
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "12 of 12 items were not judged" in err and "longer than the context" in err
+    assert "Traceback" not in err

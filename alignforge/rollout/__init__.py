@@ -1,6 +1,8 @@
 """Generation engines behind one interface, each returning token ids, behaviour log-probs and
-the policy version: :class:`TransformersEngine` (in process), :class:`OpenAIChatClient` (any
-OpenAI-compatible endpoint) and the server in :mod:`alignforge.rollout.server`.
+the policy version: :class:`TransformersEngine` (in process) and :class:`ServerEngine` (vLLM or
+``alignforge serve`` over HTTP), built by :func:`build_rollout_engine`; :class:`WeightSync` puts
+a trained policy on those servers; :class:`OpenAIChatClient` talks to any OpenAI-compatible
+endpoint; the server itself is :mod:`alignforge.rollout.server`.
 
 Heavy modules are imported on first attribute access so ``import alignforge.rollout`` is cheap.
 """
@@ -12,6 +14,10 @@ import importlib
 _EXPORTS = {
     "Rollout": "alignforge.rollout.base",
     "RolloutEngine": "alignforge.rollout.base",
+    "build_rollout_engine": "alignforge.rollout.base",
+    "ServerEngine": "alignforge.rollout.server_engine",
+    "WeightSync": "alignforge.rollout.weight_sync",
+    "OpenAIClient": "alignforge.rollout.openai_client",
     "TransformersEngine": "alignforge.rollout.transformers_engine",
     "chat_prompt_ids": "alignforge.rollout.transformers_engine",
     "OpenAIChatClient": "alignforge.rollout.openai_client",

@@ -63,3 +63,41 @@ class RolloutEngine(Protocol):
         greedy: bool = False,
         seed: int | None = None,
     ) -> list[list[Rollout]]: ...
+
+
+def build_rollout_engine(
+    kind: str,
+    *,
+    model=None,
+    tokenizer=None,
+    base_urls: str | list[str] | None = None,
+    served_model: str | None = None,
+    eos_token_ids: list[int] | None = None,
+    policy_version: str = "0",
+    batch_size: int = 8,
+    api_key: str | None = None,
+) -> RolloutEngine:
+    """The engine every stage that samples goes through.
+
+    ``kind="transformers"``: ``model`` and ``tokenizer`` in this process (``batch_size`` sequences
+    at a time). ``kind="server"``: the ``/v1/completions`` route of ``base_urls`` (vLLM or
+    ``alignforge serve``), requests naming ``served_model`` (the served model, or the first one
+    ``/v1/models`` lists) and rollouts ending at ``eos_token_ids`` (default: the tokenizer's).
+    """
+    if kind == "transformers":
+        from alignforge.rollout.transformers_engine import TransformersEngine
+
+        return TransformersEngine(model, tokenizer, policy_version, batch_size)
+    if kind == "server":
+        from alignforge.rollout.server_engine import ServerEngine, served_models
+
+        if not base_urls:
+            raise ValueError("the server rollout engine needs base_urls")
+        if eos_token_ids is None:
+            eos_token_ids = [tokenizer.eos_token_id]
+        if served_model is None:
+            first = base_urls if isinstance(base_urls, str) else base_urls[0]
+            served_model = served_models(first, api_key)[0]
+        return ServerEngine(base_urls, served_model, eos_token_ids, policy_version=policy_version,
+                            api_key=api_key)  # fmt: skip
+    raise ValueError(f"unknown rollout engine {kind!r}: expected transformers or server")

@@ -9,9 +9,16 @@
 
     local = TransformersChatClient(model, tokenizer)   # same chat/chat_many surface, in process
 
-``chat_many`` keeps at most ``max_concurrency`` requests in flight and retries each request
-alone on 429, 5xx, timeouts and connection errors with exponential backoff
-(``backoff * 2**attempt`` seconds, or the server's ``Retry-After``). With
+Every request of the project to such a server goes through :class:`OpenAIClient` (this
+client, :class:`~alignforge.rollout.server_engine.ServerEngine`'s ``/v1/completions`` and the
+LoRA routes of :mod:`alignforge.rollout.weight_sync`), which retries a request alone on 429,
+5xx, timeouts and connection errors with exponential backoff (``backoff * 2**attempt`` seconds,
+or the server's ``Retry-After``), then raises :class:`EndpointError` naming the URL.
+
+    client = OpenAIClient("http://127.0.0.1:8000/v1")
+    client.post("load_lora_adapter", {"lora_name": "policy-step-3", "lora_path": "/runs/a"})
+
+``chat_many`` keeps at most ``max_concurrency`` requests in flight. With
 ``return_exceptions=True`` a request that still fails becomes an :class:`EndpointError` in its
 slot, so one bad item never sinks the batch. ``response_format`` takes the OpenAI forms
 ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}`` and
@@ -97,7 +104,81 @@ def _run_sync(coro):
     return box["value"]
 
 
-class OpenAIChatClient:
+class OpenAIClient:
+    """Requests to an OpenAI-compatible server at ``base_url`` (ending in ``/v1``), retried."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        max_concurrency: int = 8,
+        timeout: float = 60.0,
+        max_retries: int = 4,
+        backoff: float = 0.5,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.api_key = (
+            api_key or os.environ.get("OPENAI_API_KEY") or os.environ.get("ALIGNFORGE_API_KEY")
+        )
+        self.max_concurrency = int(max_concurrency)
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
+        self.backoff = float(backoff)
+
+    def endpoint(self, path: str) -> str:
+        return f"{self.base_url}/{path.lstrip('/')}"
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    async def arequest(self, client, method: str, path: str, body: dict | None = None):
+        """The 200 response of ``method path`` (``client``: an ``httpx.AsyncClient``), after
+        retrying 429, 5xx, timeouts and connection errors; else :class:`EndpointError`."""
+        import httpx
+
+        url = self.endpoint(path)
+        status, detail = None, ""
+        for attempt in range(self.max_retries + 1):
+            retry_after = None
+            try:
+                resp = await client.request(method, url, json=body, headers=self._headers())
+            except httpx.TimeoutException as e:
+                status, detail = None, f"timed out after {self.timeout:.1f}s ({type(e).__name__})"
+            except httpx.TransportError as e:
+                status, detail = None, f"connection failed: {type(e).__name__}: {e}"
+            else:
+                if resp.status_code == 200:
+                    return resp
+                status, detail = resp.status_code, resp.text
+                if status not in RETRY_STATUSES:
+                    raise EndpointError(url, status, detail, attempt + 1)
+                retry_after = _retry_after(resp)
+            if attempt < self.max_retries:
+                delay = retry_after if retry_after is not None else self.backoff * 2**attempt
+                await asyncio.sleep(delay * (1 + 0.1 * random.random()))
+        raise EndpointError(url, status, detail, self.max_retries + 1, connection=status is None)
+
+    def request(self, method: str, path: str, body: dict | None = None):
+        """:meth:`arequest` from synchronous code, on a connection of its own."""
+        import httpx
+
+        async def once():
+            async with httpx.AsyncClient(timeout=self.timeout) as client:
+                return await self.arequest(client, method, path, body)
+
+        return _run_sync(once())
+
+    def post(self, path: str, body: dict):
+        return self.request("POST", path, body)
+
+    def get(self, path: str):
+        return self.request("GET", path)
+
+
+class OpenAIChatClient(OpenAIClient):
     """Client for ``/v1/chat/completions`` of vLLM, llama.cpp server, OpenAI or ours."""
 
     def __init__(
@@ -110,25 +191,12 @@ class OpenAIChatClient:
         max_retries: int = 4,
         backoff: float = 0.5,
     ):
-        self.base_url = base_url.rstrip("/")
+        super().__init__(base_url, api_key, max_concurrency, timeout, max_retries, backoff)
         self.model = model
-        self.api_key = (
-            api_key or os.environ.get("OPENAI_API_KEY") or os.environ.get("ALIGNFORGE_API_KEY")
-        )
-        self.max_concurrency = int(max_concurrency)
-        self.timeout = float(timeout)
-        self.max_retries = int(max_retries)
-        self.backoff = float(backoff)
 
     @property
     def url(self) -> str:
-        return f"{self.base_url}/chat/completions"
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        return headers
+        return self.endpoint("chat/completions")
 
     def _body(self, messages, *, temperature, max_tokens, response_format, n, logprobs, **extra):
         body = {
@@ -173,31 +241,8 @@ class OpenAIChatClient:
                 await client.aclose()
 
     async def _post_with_retries(self, client, body: dict) -> list[ChatResult]:
-        import httpx
-
-        status, detail = None, ""
-        for attempt in range(self.max_retries + 1):
-            started = time.perf_counter()
-            retry_after = None
-            try:
-                resp = await client.post(self.url, json=body, headers=self._headers())
-            except httpx.TimeoutException as e:
-                status, detail = None, f"timed out after {self.timeout:.1f}s ({type(e).__name__})"
-            except httpx.TransportError as e:
-                status, detail = None, f"connection failed: {type(e).__name__}: {e}"
-            else:
-                if resp.status_code == 200:
-                    return _parse_chat(resp, self.url, time.perf_counter() - started)
-                status, detail = resp.status_code, resp.text
-                if status not in RETRY_STATUSES:
-                    raise EndpointError(self.url, status, detail, attempt + 1)
-                retry_after = _retry_after(resp)
-            if attempt < self.max_retries:
-                delay = retry_after if retry_after is not None else self.backoff * 2**attempt
-                await asyncio.sleep(delay * (1 + 0.1 * random.random()))
-        raise EndpointError(
-            self.url, status, detail, self.max_retries + 1, connection=status is None
-        )
+        resp = await self.arequest(client, "POST", "chat/completions", body)
+        return _parse_chat(resp, self.url, resp.elapsed.total_seconds())
 
     def chat(self, messages: list[dict], **kwargs) -> list[ChatResult]:
         """One request (``n`` choices). Keyword arguments as in :meth:`achat`."""

@@ -391,6 +391,8 @@ class TrainLoop(TrainCore):
             None  # trainable weights at best_step (load_best_model_at_end)
         )
         self.stopped_early = False
+        # (step, statistics) of the latest evaluation
+        self.last_eval: tuple[int, dict] | None = None
         self.resume_extra: dict = {}
 
     # -- data order: a fixed permutation per epoch, so resuming replays the same batches --
@@ -478,6 +480,7 @@ class TrainLoop(TrainCore):
         """Log an evaluation; track the best ``metric_for_best_model`` (keeping its weights
         when ``load_best_model_at_end``) and the evaluations since it, for early stopping."""
         self.logger.log({"step": self.step, "split": "eval", **ev})
+        self.last_eval = (self.step, ev)
         name, greater = self.args.best_metric
         if name not in ev:
             raise ValueError(
@@ -502,11 +505,16 @@ class TrainLoop(TrainCore):
     def final_evaluation(self) -> dict | None:
         """Evaluate the final weights; with ``load_best_model_at_end`` and an earlier evaluation
         that was better, restore that one's weights and evaluate them instead (they are what is
-        saved and what the final statistics describe)."""
-        final_eval = self.evaluate()
-        if final_eval is None:
-            return None
-        self._after_eval(final_eval)
+        saved and what the final statistics describe). When the last step was just evaluated
+        (it stopped early, or ``eval_steps`` divides it), that evaluation is the final one: the
+        held-out set is not scored twice."""
+        if self.last_eval is not None and self.last_eval[0] == self.step:
+            final_eval = self.last_eval[1]
+        else:
+            final_eval = self.evaluate()
+            if final_eval is None:
+                return None
+            self._after_eval(final_eval)
         if self.best_state is not None and self.best_step != self.step:
             load_trainable_state(self.unwrapped, self.best_state)
             if self.acc.is_main_process:

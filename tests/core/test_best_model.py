@@ -1,5 +1,7 @@
 """Early stopping and load_best_model_at_end on a metric the stage reports, not only eval loss."""
 
+import json
+
 import pytest
 import torch
 from test_core import args as core_args
@@ -72,6 +74,9 @@ def test_stops_on_accuracy_and_restores_the_best_step(tmp_path):
     assert float(loop.unwrapped.w) == ws[3]  # the weights saved after this are step 3's
     assert result["final_eval"]["accuracy"] == pytest.approx(best["value"])
     assert result["best_eval_loss"] is None  # the loss was not the metric
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    evals = [r["step"] for r in rows if r["split"] == "eval"]
+    assert evals == [1, 2, 3, 4, 5]  # the stopping step's evaluation is the final one: once
 
 
 def test_without_load_best_the_last_weights_stay(tmp_path):

@@ -9,7 +9,7 @@ rollouts coming from
 
 * ``on-policy``: the trained policy itself (reference run);
 * ``int8``: an int8 dynamically-quantised copy of the policy (``rollout_precision=int8``);
-* ``stale-k``: batches sampled ``k`` PPO steps ago (``rollout_staleness=k``);
+* ``stale-k``: batches sampled ``k`` PPO steps ago (``max_staleness=k``);
 
 and, for the last two, the correction ``none``, ``truncate`` (TIS, token level, upper 2) or
 ``mask`` (IcePop-style token rejection outside [0.5, 2]). Writes ``docs/img/offpolicy_*.png``
@@ -48,7 +48,7 @@ def settings(staleness: int) -> dict[str, dict]:
     runs = {"on-policy": {}}
     for name, c in corr.items():
         runs[f"int8/{name}"] = {"rollout_precision": "int8", **c}
-        runs[f"stale-{staleness}/{name}"] = {"rollout_staleness": staleness, **c}
+        runs[f"stale-{staleness}/{name}"] = {"max_staleness": staleness, **c}
     return runs
 
 

@@ -58,9 +58,12 @@ KEY_ALIASES = {
     "validation_file": "eval_dataset",
     "chat_template": "template",
     "init_kl_coef": "kl_coef",
+    "vllm_server_base_url": "rollout_base_url",
 }
-# LLaMA-Factory keys with no counterpart here, and what to do instead.
+# Keys with no counterpart here (LLaMA-Factory's, our own former names), and what to do instead.
 KEY_NOTES = {
+    "rollout_staleness": "it is now max_staleness (the same meaning: batches drawn k PPO steps "
+    "ahead)",
     "dataset_dir": "give `dataset` as paths; a relative one is read against this config file's "
     "folder when it exists there, else the working directory",
     "do_train": "not needed: `alignforge train` trains",

@@ -4,14 +4,17 @@ programmatic reward, a critic on a second adapter, off-policy correction and a r
     alignforge merge runs/sft/final --output runs/sft-merged      # the reference must be merged
     alignforge train examples/ppo.yaml
     alignforge train examples/ppo.yaml rollout_precision=int8 offpolicy_correction=truncate
+    alignforge train examples/ppo.yaml rollout_engine=server rollout_base_url=http://127.0.0.1:8000/v1 max_staleness=1
     torchrun --nproc_per_node 2 -m alignforge.cli train examples/ppo.yaml     # data-parallel
 
 One iteration, top to bottom:
 
-1. **rollout**: each process samples ``num_generations`` answers for its share of the
+1. **rollout** (``rl/rollouts.py``): ``num_generations`` answers for each of the
    ``rollout_batch_size`` prompts (a prompt's group stays on one process) with per-token log-probs
-   (``rollout_logps``). The sampler is the policy itself, a bf16 or int8 copy
-   (``rollout_precision``), or a batch sampled ``rollout_staleness`` iterations ago.
+   (``rollout_logps``), drawn in process by the policy itself or a bf16 / int8 copy
+   (``rollout_precision``), or by vLLM / ``alignforge serve`` with the policy's adapter loaded
+   (``rollout_engine: server``); with ``max_staleness: k`` each batch is drawn k steps ahead, by
+   servers in the background while the trainer trains.
 2. **score**: reward model times its weight plus ``reward_fn`` (called on the global batch).
 3. **prepare** (``rl/prepare.py``): old log-probs (policy), reference log-probs (the same model,
    adapters disabled = the merged SFT checkpoint), values (``value`` adapter + head), off-policy
@@ -26,11 +29,9 @@ Dropout is off (``disable_dropout``) so old log-probs and the trained side agree
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 import warnings
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -57,10 +58,11 @@ from alignforge.rl.policy import (
     token_values,
 )
 from alignforge.rl.prepare import PrepareSettings, prepare_rollouts
+from alignforge.rl.rollouts import RolloutSource, Sampling, engine_factory, server_failure
 from alignforge.rl.scoring import build_scorer
 from alignforge.rl.summary import plot_curves, print_summary, reward_summary
-from alignforge.rollout import Rollout, TransformersEngine, chat_prompt_ids
-from alignforge.rollout.batch import behaviour_model, rollout_batch, trim_padding
+from alignforge.rollout import EndpointError, Rollout, chat_prompt_ids
+from alignforge.rollout.batch import rollout_batch, trim_padding
 from alignforge.training import NonFiniteLossError
 from alignforge.training.interrupt import stoppable
 from alignforge.training.loop import TrainCore
@@ -77,10 +79,17 @@ def check_parallel(cfg: PPOConfig, world: int) -> None:
             raise ConfigError(
                 f"{name}: {getattr(cfg, name)} must be divisible by the {world} processes"
             )
-    if cfg.rollout_staleness and cfg.offpolicy_correction == "none":
+    if cfg.max_staleness and cfg.offpolicy_correction == "none":
         warnings.warn(
-            f"rollout_staleness={cfg.rollout_staleness} with offpolicy_correction=none: stale rollouts "
+            f"max_staleness={cfg.max_staleness} with offpolicy_correction=none: stale rollouts "
             "are trained on as if on-policy, with PPO's clip as the only correction",
+            stacklevel=2,
+        )
+    if cfg.max_staleness and cfg.rollout_engine == "transformers":
+        warnings.warn(
+            f"max_staleness={cfg.max_staleness} with rollout_engine=transformers: batches are drawn "
+            "ahead but not while the trainer trains (the in-process engine shares its model and "
+            "cores); rollout_engine: server overlaps them",
             stacklevel=2,
         )
 
@@ -133,8 +142,8 @@ class PPORun:
             min_samples=cfg.drift_min_samples,
         )  # fmt: skip
         self.logger = self.core.logger
-        self.generated, self.restores = 0, 0
-        self.queue: deque[list[tuple[int, Rollout]]] = deque()
+        self.rollouts = self._rollout_source()
+        self.restores = 0
         self.events: list[dict] = []
         self.stopped: str | None = None
 
@@ -143,41 +152,31 @@ class PPORun:
         return self.core.step
 
     # -- rollouts --------------------------------------------------------------
-    def prompt_indices(self, gen_index: int) -> list[int]:
-        """This process's prompts of the ``gen_index``-th rollout batch: a fixed permutation per
-        epoch, the global batch split into contiguous shares by rank."""
-        bs, n = self.cfg.rollout_batch_size, len(self.prompts)
-        share = bs // self.core.world
-        out = []
-        for k in range(
-            gen_index * bs + self.core.rank * share, gen_index * bs + (self.core.rank + 1) * share
-        ):
-            epoch, j = divmod(k, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-            out.append(int(perm[j]))
-        return out
+    def _rollout_source(self) -> RolloutSource:
+        from accelerate.utils import broadcast_object_list
 
-    def _sample(self) -> list[tuple[int, Rollout]]:
-        cfg = self.cfg
-        idx = self.prompt_indices(self.generated)
-        engine = TransformersEngine(
-            behaviour_model(self.model, cfg.rollout_precision, POLICY), self.tokenizer,
-            policy_version=str(self.step), batch_size=max(cfg.per_device_eval_batch_size, 1),
+        cfg, core, server = self.cfg, self.core, self.cfg.rollout_engine == "server"
+        make, sync = engine_factory(
+            cfg.rollout_engine, model=self.model, tokenizer=self.tokenizer, adapter=POLICY,
+            precision=cfg.rollout_precision, batch_size=max(cfg.per_device_eval_batch_size, 1),
+            base_urls=cfg.rollout_base_url, served_model=cfg.rollout_model,
+            folder=self.out / "rollout_policy", keep=cfg.max_staleness + 1,
+            main=core.acc.is_main_process,
         )  # fmt: skip
-        seeds = [(cfg.seed * 1_000_003 + self.generated) * 100_003 + i for i in idx]
-        groups = engine.generate(
-            [self.prompt_ids[i] for i in idx], n=cfg.num_generations, temperature=cfg.temperature,
-            top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=seeds,
+        sampling = Sampling(cfg.num_generations, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+        return RolloutSource(
+            self.prompt_ids, batch_size=cfg.rollout_batch_size, seed=cfg.seed, sampling=sampling,
+            max_staleness=cfg.max_staleness, total=self.total_steps, make_engine=make, sync=sync,
+            background=server, scatter=server, rank=core.rank, world=core.world,
+            broadcast=lambda batch: broadcast_object_list([batch])[0],
         )  # fmt: skip
-        self.generated += 1
-        return [(i, r) for i, g in zip(idx, groups, strict=True) for r in g]
 
     def next_rollouts(self) -> list[tuple[int, Rollout]]:
-        """This iteration's batch: fresh, or ``rollout_staleness`` iterations old."""
-        while len(self.queue) < self.cfg.rollout_staleness:
-            self.queue.append(self._sample())
-        self.queue.append(self._sample())
-        return self.queue.popleft()
+        """This iteration's batch, drawn up to ``max_staleness`` iterations ago."""
+        try:
+            return self.rollouts.next(self.step)
+        except EndpointError as e:
+            raise server_failure(e, self.step, self.core.ckpt.latest()) from None
 
     def score(self, pairs: list[tuple[int, Rollout]]):
         """(total, rm, fn) scores of this process's rollouts; the reward function sees all."""
@@ -390,9 +389,8 @@ class PPORun:
     # -- checkpoints ------------------------------------------------------------------
     def save(self) -> None:
         extra = {"kl": self.kl_ctl.state_dict(), "drift": self.monitor.state_dict() if self.monitor else None,
-                 "generated": self.generated, "restores": self.restores, "reward_fn": self.scorer.state_dict()}  # fmt: skip
-        queue = [[(i, dataclasses.asdict(r)) for i, r in b] for b in self.queue]
-        self.core.save(extra=extra, rank_extra={"queue": queue})
+                 "generated": self.rollouts.generated, "restores": self.restores, "reward_fn": self.scorer.state_dict()}  # fmt: skip
+        self.core.save(extra=extra, rank_extra={"queue": self.rollouts.state()})
 
     def load(self, path) -> None:
         _, extra, mine = self.core.load(path)
@@ -402,10 +400,8 @@ class PPORun:
         self.kl_ctl.load_state_dict(extra["kl"])
         if self.monitor and extra["drift"]:
             self.monitor.load_state_dict(extra["drift"])
-        self.queue = deque(
-            [[(i, Rollout(**r)) for i, r in b] for b in (mine or {}).get("queue", [])]
-        )
-        self.generated, self.restores = extra["generated"], extra["restores"]
+        self.rollouts.load_state((mine or {}).get("queue", []), extra["generated"])
+        self.restores = extra["restores"]
         self.scorer.load_state_dict(extra.get("reward_fn"))
 
     def resume(self) -> Path | None:
@@ -463,7 +459,11 @@ def save_final(run: PPORun) -> Path:
 def run(cfg: PPOConfig, callbacks=()) -> dict:
     t0 = time.time()
     ppo = PPORun(cfg, callbacks)
-    result = ppo.fit()
+    try:
+        result = ppo.fit()
+        ppo.rollouts.close(unload=True)  # the servers forget this run's adapters
+    finally:
+        ppo.rollouts.close()
     final = save_final(ppo)
     rows = [r for r in ppo.logger.rows() if r.get("split") == "train"]
     summary = {
@@ -474,7 +474,8 @@ def run(cfg: PPOConfig, callbacks=()) -> dict:
         "advantage_estimator": cfg.advantage_estimator,
         "kl_in_reward": cfg.kl_in_reward_resolved,
         "rollout_precision": cfg.rollout_precision,
-        "rollout_staleness": cfg.rollout_staleness,
+        "rollout_engine": cfg.rollout_engine,
+        "max_staleness": cfg.max_staleness,
         "offpolicy_correction": cfg.offpolicy_correction,
         **result,
         **reward_summary(rows),

@@ -30,7 +30,7 @@ RUN_FILES = (
     "config.yaml", "metrics.jsonl", "summary.json", "final", "best", "checkpoint-*",
     ".tmp-checkpoint-*", "iter_*", "tensorboard", "wandb", "trackers.json", "loss_curve.png", "rewards.png",
     "reward_scores_eval.json", "reward_scores_eval.png", "reward_scores_policy.jsonl",
-    "ppo_curves.png", "spin_iterations.png",
+    "ppo_curves.png", "spin_iterations.png", "rollout_policy",
 )  # fmt: skip
 # What a run resumes from: checkpoints, or SPIN's iterations.
 RESUMABLE = ("checkpoint-*", "iter_*")
@@ -38,7 +38,7 @@ RESUMABLE = ("checkpoint-*", "iter_*")
 RESUME_SAFE = {
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "save_steps",
     "save_total_limit", "report_to", "run_name", "progress", "per_device_eval_batch_size",
-    "cache_dir",
+    "cache_dir", "rollout_base_url", "rollout_model",
 }  # fmt: skip
 # Keys that set the run's length: they may grow when the learning rate of a step does not depend
 # on the length (see :func:`config_changes`).

@@ -90,7 +90,7 @@ def test_exact_resume(tiny_model_dir, prompts, tmp_path):
     kw = dict(
         max_steps=4,
         save_steps=2,
-        rollout_staleness=1,
+        max_staleness=1,
         rollout_batch_size=4,
         mini_batch_size=2,
         ppo_epochs=2,

@@ -139,14 +139,14 @@ def test_the_reward_model_scores_over_long_rollouts_with_the_rule_it_was_trained
 
 
 def test_stale_rollouts_without_a_correction_are_named(tiny_model_dir, prompts, tmp_path):
-    with pytest.warns(UserWarning, match="rollout_staleness=1 with offpolicy_correction=none"):
-        ppo.PPORun(cfg(tiny_model_dir, prompts, tmp_path / "s", rollout_staleness=1))
+    with pytest.warns(UserWarning, match="max_staleness=1 with offpolicy_correction=none"):
+        ppo.PPORun(cfg(tiny_model_dir, prompts, tmp_path / "s", max_staleness=1))
 
 
 def test_batches_that_do_not_split_over_processes_are_refused():
     from alignforge.config import ConfigError
 
-    c = PPOConfig.model_construct(rollout_batch_size=3, mini_batch_size=4, rollout_staleness=0)
+    c = PPOConfig.model_construct(rollout_batch_size=3, mini_batch_size=4, max_staleness=0)
     with pytest.raises(ConfigError, match="rollout_batch_size: 3 must be divisible by the 2"):
         ppo.check_parallel(c, 2)
 

@@ -78,6 +78,8 @@ class WeightSync:
                     raise UserError(
                         f"{e.url}: HTTP {e.status}: {_ROUTE_HELP[self.route]}"
                     ) from None
+                if e.connection:
+                    raise UserError(f"{e}; {e.hint}") from None
                 if e.status != 400:
                     raise
 

@@ -49,8 +49,7 @@ class RMConfig(ModelArgs, DataArgs, TrainArgs, PromptLengthArgs):
         gt=0.0,
         le=1.0,
         description="Inter-annotator agreement: the best accuracy an RM can reach on this data (reported beside the accuracy). "
-        "Unset: the mean of the eval rows' `agreement_ceiling` column (each label's expected accuracy for a "
-        "perfect model, written by `alignforge annotate export`), else of their `agreement` column.",
+        "A column `agreement` on the eval rows is used when this is unset.",
     )
     bootstrap_samples: int = Field(
         1000, ge=100, description="Bootstrap resamples for the accuracy's 95% intervals."

@@ -170,7 +170,6 @@ def _run_round(cfg, task, rows, rnd: Round, k: int, policy: str, rm_prev, log) -
             cfg.judge_endpoint,
             task,
             by_pid,
-            cfg.panel,
         ),
         log,
     )

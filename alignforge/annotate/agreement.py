@@ -291,3 +291,45 @@ def pairwise_kappas(onehot: np.ndarray, raters: list[str], min_items: int) -> li
         PairKappa(raters[a], raters[b], int(n[a, b]), float(kappa[a, b]))
         for a, b in zip(a_idx[keep], b_idx[keep], strict=True)
     ]
+
+
+# ------------------------------------------------------------------ the reward model's ceiling
+def decisive_agreement(directions: dict[int, dict[str, int]]) -> tuple[float, int]:
+    """(share of agreeing pairs, number of pairs) over every pair of raters of one item whose
+    directions (``{item: {rater: -1 | 0 | 1}}``) are both decisive; (nan, 0) without pairs."""
+    agree = pairs = 0
+    for raters in directions.values():
+        votes = [v for v in raters.values() if v != 0]
+        for i, x in enumerate(votes):
+            for y in votes[i + 1 :]:
+                pairs += 1
+                agree += x == y
+    return (agree / pairs if pairs else math.nan), pairs
+
+
+def rater_accuracy(agreement: float) -> float:
+    """Each rater's chance of giving the true direction, from two raters' agreement.
+
+    Two independent raters that are each right with probability q agree with probability
+    A = q² + (1 − q)², so q = (1 + √(2A − 1)) / 2. A ≤ 1/2 (no better than chance) gives 1/2.
+    """
+    if math.isnan(agreement):
+        return math.nan
+    return (1.0 + math.sqrt(max(0.0, 2.0 * agreement - 1.0))) / 2.0
+
+
+def majority_accuracy(q: float, n: int) -> float:
+    """Chance that the majority of ``n`` independent raters, each right with probability ``q``,
+    gives the true direction, given that it is not split evenly:
+
+        Σ_{k > n/2} C(n, k) qᵏ (1 − q)ⁿ⁻ᵏ  /  Σ_{k ≠ n/2} C(n, k) qᵏ (1 − q)ⁿ⁻ᵏ
+
+    This is the expected accuracy of a perfect model (one that always knows the true direction)
+    against a label made from ``n`` such votes: the ceiling of a reward model on that label.
+    """
+    if n < 1 or math.isnan(q):
+        return math.nan
+    p = [math.comb(n, k) * q**k * (1 - q) ** (n - k) for k in range(n + 1)]
+    right = sum(p[k] for k in range(n + 1) if 2 * k > n)
+    decided = sum(p[k] for k in range(n + 1) if 2 * k != n)
+    return right / decided

@@ -12,6 +12,8 @@
     alignforge annotate stats ann/
     alignforge annotate export ann/ data/prefs --ties drop --min-agreement 0.6
     alignforge annotate judge ann/ --base-url http://127.0.0.1:8001/v1 --model qwen
+    alignforge annotate judge ann/ --reference gold.jsonl          # against gold answers
+    alignforge annotate simulate ann/ --reference gold.jsonl --annotators 3 --flip-rate 0.1
     alignforge annotate blind import ann/ ours.jsonl frontier.jsonl --name-a ours --name-b frontier
     alignforge annotate blind report ann/
 
@@ -251,7 +253,8 @@ def export(
     low_agreement: str = typer.Option("drop", help="drop (below --min-agreement) | majority."),
     min_agreement: float = typer.Option(0.0, help="Least share of raters on the majority side."),
     annotators: str = typer.Option(
-        "humans", help="humans (annotators and annotating admins) | admins | judge | all | NAME."
+        "humans",
+        help="humans (annotators and annotating admins) | admins | judge | simulated | all | NAME.",
     ),
     fmt: str = typer.Option("jsonl", "--format", help="jsonl | parquet | both."),
 ) -> None:
@@ -268,6 +271,9 @@ def export(
         f"({r.n_ties_dropped} ties and {r.n_low_agreement_dropped} low-agreement items dropped); "
         f"per split {r.per_split}"
     )
+    if r.agreement_ceiling is not None:
+        typer.echo(f"agreement ceiling {r.agreement_ceiling:.3f}: a perfect model's expected "
+                   "accuracy against these labels (column agreement_ceiling)")  # fmt: skip
     for f in r.files:
         typer.echo(f"  {f}")
 
@@ -275,21 +281,34 @@ def export(
 @app.command()
 def judge(
     project_dir: Path = PROJECT,
-    base_url: str = typer.Option(..., help="OpenAI-compatible base URL, e.g. http://host:8000/v1"),
-    model: str = typer.Option(..., help="Model name; judgements are stored as judge:<model>."),
+    base_url: str = typer.Option(None, help="OpenAI-compatible base URL, e.g. http://host:8000/v1"),
+    model: str = typer.Option(None, help="Model name; judgements are stored as judge:<model>."),
+    reference: Path = typer.Option(
+        None,
+        help="JSONL of {prompt_id, reference} gold answers: judge against them instead of "
+        "with an LLM (stored as judge:reference).",
+    ),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable with the key."),
     kind: str = typer.Option(None, help="Only items of this kind (pair or blind)."),
     released_only: bool = typer.Option(False, help="Only items already released to humans."),
     limit: int = typer.Option(None, help="Judge at most this many items."),
     workers: int = typer.Option(4, help="Parallel requests."),
 ) -> None:
-    """Answer the aspect questions with an LLM judge (position-swapped), then report its kappa."""
+    """Answer the aspect questions with an LLM judge (position-swapped) or against gold answers
+    (--reference), then report the judge's kappa with the humans."""
     from alignforge.annotate.judge import OpenAIChatBackend, judge_human_agreement, run_judge
 
     store, cfg = _store(project_dir), _cfg(project_dir)
-    be = OpenAIChatBackend(base_url, model, api_key=os.environ.get(api_key_env))
-    be.check("--base-url")
     qs = {a.key: a.question for a in cfg.aspects}
+    if (reference is None) == (base_url is None and model is None):
+        _fail("give either --reference FILE or --base-url and --model")
+    if reference is not None:
+        be, model = _reference_judge(reference, cfg, list(qs)), "reference"
+    elif base_url is None or model is None:
+        _fail(f"--{'model' if model is None else 'base-url'} is missing (an LLM judge needs both)")
+    else:
+        be = OpenAIChatBackend(base_url, model, api_key=os.environ.get(api_key_env))
+        be.check("--base-url")
     r = run_judge(store, be, model, qs, cfg.scale, kind, released_only, limit, workers)
     typer.echo(
         f"judged {r.n_judged}/{r.n_items} items ({r.n_already} done before, {r.n_failed} failed, "
@@ -310,6 +329,69 @@ def judge(
         )
 
 
+def _reference_judge(path: Path, cfg, keys: list[str]):
+    from alignforge.annotate.importer import RowError
+    from alignforge.annotate.judge import JudgeError
+    from alignforge.annotate.reference import ReferenceJudge, aspect_measures, read_references
+
+    try:
+        return ReferenceJudge(read_references(path), aspect_measures(keys, cfg.reference_measures))
+    except (RowError, FileNotFoundError, JudgeError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def simulate(
+    project_dir: Path = PROJECT,
+    reference: Path = typer.Option(..., help="JSONL of {prompt_id, reference} gold answers."),
+    annotators: int = typer.Option(None, help="Simulated annotators sim-1 ... sim-k."),
+    flip_rate: float = typer.Option(None, help="Chance of the other side on a decisive aspect."),
+    tie_rate: float = typer.Option(None, help="Chance of a tie on a decisive aspect."),
+    position_bias: float = typer.Option(None, help="Chance of preferring the side shown first."),
+    fatigue: float = typer.Option(None, help="Flip rate added per 100 items of the session."),
+    seed: int = typer.Option(None, help="Seed of the annotators' draws."),
+    limit: int = typer.Option(None, help="Items each annotator judges at most in this session."),
+    group: str = typer.Option("default", help="Annotator group of the simulated users."),
+) -> None:
+    """Simulated annotators judge the released items through the queue, as people do, from the
+    gold answers plus noise (default: annotate.yaml's panel:); marked simulated everywhere."""
+    from pydantic import ValidationError
+
+    from alignforge.annotate.config import PanelConfig
+    from alignforge.annotate.panel import panel_ceiling, run_panel
+    from alignforge.annotate.store import StoreError
+
+    store, cfg = _store(project_dir), _cfg(project_dir)
+    given = {"annotators": annotators, "flip_rate": flip_rate, "tie_rate": tie_rate,
+             "position_bias": position_bias, "fatigue": fatigue, "seed": seed}  # fmt: skip
+    try:
+        panel = PanelConfig(**{**cfg.panel.model_dump(), **{k: v for k, v in given.items()
+                                                            if v is not None}})  # fmt: skip
+    except ValidationError as e:
+        err = e.errors()[0]
+        _fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}")
+    qs = {a.key: a.question for a in cfg.aspects}
+    judge_ = _reference_judge(reference, cfg, list(qs))
+    try:
+        r = run_panel(store, judge_, panel, qs, cfg.scale, limit, group)
+    except StoreError as e:
+        _fail(str(e))
+    for name, n in r.judged.items():
+        typer.echo(f"{name}: judged {n} items, on the reference's side on "
+                   f"{_f(r.accuracy.get(name, math.nan))} of its decisive ones")  # fmt: skip
+    if r.skipped:
+        typer.secho(f"{r.skipped} items skipped: {r.errors[0]}", err=True)
+    c = panel_ceiling(store)
+    if not c.n_pairs:
+        typer.echo("no item judged by two simulated annotators yet: release batches with "
+                   "--overlap above 0 to measure their agreement")  # fmt: skip
+        return
+    typer.echo(f"panel agreement {c.agreement:.3f} on {c.n_pairs} pairs of decisive judgements: "
+               f"each label is on the true side with probability {c.rater_accuracy:.3f}, the "
+               "reward model's ceiling on one annotator's labels "
+               "(exports: agreement_ceiling)")  # fmt: skip
+
+
 def _f(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
@@ -318,19 +400,29 @@ def _f(x: float) -> str:
 def stats(
     project_dir: Path = PROJECT,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    annotators: str = typer.Option(
+        "humans", help="humans, or simulated: the simulated annotators' figures on their own."
+    ),
 ) -> None:
     """Annotation rates, agreement per window (trial, since, batches, days) and alerts."""
-    from alignforge.annotate.dashboard import project_stats
+    from alignforge.annotate.dashboard import RATERS, project_stats
     from alignforge.annotate.server import _clean
 
+    if annotators not in RATERS:
+        _fail(f"--annotators must be one of {', '.join(RATERS)}, got {annotators!r}")
     store, cfg = _store(project_dir), _cfg(project_dir)
     with store.connect() as conn:
         s = project_stats(store, conn, [a.key for a in cfg.aspects], cfg.level, cfg.alert_rules(),
-                          cfg.idle_cap_seconds, cfg.bootstrap_samples)  # fmt: skip
+                          cfg.idle_cap_seconds, cfg.bootstrap_samples, annotators)  # fmt: skip
     if as_json:
         typer.echo(json.dumps(_clean(s._asdict()), indent=2))
         return
     typer.echo(f"{s.n_judgements} judgements, {s.n_released}/{s.n_items} items released")
+    if annotators == "simulated":
+        typer.secho("SIMULATED annotators: these figures are not people's", fg=typer.colors.YELLOW)
+    elif s.n_simulated:
+        typer.echo(f"{s.n_simulated} judgements by simulated annotators left out "
+                   "(--annotators simulated shows them)")  # fmt: skip
     typer.echo(f"{'annotator':24} {'items':>6} {'items/h':>8} {'s/item':>7} {'active s':>8} "
                f"{'skips':>5} {'majority':>8}")  # fmt: skip
     for r in s.annotators:
@@ -381,7 +473,8 @@ def blind_import(
 def blind_report_cmd(
     project_dir: Path = PROJECT,
     annotators: str = typer.Option(
-        "humans", help="humans (annotators and annotating admins) | admins | judge | all | NAME."
+        "humans",
+        help="humans (annotators and annotating admins) | admins | judge | simulated | all | NAME.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:

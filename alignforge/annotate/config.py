@@ -84,6 +84,58 @@ SCALES: dict[str, list[Choice]] = {
 }
 
 
+REFERENCE_MEASURES = ("entity_f1", "relation_f1", "f1", "lenient_f1", "format")
+
+
+class Noise(StrictModel):
+    """How a simulated annotator departs from the reference judge's verdict, per aspect."""
+
+    flip_rate: float = Field(
+        0.1, ge=0.0, le=1.0, description="chance of answering the other side on a decisive aspect"
+    )
+    tie_rate: float = Field(
+        0.05, ge=0.0, le=1.0, description="chance of a tie on a decisive aspect"
+    )
+    position_bias: float = Field(
+        0.05, ge=0.0, le=1.0, description="chance of preferring the side shown first, any aspect"
+    )
+    fatigue: float = Field(
+        0.0, ge=0.0, le=10.0, description="flip_rate grows by this per 100 items of a session"
+    )
+
+
+class MemberNoise(StrictModel):
+    """One simulated annotator's own noise; an unset field takes the panel's."""
+
+    flip_rate: float | None = Field(None, ge=0.0, le=1.0)
+    tie_rate: float | None = Field(None, ge=0.0, le=1.0)
+    position_bias: float | None = Field(None, ge=0.0, le=1.0)
+    fatigue: float | None = Field(None, ge=0.0, le=10.0)
+
+
+class PanelConfig(Noise):
+    """A panel of simulated annotators (``alignforge annotate simulate``); noise as in ``Noise``."""
+
+    annotators: int = Field(3, ge=1, le=100, description="simulated users sim-1 ... sim-k")
+    members: list[MemberNoise] = Field(
+        default_factory=list, description="per-annotator overrides: the first entry is sim-1's"
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _members_fit(self) -> PanelConfig:
+        if len(self.members) > self.annotators:
+            raise ValueError(
+                f"members: {len(self.members)} entries for {self.annotators} annotators"
+            )
+        return self
+
+    def noise(self, k: int) -> Noise:
+        """Annotator ``k``'s noise (0-based): the panel's, with ``members[k]``'s fields set."""
+        own = self.members[k].model_dump(exclude_none=True) if k < len(self.members) else {}
+        return Noise(**{**{f: getattr(self, f) for f in Noise.model_fields}, **own})
+
+
 class AnnotateConfig(StrictModel):
     """Every field of an annotation project (``annotate.yaml``)."""
 
@@ -124,6 +176,12 @@ class AnnotateConfig(StrictModel):
     idle_cap_seconds: float = Field(
         600.0, gt=0, description="time on one item counted at most this long in rates"
     )
+    reference_measures: dict[str, Literal[REFERENCE_MEASURES]] = Field(
+        default_factory=lambda: {"entities": "entity_f1", "relations": "relation_f1",
+                                 "summary": "format"},
+        description="what the reference judge compares with the gold answer for each aspect key",
+    )  # fmt: skip
+    panel: PanelConfig = Field(default_factory=PanelConfig, description="simulated annotators")
     seed: int = 0
 
     @field_validator("aspects")

@@ -22,6 +22,10 @@ note instead: two items say nothing):
   annotators' current median.
 
 Alpha is reported with a 95% bootstrap interval over the window's items.
+
+The figures are computed on people's judgements. Simulated annotators (``annotate/panel.py``)
+get the same figures computed on theirs alone (``raters="simulated"``), labelled: their alerts
+and notes start with "simulated annotators:", so a panel's noise never moves a team's alpha.
 """
 
 from __future__ import annotations
@@ -92,11 +96,27 @@ class ProjectStats(NamedTuple):
     annotators: list[AnnotatorRow]
     alerts: list[str]
     notes: list[str]
+    raters: str = "humans"  # whose judgements the figures are computed on: humans | simulated
+    n_simulated: int = 0  # judgements by simulated annotators in the project
+
+
+RATERS = ("humans", "simulated")
 
 
 def humans(judgements: list[Judgement]) -> list[Judgement]:
     """Annotators' judgements (admins count only when marked as annotating)."""
     return [j for j in judgements if j.role == "annotator"]
+
+
+def rated_by(judgements: list[Judgement], raters: str) -> list[Judgement]:
+    """People's judgements (``humans``), or the simulated annotators' (``simulated``)."""
+    if raters not in RATERS:
+        raise ValueError(f"raters must be one of {', '.join(RATERS)}, got {raters!r}")
+    return (
+        humans(judgements)
+        if raters == "humans"
+        else [j for j in judgements if j.role == "simulated"]
+    )
 
 
 def item_scores(judgements: list[Judgement], aspect: str) -> dict[int, dict[str, int]]:
@@ -333,17 +353,24 @@ def item_infos(conn: sqlite3.Connection) -> dict[int, ItemInfo]:
 
 def project_stats(
     store: Store, conn: sqlite3.Connection, aspects: list[str], level: str, rules: AlertRules,
-    idle_cap: float = 600.0, n_boot: int = 1000,
+    idle_cap: float = 600.0, n_boot: int = 1000, raters: str = "humans",
 ) -> ProjectStats:  # fmt: skip
     n_items, n_rel = conn.execute("SELECT COUNT(*), COUNT(batch_id) FROM items").fetchone()
     items = item_infos(conn)
     skips = dict(conn.execute(
         "SELECT u.name, COUNT(*) FROM assignments a JOIN users u ON u.id = a.user_id "
-        "WHERE a.status = 'skipped' GROUP BY u.name"
+        "WHERE a.status = 'skipped' AND u.simulated = ? GROUP BY u.name",
+        (int(raters == "simulated"),),
     ).fetchall())  # fmt: skip
     every = store.judgements(conn)
-    parts = compute_stats(humans(every), items, skips, aspects, level, rules, idle_cap, n_boot)
-    return ProjectStats(n_items, n_rel, len(every), *parts)
+    mine = rated_by(every, raters)
+    windows, rows, alerts, notes = compute_stats(mine, items, skips, aspects, level, rules,
+                                                 idle_cap, n_boot)  # fmt: skip
+    if raters == "simulated":
+        alerts = [f"simulated annotators: {a}" for a in alerts]
+        notes = [f"simulated annotators: {n}" for n in notes]
+    n_sim = sum(j.role == "simulated" for j in every)
+    return ProjectStats(n_items, n_rel, len(every), windows, rows, alerts, notes, raters, n_sim)
 
 
 # ------------------------------------------------------------------------------ plots
@@ -365,10 +392,10 @@ def _fig(w: float = 7, h: float = 3.2):
     return plt.subplots(figsize=(w, h))
 
 
-def plot_rate(judgements: list[Judgement]) -> bytes:
+def plot_rate(judgements: list[Judgement], raters: str = "humans") -> bytes:
     """Judgements per hour over time, one line per annotator."""
     fig, ax = _fig()
-    people = humans(judgements)
+    people = rated_by(judgements, raters)
     if people:
         t0 = min(j.created_at for j in people)
         by: dict[str, list[float]] = defaultdict(list)
@@ -384,11 +411,11 @@ def plot_rate(judgements: list[Judgement]) -> bytes:
     return _png(fig)
 
 
-def plot_time(judgements: list[Judgement], idle_cap: float) -> bytes:
+def plot_time(judgements: list[Judgement], idle_cap: float, raters: str = "humans") -> bytes:
     """Seconds spent per item (server-side, capped), box per annotator."""
     fig, ax = _fig()
     by: dict[str, list[float]] = defaultdict(list)
-    for j in humans(judgements):
+    for j in rated_by(judgements, raters):
         if j.server_seconds is not None:
             by[j.user].append(min(j.server_seconds, idle_cap))
     if by:

@@ -9,7 +9,8 @@ One record per item: ``prompt`` (the string, or the chat messages), ``chosen``, 
 (strings, or ``[{"role": "assistant", ...}]`` when the prompt is a chat, which is TRL's
 conversational format), ``margin`` = |mean summed aspect score|, ``aspect_scores`` (oriented so
 that positive favours ``chosen``), ``annotators``, ``agreement`` (share of raters on the
-largest side), ``prompt_id``, ``doc_id``, ``split``, ``policy``, ``pair_id``.
+largest side), ``agreement_ceiling``, ``simulated``, ``prompt_id``, ``doc_id``, ``split``,
+``policy``, ``pair_id``.
 
 Several raters on one item are combined as follows. ``agreement`` is the share of raters on the
 largest side of the overall preference (sign of the summed aspects: a, tie or b); a 1-1 split
@@ -23,15 +24,29 @@ them in both orders with margin 0. Pairs without a split go to ``train``.
 An item an admin adjudicated (``/admin/adjudicate``) takes the admin's decision as its scores,
 whatever the raters' agreement, with ``adjudicated: true``; this applies to the ``humans`` and
 ``all`` exports, not to a judge's or one annotator's.
+
+``agreement_ceiling`` is the expected accuracy of a perfect model against the record's label,
+which the reward model reports its accuracy against. The raters' agreement on the direction,
+over pairs of decisive judgements of one item, gives each rater's accuracy q
+(``agreement.rater_accuracy``). A label made from n decisive raters is then right with
+probability ``agreement.majority_accuracy(q, n)``: q for one rater, which the raw ``agreement``
+(1.0 for one rater) cannot say. It is null for ties, adjudicated items, and exports without
+any item judged twice.
+
+``simulated`` is true when any of the record's raters is a simulated annotator
+(``annotate/panel.py``). The ``humans`` export never holds them; ask for ``simulated`` or
+``all``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from alignforge.annotate.agreement import decisive_agreement, majority_accuracy, rater_accuracy
 from alignforge.annotate.store import Judgement, Store
 
 TIE_POLICIES = ("drop", "margin0", "both")
@@ -53,6 +68,7 @@ class ExportReport(NamedTuple):
     n_low_agreement_dropped: int
     per_split: dict[str, int]
     files: list[str]
+    agreement_ceiling: float | None = None  # mean over the records (see the module docstring)
 
 
 def _sign(x: float) -> int:
@@ -86,19 +102,35 @@ def adjudicated(js: list[Judgement], decision: dict[str, Any]) -> Aggregate:
 
 def select(js: list[Judgement], annotators: str) -> list[Judgement]:
     """'humans' (default: annotators, and admins marked as annotating), 'admins' (the other
-    admins' judgements), 'judge' (every AI judge), 'all', or one user name."""
-    if annotators == "humans":
-        return [j for j in js if j.role == "annotator"]
-    if annotators == "admins":
-        return [j for j in js if j.role == "admin"]
-    if annotators == "judge":
-        return [j for j in js if j.role == "judge"]
+    admins' judgements), 'judge' (every AI judge), 'simulated' (the simulated annotators),
+    'all', or one user name."""
+    roles = {"humans": "annotator", "admins": "admin", "judge": "judge", "simulated": "simulated"}
+    if annotators in roles:
+        return [j for j in js if j.role == roles[annotators]]
     if annotators == "all":
         return js
     return [j for j in js if j.user == annotators]
 
 
-def _record(it: dict[str, Any], agg: Aggregate, flip: bool, tie: bool) -> dict[str, Any]:
+def label_accuracy(by_item: dict[int, list[Judgement]]) -> float:
+    """Each rater's accuracy q implied by the raters' agreement on the overall direction (nan
+    when no item has two decisive judgements)."""
+    directions = {i: {j.user: _sign(j.overall) for j in js} for i, js in by_item.items()}
+    return rater_accuracy(decisive_agreement(directions)[0])
+
+
+def _ceiling(js: list[Judgement], agg: Aggregate, q: float) -> float | None:
+    """The label's expected accuracy for a perfect model; None for an admin's decision."""
+    n = sum(_sign(j.overall) != 0 for j in js)
+    if agg.adjudicated or n == 0 or math.isnan(q):
+        return None
+    return majority_accuracy(q, n)
+
+
+def _record(
+    it: dict[str, Any], agg: Aggregate, flip: bool, tie: bool, ceiling: float | None = None,
+    simulated: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     sign = -1 if flip else 1
     chosen, rejected = (it["b_text"], it["a_text"]) if flip else (it["a_text"], it["b_text"])
     cid, rid = (it["b_id"], it["a_id"]) if flip else (it["a_id"], it["b_id"])
@@ -113,6 +145,8 @@ def _record(it: dict[str, Any], agg: Aggregate, flip: bool, tie: bool) -> dict[s
         "annotators": agg.raters,
         "n_annotators": len(agg.raters),
         "agreement": agg.agreement,
+        "agreement_ceiling": ceiling,
+        "simulated": simulated,
         "adjudicated": agg.adjudicated,
         "prompt_id": it["prompt_id"],
         "doc_id": it["doc_id"],
@@ -144,6 +178,7 @@ def build_records(
             by_item[j.item_id].append(j)
         # decisions resolve the humans' disagreements; a judge's or one person's export is raw
         decided = store.adjudications(conn) if annotators in ("humans", "all") else {}
+        q = label_accuracy(by_item)
         for item_id in sorted(by_item):
             it = store.item(conn, item_id)
             if kind is not None and it["kind"] != kind:
@@ -155,17 +190,21 @@ def build_records(
             if agg is None:
                 n_low += 1
                 continue
+            js = by_item[item_id]
+            sim = any(j.role == "simulated" for j in js)
             if agg.score == 0:
                 if ties == "drop":
                     n_ties += 1
                     continue
-                records.append(_record(it, agg, False, True))
+                records.append(_record(it, agg, False, True, None, sim))
                 if ties == "both":
-                    records.append(_record(it, agg, True, True))
+                    records.append(_record(it, agg, True, True, None, sim))
                 continue
-            records.append(_record(it, agg, agg.score < 0, False))
+            records.append(_record(it, agg, agg.score < 0, False, _ceiling(js, agg, q), sim))
     per = Counter(r["split"] for r in records)
-    return records, ExportReport(len(by_item), len(records), n_ties, n_low, dict(per), [])
+    ceilings = [r["agreement_ceiling"] for r in records if r["agreement_ceiling"] is not None]
+    mean = sum(ceilings) / len(ceilings) if ceilings else None
+    return records, ExportReport(len(by_item), len(records), n_ties, n_low, dict(per), [], mean)
 
 
 def write_records(records: list[dict[str, Any]], out: str | Path, fmt: str = "jsonl") -> list[str]:

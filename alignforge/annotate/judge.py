@@ -12,7 +12,8 @@ it becomes a tie. On the 5-point scale both answers must have the same sign, and
 magnitude is kept.
 
 Any object with ``chat(messages, **kw) -> str`` is a backend, and so is a plain callable
-``fn(messages, **kw) -> str``.
+``fn(messages, **kw) -> str``. An object with ``judge_item(item, questions, scale) ->
+PairVerdict`` judges whole items itself: ``annotate/reference.py``'s judge against gold answers.
 """
 
 from __future__ import annotations
@@ -222,6 +223,7 @@ class PairVerdict(NamedTuple):
     scores: dict[str, int]  # canonical: + means a is better
     consistent: dict[str, bool]  # both orders agreed on this aspect
     raw: list[str]  # the two answers, (a, b) order first
+    why: dict | None = None  # stored instead of ``raw`` when set (the reference judge's measures)
 
 
 def verdict_response_format(keys: list[str], scale: str = "ab") -> dict:
@@ -290,7 +292,7 @@ def run_judge(
     """Judge every item not yet judged by ``judge:<model>`` and store the verdicts."""
     from tqdm import tqdm
 
-    be = as_backend(backend)
+    judge_item = item_judge(backend)
     with store.connect() as conn:
         judge = store.judge_user(conn, model)
         where = ["NOT EXISTS (SELECT 1 FROM judgements j WHERE j.item_id = i.id AND j.user_id = ?)"]
@@ -306,10 +308,8 @@ def run_judge(
 
     def one(item_id: int):
         with store.connect() as c:
-            it = store.item(c, item_id)
-            v = judge_pair(be, it["prompt"], it["a_text"], it["b_text"], questions, scale,
-                           source_document=it.get("source_document"))  # fmt: skip
-            store.record_judge(c, judge, item_id, v.scores, {"raw": v.raw})
+            v = judge_item(store.item(c, item_id), questions, scale)
+            store.record_judge(c, judge, item_id, v.scores, v.why or {"raw": v.raw})
             return sum(not ok for ok in v.consistent.values())
 
     judged, failed, incons, errors = 0, 0, 0, []
@@ -323,6 +323,20 @@ def run_judge(
                 failed += 1
                 errors.append(f"item {futs[f]}: {e}")
     return JudgeRun(len(ids), judged, total - len(ids), failed, incons, errors[:20])
+
+
+def item_judge(backend: Any) -> Callable[[dict, dict[str, str], str], PairVerdict]:
+    """``fn(item, questions, scale) -> PairVerdict``: the backend's own ``judge_item``, or
+    :func:`judge_pair` asking a chat backend about the item's prompt and answers."""
+    if hasattr(backend, "judge_item"):
+        return backend.judge_item
+    be = as_backend(backend)
+
+    def ask(it: dict, questions: dict[str, str], scale: str) -> PairVerdict:
+        return judge_pair(be, it["prompt"], it["a_text"], it["b_text"], questions, scale,
+                          source_document=it.get("source_document"))  # fmt: skip
+
+    return ask
 
 
 class JudgeAgreement(NamedTuple):

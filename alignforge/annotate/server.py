@@ -497,39 +497,43 @@ def _admin_routes(app: FastAPI, store: Store, cfg: AnnotateConfig, templates) ->
     from alignforge.annotate import dashboard as db
 
     aspects = [a.key for a in cfg.aspects]
-    cache: dict[str, Any] = {"key": None}
+    cache: dict[str, dict[str, Any]] = {r: {"key": None} for r in db.RATERS}
     lock = threading.Lock()
 
-    def stats():
-        """(statistics, judgements, plots): computed once per change of the data and shared by
-        the page, its plots and the API, not recomputed per request. ``plots`` holds the PNGs
-        drawn for this version of the data."""
+    def stats(raters: str = "humans"):
+        """(statistics, judgements, plots) of people's judgements, or of the simulated
+        annotators' (``raters``): computed once per change of the data and shared by the page,
+        its plots and the API, not recomputed per request. ``plots`` holds the PNGs drawn for
+        this version of the data."""
+        if raters not in db.RATERS:
+            raise HTTPException(422, f"annotators must be one of {', '.join(db.RATERS)}")
         with store.connect() as conn, lock:
-            key = store.stats_version(conn)
-            if cache["key"] != key:
+            key, c = store.stats_version(conn), cache[raters]
+            if c["key"] != key:
                 s = db.project_stats(store, conn, aspects, cfg.level, cfg.alert_rules(),
-                                     cfg.idle_cap_seconds, cfg.bootstrap_samples)  # fmt: skip
-                cache.update(key=key, value=(s, store.judgements(conn), {}))
-            return cache["value"]
+                                     cfg.idle_cap_seconds, cfg.bootstrap_samples,
+                                     raters)  # fmt: skip
+                c.update(key=key, value=(s, store.judgements(conn), {}))
+            return c["value"]
 
     @app.get("/admin", response_class=HTMLResponse)
-    def admin(request: Request, a: Auth = Depends(admin_auth)):
-        s = stats()[0]
+    def admin(request: Request, annotators: str = "humans", a: Auth = Depends(admin_auth)):
+        s = stats(annotators)[0]
         ctx = {"user": a.user, "csrf": a.csrf or "", "cfg": cfg, "s": s, "now": time.time()}
         return templates.TemplateResponse(request, "admin.html", ctx)
 
     @app.get("/admin/api/stats")
-    def admin_stats(a: Auth = Depends(admin_auth)):
-        return _clean(stats()[0]._asdict())
+    def admin_stats(annotators: str = "humans", a: Auth = Depends(admin_auth)):
+        return _clean(stats(annotators)[0]._asdict())
 
     @app.get("/admin/plot/{name}.png")
-    def plot(name: str, a: Auth = Depends(admin_auth)):
+    def plot(name: str, annotators: str = "humans", a: Auth = Depends(admin_auth)):
         from fastapi.responses import Response
 
-        s, js, plots = stats()
+        s, js, plots = stats(annotators)
         makers = {
-            "rate": lambda: db.plot_rate(js),
-            "time": lambda: db.plot_time(js, cfg.idle_cap_seconds),
+            "rate": lambda: db.plot_rate(js, annotators),
+            "time": lambda: db.plot_time(js, cfg.idle_cap_seconds, annotators),
             "agreement": lambda: db.plot_agreement(s, cfg.alpha_floor),
         }
         if name not in makers:
@@ -554,9 +558,12 @@ def _review_routes(app: FastAPI, store: Store, cfg: AnnotateConfig, templates, s
 
     @app.get("/admin/annotators/{name}", response_class=HTMLResponse)
     def annotator(request: Request, name: str, a: Auth = Depends(admin_auth)):
-        s, js, _ = stats()
-        row = next((r for r in s.annotators if r.user == name), None)
-        if row is None:
+        for raters in db.RATERS:  # a simulated annotator's page is computed with the panel's
+            s, js, _ = stats(raters)
+            row = next((r for r in s.annotators if r.user == name), None)
+            if row is not None:
+                break
+        else:
             raise HTTPException(404, f"no annotator named {name!r} has judged or skipped")
         main = next((w for w in s.windows if w.kind == "main"), None)
         pairs = [p for w in [main] if w for r in w.rows if r.aspect == "overall" and r.ties

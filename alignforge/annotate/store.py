@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS users (
   id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL,
   role TEXT NOT NULL CHECK (role IN ('annotator', 'admin', 'judge')),
   grp TEXT NOT NULL DEFAULT 'default', token_hash TEXT UNIQUE, created_at REAL NOT NULL,
-  annotates INTEGER NOT NULL DEFAULT 1, revoked_at REAL);
+  annotates INTEGER NOT NULL DEFAULT 1, revoked_at REAL, simulated INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS sessions (
   sid_hash TEXT PRIMARY KEY, user_id INTEGER NOT NULL REFERENCES users(id),
   csrf TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL);
@@ -77,7 +77,7 @@ CREATE TABLE IF NOT EXISTS adjudications (
   item_id INTEGER PRIMARY KEY REFERENCES items(id), user_id INTEGER NOT NULL REFERENCES users(id),
   scores_json TEXT NOT NULL, overall REAL NOT NULL, note TEXT, created_at REAL NOT NULL);
 """
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 # columns added after version 1: (table, column, declaration)
 ADDED_COLUMNS = [
     ("users", "annotates", "INTEGER NOT NULL DEFAULT 1"),
@@ -85,6 +85,7 @@ ADDED_COLUMNS = [
     ("judgements", "updated_at", "REAL"),
     ("judgements", "revisions", "INTEGER NOT NULL DEFAULT 0"),
     ("drafts", "comment", "TEXT"),
+    ("users", "simulated", "INTEGER NOT NULL DEFAULT 0"),
 ]
 
 
@@ -102,6 +103,7 @@ class User(NamedTuple):
     role: str
     group: str
     annotates: bool = True  # an admin's judgements count as an annotator's only when set
+    simulated: bool = False  # a simulated annotator (annotate/panel.py), never a person
 
 
 class UserRow(NamedTuple):
@@ -126,7 +128,8 @@ class Judgement(NamedTuple):
     id: int
     user_id: int
     user: str
-    role: str  # as counted: 'annotator' (an admin who annotates too), 'admin' or 'judge'
+    role: str  # as counted: 'annotator' (an admin who annotates too), 'admin', 'judge' or
+    # 'simulated' (a simulated annotator: kept apart from people wherever judgements are counted)
     item_id: int
     scores: dict[str, int]
     overall: float
@@ -232,11 +235,12 @@ class Store:
         return token
 
     def user_rows(self, conn: sqlite3.Connection) -> list[UserRow]:
-        """Every login (the AI judges excluded) with its status and activity."""
+        """Every login (AI judges and simulated annotators excluded), its status and activity."""
         rows = conn.execute(
             "SELECT u.name, u.role, u.grp, u.annotates, u.revoked_at IS NULL, u.created_at, "
             "u.revoked_at, COUNT(j.id), MAX(j.created_at) FROM users u LEFT JOIN judgements j "
-            "ON j.user_id = u.id WHERE u.role != 'judge' GROUP BY u.id ORDER BY u.name"
+            "ON j.user_id = u.id WHERE u.role != 'judge' AND u.simulated = 0 GROUP BY u.id "
+            "ORDER BY u.name"
         ).fetchall()
         return [UserRow(r[0], r[1], r[2], bool(r[3]), bool(r[4]), *r[5:]) for r in rows]
 
@@ -281,7 +285,7 @@ class Store:
 
     def _login_id(self, conn: sqlite3.Connection, name: str) -> int:
         row = conn.execute(
-            "SELECT id FROM users WHERE name=? AND role != 'judge'", (name,)
+            "SELECT id FROM users WHERE name=? AND role != 'judge' AND simulated = 0", (name,)
         ).fetchone()
         if row is None:
             raise StoreError(f"no user named {name!r}", 404)
@@ -307,6 +311,23 @@ class Store:
             "SELECT id, name, role, grp, 0 FROM users WHERE name=?", (name,)
         ).fetchone()
         return User(*row[:4], False)
+
+    def simulated_user(self, conn: sqlite3.Connection, name: str, group: str = "default") -> User:
+        """The simulated annotator ``name``, created on first use: an annotator without a token
+        (nobody logs in as it) whose judgements are marked simulated wherever they are counted."""
+        _check_name(name)
+        with _tx(conn):
+            conn.execute(
+                "INSERT OR IGNORE INTO users (name, role, grp, created_at, simulated) "
+                "VALUES (?, 'annotator', ?, ?, 1)",
+                (name, group, time.time()),
+            )
+            row = conn.execute(
+                "SELECT id, name, role, grp, simulated FROM users WHERE name=?", (name,)
+            ).fetchone()
+        if not row[4]:
+            raise StoreError(f"user {name!r} exists and is not simulated; name the panel otherwise")
+        return User(*row[:4], True, True)
 
     def user_by_token(self, conn: sqlite3.Connection, token: str) -> User | None:
         row = conn.execute(
@@ -760,10 +781,10 @@ class Store:
         self, conn: sqlite3.Connection, item_ids: list[int] | None = None
     ) -> list[Judgement]:
         sql = (
-            "SELECT j.id, j.user_id, u.name, CASE WHEN u.role = 'admin' AND u.annotates = 1 "
-            "THEN 'annotator' ELSE u.role END, j.item_id, j.scores_json, j.overall, "
-            "j.server_seconds, j.client_seconds, j.created_at, j.comment FROM judgements j "
-            "JOIN users u ON u.id = j.user_id"
+            "SELECT j.id, j.user_id, u.name, CASE WHEN u.simulated = 1 THEN 'simulated' "
+            "WHEN u.role = 'admin' AND u.annotates = 1 THEN 'annotator' ELSE u.role END, "
+            "j.item_id, j.scores_json, j.overall, j.server_seconds, j.client_seconds, "
+            "j.created_at, j.comment FROM judgements j JOIN users u ON u.id = j.user_id"
         )
         rows = conn.execute(sql + " ORDER BY j.id").fetchall()
         keep = set(item_ids) if item_ids is not None else None

@@ -49,7 +49,8 @@ class RMConfig(ModelArgs, DataArgs, TrainArgs, PromptLengthArgs):
         gt=0.0,
         le=1.0,
         description="Inter-annotator agreement: the best accuracy an RM can reach on this data (reported beside the accuracy). "
-        "A column `agreement` on the eval rows is used when this is unset.",
+        "Unset: the mean of the eval rows' `agreement_ceiling` column (each label's expected accuracy for a "
+        "perfect model, written by `alignforge annotate export`), else of their `agreement` column.",
     )
     bootstrap_samples: int = Field(
         1000, ge=100, description="Bootstrap resamples for the accuracy's 95% intervals."

@@ -203,10 +203,16 @@ def honest_report(scores, pairs, rows, base_logps, features, ceiling, n_boot: in
 
 
 def _ceiling(cfg: RMConfig, rows: list[dict], pairs: list[PreferencePair]) -> float | None:
+    """``agreement_ceiling`` as set, else the mean of the held-out rows' ``agreement_ceiling``
+    column (each label's expected accuracy for a perfect model, written by the annotation
+    export), else of their ``agreement`` column."""
     if cfg.agreement_ceiling is not None:
         return cfg.agreement_ceiling
-    values = [v for v in column(rows, pairs, "agreement") or [] if isinstance(v, int | float)]
-    return float(np.mean(values)) if values else None
+    for name in ("agreement_ceiling", "agreement"):
+        values = [v for v in column(rows, pairs, name) or [] if isinstance(v, int | float)]
+        if values:
+            return float(np.mean(values))
+    return None
 
 
 def plot_scores(chosen, rejected, path: Path) -> None:

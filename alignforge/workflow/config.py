@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from alignforge.annotate.config import PanelConfig
 from alignforge.config.base import StrictModel
 
 
@@ -24,7 +25,8 @@ class IterateConfig(StrictModel):
     temperature: float = Field(1.0, gt=0, description="Temperature of the non-greedy samples.")
     max_new_tokens: int = Field(128, gt=0, description="Longest sampled completion.")
     split_ratios: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "validation": 0.2}, description="Prompt-level split made before pairing, so all pairs of a prompt stay in one split.")
-    judge: Literal["ai", "human", "metric"] = Field("ai", description="ai: an LLM judge with position swap; human: the annotation app; metric: the task metric against the reference.")
+    judge: Literal["ai", "human", "metric", "reference"] = Field("ai", description="ai: an LLM judge with position swap; human: the annotation app; metric: the task metric against the reference; reference: each aspect against the reference (extraction: entity F1, relation F1, format; docs/annotate.md).")
+    panel: PanelConfig | None = Field(None, description="judge: reference only: simulated annotators judge the pairs through the annotation queue with this noise, and their labels train the RM (docs/annotate.md, Simulated annotators).")
     judge_model: str = Field("default", description="ai judge: a local model (path or `default`) or, with judge_endpoint, the served model name.")
     judge_endpoint: str | None = Field(None, description="ai judge: an OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1).")
     min_pairs: int = Field(8, gt=0, description="Fewer decisive judged pairs than this: the round skips RM training and PPO uses the task reward alone.")
@@ -42,4 +44,8 @@ class IterateConfig(StrictModel):
             raise ValueError(f"split_ratios: must sum to 1, got {self.split_ratios}")
         if "train" not in self.split_ratios:
             raise ValueError("split_ratios: needs a 'train' share")
+        if self.judge == "reference" and self.task != "extraction":
+            raise ValueError(f"judge: reference compares extraction answers with their gold; task {self.task!r} is not extraction (judge: metric scores any task)")
+        if self.panel is not None and self.judge != "reference":
+            raise ValueError(f"panel: the simulated annotators answer from the reference judge; set judge: reference (got {self.judge!r})")
         return self

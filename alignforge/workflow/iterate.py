@@ -170,6 +170,7 @@ def _run_round(cfg, task, rows, rnd: Round, k: int, policy: str, rm_prev, log) -
             cfg.judge_endpoint,
             task,
             by_pid,
+            cfg.panel,
         ),
         log,
     )

@@ -80,8 +80,11 @@ def check_provenance(samples: list[dict], policy: str, allow_offpolicy: bool, co
 
 
 def judge(samples_path: Path, out_dir: Path, mode: str, judge_model: str, endpoint: str | None,
-          task=None, references: dict[str, Any] | None = None) -> dict:
-    """Judge every pair of every prompt; export a preference dataset per split into ``out_dir/prefs``."""
+          task=None, references: dict[str, Any] | None = None, panel=None) -> dict:
+    """Judge every pair of every prompt; export a preference dataset per split into ``out_dir/prefs``.
+
+    ``mode`` reference with a ``panel`` (``PanelConfig``): the pairs are released as one batch and
+    the simulated annotators judge them through the queue; their labels are exported."""
     from alignforge.annotate.config import load_project_config
     from alignforge.annotate.export import export_dataset
     from alignforge.annotate.importer import read_items
@@ -91,7 +94,8 @@ def judge(samples_path: Path, out_dir: Path, mode: str, judge_model: str, endpoi
     store = Store(project) if (project / "annotate.db").exists() else Store.create(project)
     items, _ = read_items(samples_path)
     store.insert_items(items)
-    aspects = {a.key: a.question for a in load_project_config(project).aspects}
+    project_cfg = load_project_config(project)
+    aspects = {a.key: a.question for a in project_cfg.aspects}
     if mode == "human":
         n = _human_judged(store)
         if n < len(items):
@@ -103,6 +107,8 @@ def judge(samples_path: Path, out_dir: Path, mode: str, judge_model: str, endpoi
     elif mode == "metric":
         _judge_with_metric(store, task, references or {}, aspects)
         annotators = "judge"
+    elif mode == "reference":
+        annotators = _judge_with_reference(store, project_cfg, references or {}, aspects, panel)
     else:
         from alignforge.annotate.judge import run_judge
 
@@ -114,7 +120,28 @@ def judge(samples_path: Path, out_dir: Path, mode: str, judge_model: str, endpoi
 
 def _human_judged(store) -> int:
     with store.connect() as conn:
-        return len({j.item_id for j in store.judgements(conn) if not j.user.startswith("judge:")})
+        return len({j.item_id for j in store.judgements(conn) if j.role not in ("judge", "simulated")})
+
+
+def _judge_with_reference(store, project_cfg, references, aspects, panel) -> str:
+    """The reference judge's verdicts (``judge:reference``, with the measures behind them), and
+    with a panel its simulated annotators' judgements; returns whose judgements to export."""
+    from alignforge.annotate.judge import run_judge
+    from alignforge.annotate.reference import ReferenceJudge, aspect_measures
+
+    judge = ReferenceJudge(references, aspect_measures(list(aspects), project_cfg.reference_measures))
+    run_judge(store, judge, "reference", aspects, project_cfg.scale, workers=1, progress=False)
+    if panel is None:
+        return "judge"
+    from alignforge.annotate.panel import run_panel
+
+    with store.connect() as conn:
+        unreleased = conn.execute("SELECT COUNT(*) FROM items WHERE batch_id IS NULL").fetchone()[0]
+        n_batches = conn.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
+    if unreleased:
+        store.release(f"round-{n_batches + 1}", None, overlap=project_cfg.overlap, seed=panel.seed)
+    run_panel(store, judge, panel, aspects, project_cfg.scale)
+    return "simulated"
 
 
 def _judge_with_metric(store, task, references, aspects) -> None:

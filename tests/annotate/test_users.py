@@ -153,7 +153,7 @@ def test_a_version_1_project_is_migrated_and_its_admins_stop_counting(tmp_path):
     conn = sqlite3.connect(store.dir / DB_NAME)  # back to the version 1 layout
     for table, col in [("users", "annotates"), ("users", "revoked_at"),
                        ("judgements", "updated_at"), ("judgements", "revisions"),
-                       ("drafts", "comment")]:  # fmt: skip
+                       ("drafts", "comment"), ("users", "simulated")]:  # fmt: skip
         conn.execute(f"ALTER TABLE {table} DROP COLUMN {col}")
     conn.execute("DROP TABLE audit")
     conn.execute("DROP TABLE adjudications")
@@ -162,7 +162,8 @@ def test_a_version_1_project_is_migrated_and_its_admins_stop_counting(tmp_path):
     conn.close()
     migrated = Store(store.dir)
     with migrated.connect() as c:
-        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+        assert migrated.judgements(c)[0].role in ("annotator", "admin")  # none is simulated
         assert migrated.user_by_token(c, tokens["admin"]).annotates is False
         assert migrated.user_by_token(c, tokens["alice"]).annotates is True
     assert {a for r in build_records(migrated, ties="margin0")[0] for a in r["annotators"]} == {

@@ -6,6 +6,12 @@
     for r in groups[0]:
         print(r.text, r.logp, r.finish_reason)
 
+:func:`build_rollout_engine` builds either engine from explicit arguments (PPO's rollouts go
+through it): in process, or over HTTP from vLLM / ``alignforge serve``
+(:class:`~alignforge.rollout.server_engine.ServerEngine`)::
+
+    engine = build_rollout_engine("server", base_urls="http://127.0.0.1:8000/v1", tokenizer=tok)
+
 A :class:`Rollout` carries the token ids, the *behaviour* per-token log-probs (those of the
 distribution the token was actually drawn from, after temperature and top-p) and the identity
 of the policy that produced it, so PPO, SPIN and preference sampling can refuse or correct

@@ -261,7 +261,7 @@ def server_app_state(server):
 @pytest.fixture
 def own_server(tokenizer):
     """A server over its own model, which the test may change (adapters, weights)."""
-    from conftest import make_tiny_model
+    from tiny import make_tiny_model
 
     engine = TransformersEngine(make_tiny_model(tokenizer), tokenizer, policy_version="v0")
     running = start_server(create_app(engine, model_name="base"))
@@ -322,7 +322,7 @@ def test_lora_adapters_load_generate_and_unload(own_server, tokenizer, tmp_path)
 
 
 def test_load_weights_replaces_the_base_model(own_server, tokenizer, tmp_path):
-    from conftest import make_tiny_model
+    from tiny import make_tiny_model
 
     running, engine = own_server
     other = make_tiny_model(tokenizer, seed=1)

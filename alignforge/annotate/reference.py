@@ -25,7 +25,6 @@ Deterministic: the same texts and gold give the same verdict, whatever order the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -137,31 +136,28 @@ def read_references(path: str | Path) -> dict[str, Any]:
     """
     from pydantic import ValidationError
 
+    from alignforge.data import DataError, read_rows
     from alignforge.evaluate.tasks.extraction import to_reference
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"references file {path} does not exist")
+    try:
+        rows = read_rows(path)  # malformed lines are named by file and line there
+    except DataError as e:
+        raise RowError(str(e)) from None
     out: dict[str, Any] = {}
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RowError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise RowError(f"{path}:{n}: a row must be a JSON object")
-            pid = row.get("prompt_id", row.get("id"))
-            if pid is None:
-                raise RowError(f"{path}:{n}: field 'prompt_id' (or 'id') is missing")
-            if "reference" not in row:
-                raise RowError(f"{path}:{n}: field 'reference' is missing")
-            try:
-                to_reference(row["reference"])
-            except (ValueError, ValidationError) as e:
-                msg = str(e).splitlines()[0]
-                raise RowError(f"{path}:{n}: field 'reference': {msg}") from None
-            out[str(pid)] = row["reference"]
+    for i, row in enumerate(rows):
+        where = rows.where(i)
+        pid = row.get("prompt_id", row.get("id"))
+        if pid is None:
+            raise RowError(f"{where}: field 'prompt_id' (or 'id') is missing")
+        if "reference" not in row:
+            raise RowError(f"{where}: field 'reference' is missing")
+        try:
+            to_reference(row["reference"])
+        except (ValueError, ValidationError) as e:
+            msg = str(e).splitlines()[0]
+            raise RowError(f"{where}: field 'reference': {msg}") from None
+        out[str(pid)] = row["reference"]
     return out

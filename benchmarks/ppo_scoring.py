@@ -33,7 +33,9 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--prompt-tokens", type=int, default=124, help="the demo's mean extraction prompt")
+    ap.add_argument(
+        "--prompt-tokens", type=int, default=124, help="the demo's mean extraction prompt"
+    )
     ap.add_argument("--answer-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
@@ -45,7 +47,9 @@ def main() -> None:
     from alignforge.recipes.ppo import token_logps
 
     torch.manual_seed(0)
-    model = get_peft_model(load_model("default"), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    model = get_peft_model(
+        load_model("default"), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+    )
     B, P, A = args.batch, args.prompt_tokens, args.answer_tokens
     L = P + A
     ids = torch.randint(0, model.config.vocab_size, (B, L))
@@ -71,7 +75,12 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         seconds[name] = statistics.median(times[1:])
     ratio = seconds["full"] / seconds["answers"]
-    result = {"args": vars(args), "threads": torch.get_num_threads(), "seconds": seconds, "speedup": ratio}
+    result = {
+        "args": vars(args),
+        "threads": torch.get_num_threads(),
+        "seconds": seconds,
+        "speedup": ratio,
+    }
     out = ROOT / "benchmarks/results/ppo_scoring.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -1,6 +1,6 @@
 """Rebuild docs/benchmarks.md from the per-area pages in docs/benchmarks/ (headings one level down).
 
-    python scripts/assemble_benchmarks.py
+python scripts/assemble_benchmarks.py
 """
 
 from pathlib import Path
@@ -28,7 +28,9 @@ def demote(text: str) -> str:
 
 
 def main() -> None:
-    parts = [HEADER] + [demote((DOCS / "benchmarks" / f"{n}.md").read_text()).strip() + "\n" for n in ORDER]
+    parts = [HEADER] + [
+        demote((DOCS / "benchmarks" / f"{n}.md").read_text()).strip() + "\n" for n in ORDER
+    ]
     (DOCS / "benchmarks.md").write_text("\n".join(parts))
 
 

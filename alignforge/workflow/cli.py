@@ -6,8 +6,12 @@ import typer
 
 
 def iterate_command(
-    config: str = typer.Argument(..., help="YAML config of the rounds (see examples/iterate.yaml)."),
-    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. rounds=2 judge=metric ppo.max_steps=4."),
+    config: str = typer.Argument(
+        ..., help="YAML config of the rounds (see examples/iterate.yaml)."
+    ),
+    overrides: list[str] = typer.Argument(
+        None, help="key=value overrides, e.g. rounds=2 judge=metric ppo.max_steps=4."
+    ),
 ) -> None:
     """Iterative RLHF: each round samples from the current policy, judges, trains the RM, runs PPO, evaluates.
 
@@ -21,8 +25,12 @@ def iterate_command(
 
 
 def demo_command(
-    output_dir: str = typer.Option("runs/demo", "--output-dir", "-o", help="Run directory; re-running resumes."),
-    quick: bool = typer.Option(False, "--quick", help="A ~3-minute version (what the test suite runs)."),
+    output_dir: str = typer.Option(
+        "runs/demo", "--output-dir", "-o", help="Run directory; re-running resumes."
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="A ~3-minute version (what the test suite runs)."
+    ),
 ) -> None:
     """The whole workflow on the embedded model and a real corpus: data, SFT, RLHF rounds, eval, report."""
     from alignforge.workflow.demo import run_demo

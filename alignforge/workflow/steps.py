@@ -1,8 +1,8 @@
 """The steps of a round, each writing into its own directory. ``iterate.py`` strings them together.
 
-    sample(policy, rows, out)           -> samples.jsonl (greedy + k-1 samples, split before pairing)
-    judge(samples, out, ...)            -> prefs/ (prompt/chosen/rejected/margin per split)
-    check_provenance(samples, policy)   -> refuses preference data from another checkpoint
+sample(policy, rows, out)           -> samples.jsonl (greedy + k-1 samples, split before pairing)
+judge(samples, out, ...)            -> prefs/ (prompt/chosen/rejected/margin per split)
+check_provenance(samples, policy)   -> refuses preference data from another checkpoint
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-def task_prompt_rows(task, rows: list[dict], indices: list[int]) -> tuple[list[dict], dict[str, object]]:
+def task_prompt_rows(
+    task, rows: list[dict], indices: list[int]
+) -> tuple[list[dict], dict[str, object]]:
     """Sampling prompts from task rows (chat messages, stable ids) and each prompt's reference."""
     prompts, refs = [], {}
     for i in indices:
@@ -43,8 +45,16 @@ def task_prompt_rows(task, rows: list[dict], indices: list[int]) -> tuple[list[d
     return prompts, refs
 
 
-def sample(policy: str, prompts: list[dict], out_dir: Path, k: int, temperature: float, max_new_tokens: int,
-           split_ratios: dict[str, float], seed: int) -> list[dict]:
+def sample(
+    policy: str,
+    prompts: list[dict],
+    out_dir: Path,
+    k: int,
+    temperature: float,
+    max_new_tokens: int,
+    split_ratios: dict[str, float],
+    seed: int,
+) -> list[dict]:
     """One greedy + ``k-1`` sampled completions per prompt from ``policy``, with log-probs."""
     from alignforge.datagen.preferences import sample_preferences
     from alignforge.models import fingerprint, load_model, load_tokenizer, resolve_model_path
@@ -54,11 +64,24 @@ def sample(policy: str, prompts: list[dict], out_dir: Path, k: int, temperature:
     model, tok = load_model(path).eval(), load_tokenizer(path)
     fp = fingerprint(path)
     engine = TransformersEngine(model, tok, policy_version=fp)
-    return sample_preferences(prompts, engine, tok, out_dir, k=k, temperature=temperature, max_new_tokens=max_new_tokens,
-                              seed=seed, policy_model=str(policy), fingerprint=fp, split_ratios=split_ratios)
+    return sample_preferences(
+        prompts,
+        engine,
+        tok,
+        out_dir,
+        k=k,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        policy_model=str(policy),
+        fingerprint=fp,
+        split_ratios=split_ratios,
+    )
 
 
-def check_provenance(samples: list[dict], policy: str, allow_offpolicy: bool, correction: str) -> None:
+def check_provenance(
+    samples: list[dict], policy: str, allow_offpolicy: bool, correction: str
+) -> None:
     """Lesson 2: preference samples must come from the checkpoint being trained.
 
     Data from another checkpoint is off-policy. It is refused unless the user allows it *and*
@@ -79,8 +102,16 @@ def check_provenance(samples: list[dict], policy: str, allow_offpolicy: bool, co
     )
 
 
-def judge(samples_path: Path, out_dir: Path, mode: str, judge_model: str, endpoint: str | None,
-          task=None, references: dict[str, Any] | None = None, panel=None) -> dict:
+def judge(
+    samples_path: Path,
+    out_dir: Path,
+    mode: str,
+    judge_model: str,
+    endpoint: str | None,
+    task=None,
+    references: dict[str, Any] | None = None,
+    panel=None,
+) -> dict:
     """Judge every pair of every prompt; export a preference dataset per split into ``out_dir/prefs``.
 
     ``mode`` reference with a ``panel`` (``PanelConfig``): the pairs are released as one batch and
@@ -120,7 +151,9 @@ def judge(samples_path: Path, out_dir: Path, mode: str, judge_model: str, endpoi
 
 def _human_judged(store) -> int:
     with store.connect() as conn:
-        return len({j.item_id for j in store.judgements(conn) if j.role not in ("judge", "simulated")})
+        return len(
+            {j.item_id for j in store.judgements(conn) if j.role not in ("judge", "simulated")}
+        )
 
 
 def _judge_with_reference(store, project_cfg, references, aspects, panel) -> str:
@@ -129,7 +162,9 @@ def _judge_with_reference(store, project_cfg, references, aspects, panel) -> str
     from alignforge.annotate.judge import run_judge
     from alignforge.annotate.reference import ReferenceJudge, aspect_measures
 
-    judge = ReferenceJudge(references, aspect_measures(list(aspects), project_cfg.reference_measures))
+    judge = ReferenceJudge(
+        references, aspect_measures(list(aspects), project_cfg.reference_measures)
+    )
     run_judge(store, judge, "reference", aspects, project_cfg.scale, workers=1, progress=False)
     if panel is None:
         return "judge"
@@ -155,7 +190,9 @@ def _judge_with_metric(store, task, references, aspects) -> None:
                 continue
             a, b = task.reward(it["a_text"], ref), task.reward(it["b_text"], ref)
             sign = (a > b) - (a < b)
-            store.record_judge(conn, judge_user, item_id, dict.fromkeys(aspects, sign), {"a": a, "b": b})
+            store.record_judge(
+                conn, judge_user, item_id, dict.fromkeys(aspects, sign), {"a": a, "b": b}
+            )
 
 
 def _ai_backend(judge_model: str, endpoint: str | None):
@@ -171,14 +208,19 @@ def _ai_backend(judge_model: str, endpoint: str | None):
     client = TransformersChatClient(load_model(judge_model).eval(), load_tokenizer(judge_model))
 
     def chat(messages, **kw):
-        return client.chat(messages, temperature=0.0, max_tokens=kw.get("max_tokens", 96),
-                           response_format=kw.get("response_format"))[0].text
+        return client.chat(
+            messages,
+            temperature=0.0,
+            max_tokens=kw.get("max_tokens", 96),
+            response_format=kw.get("response_format"),
+        )[0].text
 
     return chat
 
 
 def pref_files(prefs_dir: Path) -> tuple[Path | None, Path | None]:
     """The train and validation preference files of an export, when they hold rows."""
+
     def nonempty(name):
         p = prefs_dir / f"{name}.jsonl"
         return p if p.exists() and p.stat().st_size > 0 else None

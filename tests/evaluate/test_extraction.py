@@ -177,9 +177,13 @@ def test_marginal_values_by_hand():
     # nothing counted anywhere: nothing earned (not the per-item "1.0 for nothing to find")
     np.testing.assert_allclose(marginal_values(np.zeros((2, 3)), micro_f1), [0.0, 0.0])
     # the only counted row is worth the whole metric times N
-    np.testing.assert_allclose(marginal_values(np.array([[1, 0, 1], [0, 0, 0]]), micro_f1), [2 * 2 / 3, 0.0])
+    np.testing.assert_allclose(
+        marginal_values(np.array([[1, 0, 1], [0, 0, 0]]), micro_f1), [2 * 2 / 3, 0.0]
+    )
     # for a mean of item scores the marginal value is the item's own score
-    np.testing.assert_allclose(marginal_values(np.array([[0.2], [0.9], [0.4]]), mean_of(0)), [0.2, 0.9, 0.4])
+    np.testing.assert_allclose(
+        marginal_values(np.array([[0.2], [0.9], [0.4]]), mean_of(0)), [0.2, 0.9, 0.4]
+    )
 
 
 def test_marginal_values_against_a_context_of_earlier_items():
@@ -189,7 +193,9 @@ def test_marginal_values_against_a_context_of_earlier_items():
     # alone the pooled F1 is 0 with or without it: no signal at all
     np.testing.assert_allclose(marginal_values(miss, micro_f1), [0.0])
     # pooled with an earlier hit (1, 0, 0): F1 = 2/3, without the miss 1 -> 2 * (2/3 - 1)
-    np.testing.assert_allclose(marginal_values(miss, micro_f1, context=np.array([[1, 0, 0]])), [-2 / 3])
+    np.testing.assert_allclose(
+        marginal_values(miss, micro_f1, context=np.array([[1, 0, 0]])), [-2 / 3]
+    )
 
 
 def test_marginal_rewards_pool_each_batch_with_the_recent_ones():
@@ -210,7 +216,9 @@ def test_marginal_reward_credits_what_the_corpus_f1_credits():
     assert get_task("extraction").rewards(preds, golds) == [1.0, 1.0, 0.0, 0.0]
     # pooled (TP, FP, FN) = (1, 2, 1): F1 = 2/5. Without item 1: (0, 2, 1) -> 0; without 2: (1, 1, 0) -> 2/3;
     # without 3: (1, 1, 1) -> 1/2. Rewards: 4 * (F1 - F1 without the item)
-    np.testing.assert_allclose(task.rewards(preds, golds), [0.0, 1.6, 4 * (0.4 - 2 / 3), 4 * (0.4 - 0.5)])
+    np.testing.assert_allclose(
+        task.rewards(preds, golds), [0.0, 1.6, 4 * (0.4 - 2 / 3), 4 * (0.4 - 0.5)]
+    )
 
 
 def test_bootstrap_ci_of_micro_f1_resamples_item_rows(task):

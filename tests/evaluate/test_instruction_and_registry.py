@@ -60,6 +60,9 @@ def test_unknown_task_lists_registered():
 def test_marginal_reward_of_a_mean_metric_is_the_item_reward():
     """iterate's default reward changes nothing for tasks whose metric is a mean of item scores."""
     item, marginal = get_task("instruction"), get_task("instruction", marginal_reward=True)
-    preds, refs = ["the cat sat", "a dog", "hello world there"], ["the cat sat on the mat", "the dog", "hello world"]
+    preds, refs = (
+        ["the cat sat", "a dog", "hello world there"],
+        ["the cat sat on the mat", "the dog", "hello world"],
+    )
     for _ in range(2):  # the second batch is pooled with the first
         assert marginal.rewards(preds, refs) == pytest.approx(item.rewards(preds, refs))

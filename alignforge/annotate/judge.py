@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -68,12 +67,13 @@ def as_backend(x: Any) -> ChatBackend:
 
 
 class OpenAIChatBackend:
-    """``POST {base_url}/chat/completions`` of any OpenAI-compatible server, over httpx.
+    """``POST {base_url}/chat/completions`` of any OpenAI-compatible server, through
+    :class:`~alignforge.rollout.openai_client.OpenAIChatClient` (connection errors, timeouts,
+    429 and 5xx retried with exponential backoff).
 
     Asks for the ``response_format`` the caller passes (the judge passes a JSON schema of the
     verdict), else ``{"type": "json_object"}``; a server that rejects it (HTTP 400 naming
-    response_format) is asked again without it, and never with it again. Connection
-    errors, 429 and 5xx are retried with exponential backoff.
+    response_format) is asked again without it, and never with it again.
     """
 
     def __init__(
@@ -81,68 +81,52 @@ class OpenAIChatBackend:
         max_retries: int = 3, json_mode: bool = True, temperature: float = 0.0,
         max_tokens: int = 512, backoff: float = 0.5,
     ):  # fmt: skip
-        import httpx
+        from alignforge.rollout.openai_client import OpenAIChatClient
 
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.json_mode, self.max_retries = model, json_mode, max_retries
-        self.temperature, self.max_tokens, self.backoff = temperature, max_tokens, backoff
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(timeout=timeout, headers=headers)
+        self.client = OpenAIChatClient(
+            base_url, model, api_key=api_key, timeout=timeout, max_retries=max_retries,
+            backoff=backoff,
+        )  # fmt: skip
+        self.url, self.model, self.json_mode = self.client.url, model, json_mode
+        self.temperature, self.max_tokens = temperature, max_tokens
 
     def check(self, field: str = "base_url") -> None:
         """Raise a one-line JudgeError naming ``field`` when no server answers at the base URL,
         before any item is judged (each would fail after its retries). Any reply counts."""
-        import httpx
+        from alignforge.rollout.openai_client import EndpointError, OpenAIClient
 
+        base = self.client.base_url
         try:
-            self.client.get(self.url.removesuffix("/chat/completions") + "/models", timeout=10)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-            raise JudgeError(
-                f"{field} {self.url.removesuffix('/chat/completions')}: cannot connect "
-                f"({type(e).__name__}); check that the judge's server is running there"
-            ) from None
+            OpenAIClient(base, self.client.api_key, timeout=10, max_retries=0).get("models")
+        except EndpointError as e:
+            if e.connection:
+                raise JudgeError(
+                    f"{field} {base}: cannot connect ({e.detail[:120]}); check that the "
+                    "judge's server is running there"
+                ) from None
 
     def chat(self, messages: list[dict], **kw: Any) -> str:
-        import httpx
+        from alignforge.rollout.openai_client import EndpointError
 
         wanted = kw.pop("response_format", None) or {"type": "json_object"}
-        payload = {"model": self.model, "messages": messages, "temperature": self.temperature,
-                   "max_tokens": self.max_tokens, **kw}  # fmt: skip
-        last = ""
-        for attempt in range(self.max_retries + 1):
+        kw = {"temperature": self.temperature, "max_tokens": self.max_tokens, **kw}
+        try:
             if self.json_mode:
-                payload["response_format"] = wanted
-            else:
-                payload.pop("response_format", None)
-            try:
-                r = self.client.post(self.url, json=payload)
-            except httpx.TransportError as e:
-                last = f"{type(e).__name__}: {e}"
-            else:
-                if r.status_code == 400 and self.json_mode and "response_format" in r.text:
+                try:
+                    return _content(self.client.chat(messages, response_format=wanted, **kw))
+                except EndpointError as e:
+                    if e.status != 400 or "response_format" not in e.detail:
+                        raise
                     self.json_mode = False
-                    continue
-                if r.status_code == 200:
-                    return _content(r)
-                last = f"HTTP {r.status_code}: {r.text[:200]}"
-                if r.status_code not in (408, 409, 429) and r.status_code < 500:
-                    break
-            if attempt < self.max_retries:
-                time.sleep(self.backoff * 2**attempt)
-        raise JudgeError(f"{self.url}: {last}")
-
-    def close(self) -> None:
-        self.client.close()
+            return _content(self.client.chat(messages, **kw))
+        except EndpointError as e:
+            raise JudgeError(str(e)) from None
 
 
-def _content(r) -> str:
-    try:
-        content = r.json()["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise JudgeError(f"response has no choices[0].message.content: {r.text[:200]}") from None
-    if not isinstance(content, str):
-        raise JudgeError(f"choices[0].message.content is {type(content).__name__}, not text")
-    return content
+def _content(results) -> str:
+    if not results:
+        raise JudgeError("the judge's reply has no choices")
+    return results[0].text
 
 
 JUDGE_SYSTEM = (

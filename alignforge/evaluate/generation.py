@@ -14,16 +14,14 @@ for endpoints, from the first content chunk of the streamed (SSE) response.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from alignforge.errors import UserError
+from alignforge.rollout.openai_client import EndpointError, OpenAIChatClient
 
 Messages = list[dict[str, str]]
 
@@ -235,15 +233,14 @@ class LlamaCppGenerator:
 # ---- OpenAI-compatible endpoints -----------------------------------------------------------
 
 
-class EndpointError(UserError, RuntimeError):
-    """The endpoint kept failing after retries; the message names the URL and the reason."""
-
-
 class OpenAIGenerator:
-    """Streaming ``/chat/completions`` client (OpenAI, vLLM, llama.cpp, TGI, ...).
+    """Streaming ``/chat/completions`` client (OpenAI, vLLM, llama.cpp, TGI, ...), greedy.
 
     ``base_url`` is the API root (``http://host:8000/v1``) or the full completions URL. The
-    API key comes from ``api_key`` or the environment variable ``api_key_env``.
+    API key comes from ``api_key`` or the environment variable ``api_key_env``. Requests go
+    through :class:`~alignforge.rollout.openai_client.OpenAIChatClient` (``concurrency`` in
+    flight, ``retries`` on 429, 5xx, timeouts and connection errors); a server that rejects
+    ``stream_options`` is asked again without it, and tokens are then counted as chunks.
     """
 
     def __init__(
@@ -257,84 +254,36 @@ class OpenAIGenerator:
         timeout_s: float = 120.0,
         retries: int = 3,
     ) -> None:
-        url = base_url.rstrip("/")
-        self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
-        self.model, self.max_tokens = model, max_tokens
-        self.api_key = api_key or os.environ.get(api_key_env)
+        base = base_url.rstrip("/").removesuffix("/chat/completions")
+        self.client = OpenAIChatClient(
+            base, model, api_key=api_key or os.environ.get(api_key_env),
+            max_concurrency=max(1, concurrency), timeout=timeout_s, max_retries=retries,
+        )  # fmt: skip
+        self.url, self.model, self.max_tokens = self.client.url, model, max_tokens
         self.batch_size = concurrency
-        self.timeout_s, self.retries = timeout_s, retries
         self._usage_ok = True
 
+    def _stream(self, batch: Sequence[Messages]) -> list:
+        return self.client.stream_many(
+            list(batch), return_exceptions=True, temperature=0.0, max_tokens=self.max_tokens,
+            include_usage=self._usage_ok,
+        )  # fmt: skip
+
     def generate(self, batch: Sequence[Messages]) -> list[Generation]:
-        import httpx
-
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        with httpx.Client(timeout=self.timeout_s, headers=headers) as client:
-            with ThreadPoolExecutor(max_workers=max(1, self.batch_size)) as pool:
-                return list(pool.map(lambda m: self._with_retries(client, m), batch))
-
-    def _with_retries(self, client: Any, messages: Messages) -> Generation:
-        import httpx
-
-        last = ""
-        for attempt in range(self.retries + 1):
-            try:
-                return self._stream(client, messages)
-            except _Retryable as e:
-                last = str(e)
-            except httpx.TransportError as e:
-                last = f"{type(e).__name__}: {e}"
-            if attempt < self.retries:
-                time.sleep(min(8.0, 0.5 * 2**attempt))
-        raise EndpointError(
-            f"{self.url}: failed after {self.retries + 1} attempts: {last}; check that the "
-            "server is running and the endpoint URL"
-        )
-
-    def _stream(self, client: Any, messages: Messages) -> Generation:
-        payload: dict[str, Any] = {
-            "model": self.model,
-            "messages": messages,
-            "max_tokens": self.max_tokens,
-            "temperature": 0.0,
-            "stream": True,
-        }
-        if self._usage_ok:
-            payload["stream_options"] = {"include_usage": True}
-        parts: list[str] = []
-        chunks, usage_tokens, first = 0, None, None
-        start = time.perf_counter()
-        with client.stream("POST", self.url, json=payload) as r:
-            if r.status_code >= 400:
-                body = r.read().decode("utf-8", "replace")[:300]
-                if r.status_code == 400 and self._usage_ok and "stream_options" in body:
-                    self._usage_ok = False  # older servers reject it; count chunks instead
-                    raise _Retryable("server rejected stream_options")
-                if r.status_code == 429 or r.status_code >= 500:
-                    raise _Retryable(f"HTTP {r.status_code}: {body}")
-                raise EndpointError(f"{self.url}: HTTP {r.status_code}: {body}")
-            for line in r.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                try:
-                    obj = json.loads(data)
-                except json.JSONDecodeError:
-                    raise EndpointError(f"{self.url}: invalid SSE data {data[:120]!r}") from None
-                if obj.get("usage"):
-                    usage_tokens = obj["usage"].get("completion_tokens")
-                for choice in obj.get("choices") or []:
-                    piece = (choice.get("delta") or {}).get("content") or ""
-                    if piece:
-                        first = first or time.perf_counter()
-                        parts.append(piece)
-                        chunks += 1
-        seconds = time.perf_counter() - start
-        n = usage_tokens if usage_tokens is not None else chunks
-        return Generation("".join(parts), first - start if first else None, int(n), seconds)
+        out = self._stream(batch)
+        redo = [i for i, r in enumerate(out) if _rejects_usage(r)]
+        if redo and self._usage_ok:
+            self._usage_ok = False  # older servers reject it; count chunks instead
+            for i, r in zip(redo, self._stream([batch[i] for i in redo]), strict=True):
+                out[i] = r
+        for r in out:
+            if isinstance(r, EndpointError) and r.endpoint_down:
+                raise EndpointError(r.url, r.status, f"{r.detail[:200]}; {r.hint}", r.attempts,
+                                    r.connection) from None  # fmt: skip
+            if isinstance(r, BaseException):
+                raise r
+        return [Generation(r.text, r.ttft_s, r.completion_tokens, r.latency_s) for r in out]
 
 
-class _Retryable(Exception):
-    pass
+def _rejects_usage(r: object) -> bool:
+    return isinstance(r, EndpointError) and r.status == 400 and "stream_options" in r.detail

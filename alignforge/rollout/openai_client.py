@@ -6,14 +6,16 @@
     many = client.chat_many([msgs1, msgs2], temperature=0.7, return_exceptions=True)
     for delta in client.stream_chat(msgs1, max_tokens=32):
         print(delta, end="")
+    [s] = client.stream_many([msgs1], temperature=0.0)   # s.text, s.ttft_s, s.completion_tokens
 
     local = TransformersChatClient(model, tokenizer)   # same chat/chat_many surface, in process
 
 Every request of the project to such a server goes through :class:`OpenAIClient` (this
-client, :class:`~alignforge.rollout.server_engine.ServerEngine`'s ``/v1/completions`` and the
-LoRA routes of :mod:`alignforge.rollout.weight_sync`), which retries a request alone on 429,
-5xx, timeouts and connection errors with exponential backoff (``backoff * 2**attempt`` seconds,
-or the server's ``Retry-After``), then raises :class:`EndpointError` naming the URL.
+client, :class:`~alignforge.rollout.server_engine.ServerEngine`'s ``/v1/completions``, the
+LoRA routes of :mod:`alignforge.rollout.weight_sync`, the eval's ``--endpoint`` and the AI
+judge), which retries a request alone on 429, 5xx, timeouts and connection errors with
+exponential backoff (``backoff * 2**attempt`` seconds, or the server's ``Retry-After``), then
+raises :class:`EndpointError` naming the URL.
 
     client = OpenAIClient("http://127.0.0.1:8000/v1")
     client.post("load_lora_adapter", {"lora_name": "policy-step-3", "lora_path": "/runs/a"})
@@ -49,6 +51,14 @@ class ChatResult:
     logprobs: list[float] | None
     latency_s: float
     tokens: list[str] | None = None
+
+
+@dataclass
+class StreamedChat:
+    text: str
+    ttft_s: float | None  # None when no content came
+    completion_tokens: int
+    latency_s: float
 
 
 class EndpointError(UserError, RuntimeError):
@@ -134,9 +144,13 @@ class OpenAIClient:
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers
 
-    async def arequest(self, client, method: str, path: str, body: dict | None = None):
+    async def arequest(
+        self, client, method: str, path: str, body: dict | None = None, stream: bool = False
+    ):
         """The 200 response of ``method path`` (``client``: an ``httpx.AsyncClient``), after
-        retrying 429, 5xx, timeouts and connection errors; else :class:`EndpointError`."""
+        retrying 429, 5xx, timeouts and connection errors; else :class:`EndpointError`.
+        With ``stream`` its body is not read yet: iterate it, then ``await resp.aclose()``;
+        ``resp.sent_at`` is the ``time.perf_counter()`` at which the answered attempt was sent."""
         import httpx
 
         url = self.endpoint(path)
@@ -144,7 +158,13 @@ class OpenAIClient:
         for attempt in range(self.max_retries + 1):
             retry_after = None
             try:
-                resp = await client.request(method, url, json=body, headers=self._headers())
+                request = client.build_request(method, url, json=body, headers=self._headers())
+                sent_at = time.perf_counter()
+                resp = await client.send(request, stream=stream)
+                resp.sent_at = sent_at
+                if stream and resp.status_code != 200:
+                    await resp.aread()
+                    await resp.aclose()
             except httpx.TimeoutException as e:
                 status, detail = None, f"timed out after {self.timeout:.1f}s ({type(e).__name__})"
             except httpx.TransportError as e:
@@ -253,9 +273,68 @@ class OpenAIChatClient(OpenAIClient):
         progress: bool = False, **kwargs,
     ) -> list:  # fmt: skip
         """Many requests with bounded concurrency; results keep the input order."""
-        return _run_sync(self._chat_many(list_of_messages, return_exceptions, progress, kwargs))
+        return _run_sync(
+            self._many(self.achat, list_of_messages, return_exceptions, progress, kwargs)
+        )
 
-    async def _chat_many(self, list_of_messages, return_exceptions, progress, kwargs):
+    def stream_many(
+        self, list_of_messages: list[list[dict]], *, return_exceptions: bool = False,
+        progress: bool = False, **kwargs,
+    ) -> list:  # fmt: skip
+        """:meth:`astream_chat` for many requests with bounded concurrency, in input order."""
+        return _run_sync(
+            self._many(self.astream_chat, list_of_messages, return_exceptions, progress, kwargs)
+        )
+
+    async def astream_chat(
+        self, messages: list[dict], *, client, temperature: float = 1.0, max_tokens: int = 256,
+        top_p: float | None = None, seed: int | None = None, include_usage: bool = True,
+    ) -> StreamedChat:  # fmt: skip
+        """One streamed request, read to the end: the text, the time to its first content
+        delta and the server's completion token count (``stream_options.include_usage``;
+        without it, the number of content deltas). Retried like any request until the server
+        starts answering; a stream that breaks off is an :class:`EndpointError`."""
+        import httpx
+
+        body = self._body(
+            messages, temperature=temperature, max_tokens=max_tokens, response_format=None,
+            n=1, logprobs=False, top_p=top_p, seed=seed, stream=True,
+            stream_options={"include_usage": True} if include_usage else None,
+        )  # fmt: skip
+        resp = await self.arequest(client, "POST", "chat/completions", body, stream=True)
+        started = resp.sent_at  # the answered attempt, not the retries before it
+        parts: list[str] = []
+        usage, first = None, None
+        try:
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                try:
+                    obj = json.loads(data)
+                except json.JSONDecodeError:
+                    raise EndpointError(self.url, 200, f"invalid SSE data {data[:120]!r}") from None
+                if obj.get("usage"):
+                    usage = obj["usage"].get("completion_tokens")
+                for choice in obj.get("choices") or []:
+                    piece = (choice.get("delta") or {}).get("content") or ""
+                    if piece:
+                        first = first or time.perf_counter()
+                        parts.append(piece)
+        except httpx.TransportError as e:
+            detail = f"stream broke off: {type(e).__name__}: {e}"
+            raise EndpointError(self.url, None, detail, connection=True) from None
+        finally:
+            await resp.aclose()
+        latency = time.perf_counter() - started
+        n = int(usage) if usage is not None else len(parts)
+        return StreamedChat("".join(parts), first - started if first else None, n, latency)
+
+    async def _many(self, request, list_of_messages, return_exceptions, progress, kwargs):
+        """``request(messages, client=..., **kwargs)`` for each, at most ``max_concurrency``
+        in flight over one connection pool."""
         import httpx
         from tqdm.auto import tqdm
 
@@ -267,7 +346,7 @@ class OpenAIChatClient(OpenAIClient):
             async def one(messages):
                 async with sem:
                     try:
-                        return await self.achat(messages, client=client, **kwargs)
+                        return await request(messages, client=client, **kwargs)
                     finally:
                         bar.update(1)
 

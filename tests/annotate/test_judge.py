@@ -72,6 +72,15 @@ def test_retries_and_json_mode_fallback():
         assert all("response_format" not in r for r in srv.requests[1:])
 
 
+def test_check_fails_fast_naming_the_field():
+    with JudgeServer("entities") as srv:
+        OpenAIChatBackend(srv.url, "m").check("--base-url")  # any reply counts
+        port = int(srv.url.split(":")[-1].split("/")[0])
+    be = OpenAIChatBackend(f"http://127.0.0.1:{port}/v1", "m")
+    with pytest.raises(JudgeError, match=rf"--base-url http://127.0.0.1:{port}/v1: cannot connect"):
+        be.check("--base-url")
+
+
 def test_parse_verdict_is_robust():
     keys = ["entities", "relations"]
     assert parse_verdict('{"Entities": "Response 1", "relations": "tie"}', keys) == {

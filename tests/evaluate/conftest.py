@@ -71,8 +71,12 @@ def tiny_adapter_dir(tiny_model_dir, tmp_path_factory):
 class FakeServer:
     """Streams canned answers as SSE; the first request gets a 503 to exercise retries."""
 
-    def __init__(self, answers: dict[str, str], default: str = "Sorry, I cannot do that."):
+    def __init__(
+        self, answers: dict[str, str], default: str = "Sorry, I cannot do that.",
+        reject_stream_options: bool = False,
+    ):  # fmt: skip
         self.answers, self.default = answers, default
+        self.reject_stream_options = reject_stream_options
         self.requests = 0
         self.payloads: list[dict] = []
         server = self
@@ -93,6 +97,11 @@ class FakeServer:
                     self.send_response(503)
                     self.end_headers()
                     self.wfile.write(b"warming up")
+                    return
+                if server.reject_stream_options and "stream_options" in body:
+                    self.send_response(400)
+                    self.end_headers()
+                    self.wfile.write(b"unknown field: stream_options")
                     return
                 user = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
                 text = server.answers.get(user, server.default)

@@ -50,7 +50,18 @@ def test_openai_generator_streams_and_retries(fake_server):
         assert outs[0].n_tokens == 3  # the server's usage count (3 chunks of 7 chars)
         assert 0.015 < outs[0].ttft_s <= outs[0].seconds
         assert srv.requests == 3  # the first attempt got a 503 and was retried
+        # timed from the answered attempt, without the 0.5 s backoff before it
+        assert all(o.seconds < 0.5 for o in outs)
         assert srv.payloads[-1]["stream"] is True and srv.payloads[-1]["temperature"] == 0.0
+
+
+def test_openai_generator_counts_chunks_when_usage_is_rejected(fake_server):
+    with fake_server({"hi": '{"entities": []}'}, reject_stream_options=True) as srv:
+        gen = OpenAIGenerator(srv.url + "/chat/completions", model="m", retries=1)
+        [out] = gen.generate([[{"role": "user", "content": "hi"}]])
+        assert out.text == '{"entities": []}' and out.n_tokens == 3  # 3 content chunks
+        # 503 (retried), 400 naming stream_options, then asked again without it
+        assert srv.requests == 3 and "stream_options" not in srv.payloads[-1]
 
 
 def test_multi_system_eval_writes_results_failures_and_table(
@@ -174,7 +185,8 @@ def test_endpoint_errors_are_clear(fake_server):
             gen.generate([[{"role": "user", "content": "hi"}]])
         port = srv.httpd.server_address[1]
     gen = OpenAIGenerator(f"http://127.0.0.1:{port}/v1", model="m", retries=1)
-    with pytest.raises(EndpointError, match="failed after 2 attempts: ConnectError"):
+    down = r"no response after 2 attempt\(s\): .*ConnectError.*check that the server is running"
+    with pytest.raises(EndpointError, match=down):
         gen.generate([[{"role": "user", "content": "hi"}]])
 
 

@@ -74,4 +74,18 @@ def train_help(config: str | None, overrides: list[str]) -> str:
 
 def run_stage(config_path: str | None, overrides: list[str]):
     module, cfg = resolve_stage(config_path, overrides)
-    return module.run(cfg)
+    result = module.run(cfg)
+    close_process_group()
+    return result
+
+
+def close_process_group() -> None:
+    """After a multi-process run, wait for every process, then tear the process group down:
+    left to interpreter exit, its communication threads can be destroyed while still running
+    and abort the process ("terminate called without an active exception") after a run that
+    finished and saved everything."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

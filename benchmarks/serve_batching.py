@@ -20,16 +20,16 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from serving import start  # noqa: E402  (benchmarks/serving.py: start a server, wait for /models)
 
 from alignforge.rollout.server import free_port  # noqa: E402
 
@@ -40,25 +40,11 @@ def prompts(n: int) -> list[list[dict]]:
             for r in rows]  # fmt: skip
 
 
-def start(model: str, batch_size: int, threads: int, log: Path, timeout: float = 300.0):
+def start_serve(model: str, batch_size: int, threads: int, log: Path):
     port = free_port()
     cmd = [sys.executable, "-m", "alignforge.cli", "serve", model, "--port", str(port),
            "--model-name", "m", "--batch-size", str(batch_size)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"alignforge serve exited ({proc.returncode}); see {log}")
-        try:
-            if httpx.get(url + "/models", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise SystemExit(f"alignforge serve did not answer within {timeout:.0f} s; see {log}")
+    return start(cmd, port, threads, log)
 
 
 async def measure(url: str, messages: list[list[dict]], max_tokens: int) -> dict:
@@ -73,9 +59,9 @@ async def measure(url: str, messages: list[list[dict]], max_tokens: int) -> dict
         return r, time.perf_counter() - t0
 
     await one(messages[0])  # warm-up
-    start = time.perf_counter()
+    began = time.perf_counter()
     results = await asyncio.gather(*(one(m) for m in messages))
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - began
     tokens = sum(r.usage.completion_tokens for r, _ in results)
     latency = np.array([s for _, s in results])
     return {"requests": len(messages), "wall_s": wall, "completion_tokens": tokens,
@@ -97,7 +83,7 @@ def main() -> None:
     runs = []
     for b in args.batch_sizes:
         log = args.out.with_suffix(f".b{b}.log")
-        proc, url = start(args.model, b, args.threads, log)
+        proc, url = start_serve(args.model, b, args.threads, log)
         try:
             runs.append({"batch_size": b, **asyncio.run(measure(url, messages, args.max_tokens))})
         finally:

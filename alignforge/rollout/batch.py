@@ -2,6 +2,7 @@
 
 batch = rollout_batch(rollouts, pad_id)     # input_ids, attention_mask, mask, rollout_logps, eos
 mb = trim_padding({k: v[rows] for k, v in batch.items()})
+quantize_int8(model)                        # alignforge serve --quantization int8
 """
 
 from __future__ import annotations
@@ -69,3 +70,34 @@ def behaviour_model(policy, precision: str, adapter: str = "default"):
     if precision == "bfloat16":
         return merged.to(torch.bfloat16)
     return torch.ao.quantization.quantize_dynamic(merged.cpu(), {nn.Linear}, dtype=torch.qint8)
+
+
+class Int8Linear(nn.Linear):
+    """A linear layer whose product runs in torch's dynamic int8 kernel (the one
+    ``quantize_dynamic`` uses: int8 weights, activations quantised per call), while staying an
+    ``nn.Linear`` with its float weight, so that peft still wraps it with float LoRA adapters, as
+    an inference engine applies LoRA over quantised base weights. CPU only."""
+
+    def __init__(self, linear: nn.Linear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        quantized = torch.ao.quantization.quantize_dynamic(
+            nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8
+        )[0]
+        # a plain attribute, outside the module tree: peft loads adapters with load_state_dict,
+        # where a quantised submodule would demand its packed weights among the adapter's keys
+        self.int8_product = quantized.forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.int8_product(x)
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Every ``nn.Linear`` of ``model`` (on the CPU, float32) becomes an :class:`Int8Linear`, in
+    place; returns ``model``."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, Int8Linear(child))
+    return model

@@ -155,17 +155,20 @@ class Adapters:
             yield
 
     def reload_base(self, path: str, policy_version: str | None = None) -> None:
-        """Replace the base weights by those in ``path`` (same tokenizer), keep its device and
-        precision, and load the adapters again on top."""
+        """Replace the base weights by those in ``path`` (same tokenizer), keep its device,
+        precision and quantization, and load the adapters again on top."""
         import torch
 
+        from alignforge.rollout.batch import Int8Linear
         from alignforge.rollout.server import _load_model
 
         old = self.engine.model
         dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16",
                  torch.float16: "float16"}[next(old.parameters()).dtype]  # fmt: skip
+        int8 = any(isinstance(m, Int8Linear) for m in old.modules())
         try:
-            model, _ = _load_model(path, dtype, device=self.engine.device)
+            model, _ = _load_model(path, dtype, device=self.engine.device,
+                                   quantization="int8" if int8 else None)  # fmt: skip
         except Exception as e:
             raise ApiError(400, f"path {path}: {e}", "path") from None
         rows = model.get_input_embeddings().weight.shape[0]

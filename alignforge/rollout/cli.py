@@ -21,6 +21,11 @@ def serve_command(
     dtype: str = typer.Option(
         "float32", help="Precision the weights run in: float32, bfloat16 (a GPU's) or float16."
     ),
+    quantization: str = typer.Option(
+        None,
+        help="int8: every linear layer in torch's dynamic int8 kernel (CPU only, float32 "
+        "activations), runtime LoRA adapters in float32 on top.",
+    ),
 ) -> None:
     """Serve MODEL over vLLM's OpenAI-compatible API: /v1/models, /v1/chat/completions and
     /v1/completions (n, seed, stop, logprobs with top alternatives, json_object and json_schema
@@ -38,6 +43,11 @@ def serve_command(
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype {dtype}: expected float32, bfloat16 or float16")
+    if quantization not in (None, "int8"):
+        raise ConfigError(f"--quantization {quantization}: expected int8 (or leave it out)")
+    if quantization and dtype != "float32":
+        raise ConfigError(f"--quantization int8 runs float32 activations through int8 "
+                          f"matmuls: leave --dtype at float32 (got {dtype})")  # fmt: skip
 
     serve(model, host=host, port=port, model_name=model_name, policy_version=policy_version,
-          batch_size=batch_size, dtype=dtype)  # fmt: skip
+          batch_size=batch_size, dtype=dtype, quantization=quantization)  # fmt: skip

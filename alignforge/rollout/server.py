@@ -60,17 +60,21 @@ from alignforge.rollout.protocol import (
 log = logging.getLogger(__name__)
 
 
-def _load_model(path: str, dtype: str = "float32", device=None):
+def _load_model(path: str, dtype: str = "float32", device=None, quantization: str | None = None):
     """Load ``(model, tokenizer)``: ``default``, an HF dir, an adapter dir (merged into its base,
     so runtime adapters apply to plain weights) or a .gguf file; on ``device``, else the GPU when
-    there is one."""
+    there is one. ``quantization="int8"``: every linear layer in torch's dynamic int8 kernel, on
+    the CPU (the kernel has no GPU version)."""
     import torch
 
     from alignforge.models import load_model, load_tokenizer
+    from alignforge.rollout.batch import quantize_int8
 
     model = load_model(path, dtype=dtype).eval()
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload().eval()
+    if quantization == "int8":
+        return quantize_int8(model.cpu()), load_tokenizer(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device), load_tokenizer(path)
 
@@ -425,13 +429,13 @@ def start_server(
 
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          policy_version: str | None = None, batch_size: int = 8,
-          dtype: str = "float32") -> None:  # fmt: skip
+          policy_version: str | None = None, batch_size: int = 8, dtype: str = "float32",
+          quantization: str | None = None) -> None:  # fmt: skip
     import uvicorn
 
     from alignforge.rollout.transformers_engine import TransformersEngine
 
-    model, tokenizer = _load_model(model_path, dtype)
+    model, tokenizer = _load_model(model_path, dtype, quantization=quantization)
     engine = TransformersEngine(model, tokenizer, policy_version or model_path, batch_size)
     app = create_app(engine, model_name or model_path, model_path=model_path)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from alignforge.config.base import StrictModel
-from alignforge.config.stages import DataArgs, ModelArgs, TrainArgs
+from alignforge.config.stages import DataArgs, ModelArgs, RolloutEngineArgs, TrainArgs
 
 
 class PromptLengthArgs(StrictModel):
@@ -155,8 +155,14 @@ class DPOConfig(ModelArgs, DataArgs, TrainArgs, PreferenceArgs, PromptLengthArgs
         return self
 
 
-class SPINConfig(ModelArgs, DataArgs, TrainArgs, PreferenceArgs, PromptLengthArgs):
-    """Self-play fine-tuning (`stage: spin`; Chen et al. 2024) on SFT data."""
+class SPINConfig(
+    ModelArgs, DataArgs, TrainArgs, PreferenceArgs, PromptLengthArgs, RolloutEngineArgs
+):
+    """Self-play fine-tuning (`stage: spin`; Chen et al. 2024) on SFT data.
+
+    With ``rollout_engine: server`` the opponent answers from ``alignforge serve``, which loads
+    each iteration's opponent weights first (``/v1/load_weights``; docs/dpo_spin.md).
+    """
 
     stage: Literal["spin"] = "spin"
     num_iterations: int = Field(3, gt=0, description="Self-play iterations (the paper runs 3-4).")
@@ -177,7 +183,11 @@ class SPINConfig(ModelArgs, DataArgs, TrainArgs, PreferenceArgs, PromptLengthArg
     do_sample: bool = Field(False, description="Sample the opponent's responses (else greedy).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature when do_sample.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling when do_sample.")
-    generation_batch_size: int = Field(16, gt=0, description="Prompts per generate() call.")
+    generation_batch_size: int = Field(
+        16,
+        gt=0,
+        description="Prompts the opponent answers together (one batch, or one round of requests).",
+    )
     mix_previous: bool = Field(
         True, description="Also train on the previous iteration's pairs (the official recipe does)."
     )

@@ -11,7 +11,14 @@ from pydantic import Field, model_validator
 
 from alignforge.config.base import INPUT_PATH
 from alignforge.config.preference import PromptLengthArgs
-from alignforge.config.stages import DataArgs, DatasetMixArgs, ModelArgs, RunArgs, TrainArgs
+from alignforge.config.stages import (
+    DataArgs,
+    DatasetMixArgs,
+    ModelArgs,
+    RolloutEngineArgs,
+    RunArgs,
+    TrainArgs,
+)
 
 
 class RMConfig(ModelArgs, DataArgs, TrainArgs, PromptLengthArgs):
@@ -89,12 +96,13 @@ class PromptArgs(DatasetMixArgs):
     )
 
 
-class PPOConfig(ModelArgs, PromptArgs, RunArgs):
+class PPOConfig(ModelArgs, PromptArgs, RunArgs, RolloutEngineArgs):
     """PPO RLHF (``stage: ppo``): a LoRA policy on a merged SFT model; reference = adapter disabled.
 
     ``dataset`` holds prompts (``prompt`` as a string or message list, or ``messages`` whose last
     assistant turn is dropped). One optimizer step of TrainArgs is here one PPO *iteration*:
-    rollout, scoring, and ``ppo_epochs`` passes of mini-batch updates.
+    rollout, scoring, and ``ppo_epochs`` passes of mini-batch updates. With ``rollout_engine:
+    server`` the policy's LoRA adapter is loaded on the servers after each update (docs/rlhf.md).
     """
 
     stage: Literal["ppo"] = "ppo"
@@ -129,23 +137,6 @@ class PPOConfig(ModelArgs, PromptArgs, RunArgs):
         "same",
         description="The behaviour policy that samples: the trained policy itself, a bf16 copy, or an int8 "
         "dynamically-quantised copy (numerically different from the trainer, like a vLLM engine).",
-    )
-    rollout_engine: Literal["transformers", "server"] = Field(
-        "transformers",
-        description="What draws the rollouts: the policy in this process (transformers), or "
-        "OpenAI-compatible servers at rollout_base_url (`vllm serve --enable-lora`, or `alignforge "
-        "serve`) with the policy's LoRA adapter loaded after each update (TRL: vllm_mode: server). "
-        "docs/rlhf.md.",
-    )
-    rollout_base_url: str | list[str] | None = Field(
-        None,
-        description="rollout_engine server: the server's base URL ending in /v1 (TRL: "
-        "vllm_server_base_url), or a list of them, over which the prompts are spread.",
-    )
-    rollout_model: str | None = Field(
-        None,
-        description="rollout_engine server: the served model's name (vllm serve "
-        "--served-model-name), checked at start on every server; default: the first model each lists.",
     )
     max_staleness: int = Field(
         0,
@@ -266,7 +257,11 @@ class PPOConfig(ModelArgs, PromptArgs, RunArgs):
             )
         if self.offpolicy_correction == "truncate" and self.offpolicy_upper is None:
             raise ValueError("offpolicy_upper: truncate needs the truncation level (e.g. 2.0)")
-        self._check_rollout_engine()
+        if self.rollout_engine == "server" and self.rollout_precision != "same":
+            raise ValueError(
+                "rollout_precision: a server samples in its own precision (vllm serve --dtype); "
+                "leave rollout_precision at same with rollout_engine: server"
+            )
         if self.offpolicy_old_logps == "bypass" and self.offpolicy_correction != "none":
             raise ValueError(
                 "offpolicy_correction: bypass mode already uses the behaviour log-probs as old_logps "
@@ -280,29 +275,3 @@ class PPOConfig(ModelArgs, PromptArgs, RunArgs):
         if self.drift_action == "restore" and not self.save_steps:
             raise ValueError("save_steps: drift_action restore needs checkpoints to restore from")
         return self
-
-    def _check_rollout_engine(self) -> None:
-        urls = (
-            [self.rollout_base_url]
-            if isinstance(self.rollout_base_url, str)
-            else self.rollout_base_url
-        )
-        if self.rollout_engine == "transformers":
-            for name in ("rollout_base_url", "rollout_model"):
-                if getattr(self, name) is not None:
-                    raise ValueError(
-                        f"{name}: only read with rollout_engine: server; set that or remove {name}"
-                    )
-            return
-        if not urls:
-            raise ValueError(
-                "rollout_base_url: rollout_engine server needs the servers' base URLs, e.g. http://127.0.0.1:8000/v1"
-            )
-        for url in urls:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"rollout_base_url: {url!r} is not an http(s):// URL")
-        if self.rollout_precision != "same":
-            raise ValueError(
-                "rollout_precision: a server samples in its own precision (vllm serve --dtype); "
-                "leave rollout_precision at same with rollout_engine: server"
-            )

@@ -193,6 +193,51 @@ class DataArgs(DataSourceArgs):
     )
 
 
+class RolloutEngineArgs(StrictModel):
+    """What generates a stage's samples: the model in this process, or OpenAI-compatible servers
+    (the same three keys in every stage that samples; docs/serve.md)."""
+
+    rollout_engine: Literal["transformers", "server"] = Field(
+        "transformers",
+        description="What generates: the model in this process (transformers), or OpenAI-compatible "
+        "servers at rollout_base_url (`vllm serve`, or `alignforge serve`) given the model's "
+        "weights by the stage (TRL: vllm_mode: server). docs/serve.md.",
+    )
+    rollout_base_url: str | list[str] | None = Field(
+        None,
+        description="rollout_engine server: the server's base URL ending in /v1 (TRL: "
+        "vllm_server_base_url), or a list of them, over which the prompts are spread.",
+    )
+    rollout_model: str | None = Field(
+        None,
+        description="rollout_engine server: the served model's name (vllm serve "
+        "--served-model-name), checked at start on every server; default: the first model each lists.",
+    )
+
+    @property
+    def rollout_base_urls(self) -> list[str]:
+        url = self.rollout_base_url
+        return [] if url is None else [url] if isinstance(url, str) else list(url)
+
+    @model_validator(mode="after")
+    def _check_rollout_server(self):
+        if self.rollout_engine == "transformers":
+            for name in ("rollout_base_url", "rollout_model"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name}: only read with rollout_engine: server; set that or remove {name}"
+                    )
+            return self
+        if not self.rollout_base_urls:
+            raise ValueError(
+                "rollout_base_url: rollout_engine server needs the servers' base URLs, e.g. http://127.0.0.1:8000/v1"
+            )
+        for url in self.rollout_base_urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"rollout_base_url: {url!r} is not an http(s):// URL")
+        return self
+
+
 class RunArgs(StrictModel):
     """What every training run has: its directory, resume, optimizer, schedule, length,
     checkpoints, trackers and precision (PPO's config, whose batches are rollouts, stops here)."""

@@ -8,8 +8,10 @@ Each iteration k, top to bottom:
 1. The opponent is the model at the start of the iteration (the SFT model for k = 0, the merged
    result of iteration k-1 afterwards). It answers every SFT prompt once, rendered with the
    same chat template call as training (:func:`alignforge.data.preference.render_prompt`),
-   greedy or sampled, left-padded and batched. Answers equal to the ground truth are dropped
-   and counted; lengths, truncation (hit ``max_new_tokens``) and exact matches are logged.
+   greedy or sampled, through a rollout engine: in this process, or (``rollout_engine: server``)
+   from ``alignforge serve``, given the opponent's saved weights first (``/v1/load_weights``).
+   Answers equal to the ground truth are dropped and counted; lengths, truncation (hit
+   ``max_new_tokens``) and exact matches are logged.
 2. Pairs: chosen = ground truth, rejected = the opponent's answer, plus (``mix_previous``) the
    previous iteration's pairs, as the official code does.
 3. The opponent scores both sides of every pair once, before any update: its log-probs of the
@@ -35,14 +37,12 @@ prompt tokens carry no loss.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
-
-import torch
 
 from alignforge.config.preference import SPINConfig
 from alignforge.data import DataError, to_example
@@ -63,7 +63,8 @@ from alignforge.recipes.dpo import (
     plot_rewards,
 )
 from alignforge.recipes.memory import warn_if_memory_short
-from alignforge.training import TrainLoop, to_device
+from alignforge.rollout.transformers_engine import TransformersEngine, eos_token_ids
+from alignforge.training import TrainLoop
 from alignforge.training.plots import plot_loss_curve, save_figure
 from alignforge.training.rundir import open_run
 
@@ -133,49 +134,18 @@ def sft_prompts(rows, formatting="auto", columns=None, skip_bad_rows=False, sour
     return out, bad
 
 
-@torch.no_grad()
 def generate_responses(
-    model,
-    tokenizer,
-    prompts,
-    max_new_tokens,
-    do_sample=False,
-    temperature=1.0,
-    top_p=1.0,
-    batch_size=16,
-) -> list[Generation]:
-    """One answer per prompt (list of messages): left-padded batched ``model.generate``."""
-    from tqdm.auto import tqdm
-
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    eos = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) - {None}
-    was_training = model.training
-    model.eval()
-    out: list[Generation] = []
-    for j in tqdm(range(0, len(prompts), batch_size), desc="opponent generates", leave=False):
-        texts = [render_prompt(tokenizer, p) for p in prompts[j : j + batch_size]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = to_device(dict(enc), model.device)
-        # do_sample is passed once; sampling adds only its own knobs (top_k=0: nucleus alone)
-        sampling = dict(temperature=temperature, top_p=top_p, top_k=0) if do_sample else {}
-        ids = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            pad_token_id=tokenizer.pad_token_id,
-            **sampling,
-        )[:, enc["input_ids"].shape[1] :]
-        for row in ids.tolist():
-            ends = [i for i, t in enumerate(row) if t in eos]
-            n = ends[0] + 1 if ends else len(row)
-            text = tokenizer.decode(row[:n], skip_special_tokens=True)
-            out.append(Generation(text, n, not ends and n >= max_new_tokens))
-    tokenizer.padding_side = side
-    model.train(was_training)
-    return out
+    engine, tokenizer, prompts, max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0,
+    seed=None,
+) -> list[Generation]:  # fmt: skip
+    """One answer per prompt (list of messages) from ``engine`` (a
+    :class:`~alignforge.rollout.base.RolloutEngine`), greedy or sampled under ``seed``; prompts
+    are rendered as the training pairs render them."""
+    ids = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
+           for p in prompts]  # fmt: skip
+    groups = engine.generate(ids, temperature=temperature, top_p=top_p, greedy=not do_sample,
+                             max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
+    return [Generation(r.text, r.n_tokens, r.finish_reason == "length") for [r] in groups]
 
 
 def make_pair_rows(items, generations: list[Generation]) -> tuple[list[dict], GenerationStats]:
@@ -238,30 +208,48 @@ def make_policy(opponent, cfg: SPINConfig):
 # ---------------------------------------------------------------- one iteration
 
 
-@contextlib.contextmanager
-def seeded(seed: int, device):
-    """Run the body with the global RNG at ``seed`` and restore it afterwards, so sampled
-    generations depend on the seed and the batch alone (not on the world size or on what ran
-    before), and generating leaves the training's random stream untouched."""
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
+def opponent_server(cfg: SPINConfig, tokenizer, eos_ids: list[int], out: Path):
+    """``(engine, sync)``: the servers the opponent answers from (serving ``rollout_model``), and
+    what gives them each iteration's opponent weights (``/v1/load_weights``)."""
+    from alignforge.rollout import WeightSync, build_rollout_engine
+
+    engine = build_rollout_engine("server", tokenizer=tokenizer, base_urls=cfg.rollout_base_urls,
+                                  served_model=cfg.rollout_model, eos_token_ids=eos_ids)  # fmt: skip
+    engine.check()
+    sync = WeightSync(cfg.rollout_base_urls, out / "rollout_policy", adapter=None)
+    sync.check(
+        "rollout_base_url: this server cannot load new weights (vLLM's OpenAI server cannot), and "
+        "SPIN's opponent changes after every iteration; serve the model with alignforge serve, or "
+        "set rollout_engine: transformers"
+    )
+    return engine, sync
 
 
-def generate_shared(opponent, tokenizer, prompts, cfg: SPINConfig, acc, seed: int):
-    """:func:`generate_responses` for every prompt, batch ``j`` on rank ``j % world`` with the
-    RNG at ``seed + j``; every rank returns all answers, in prompt order."""
+def opponent_engine(opponent, tokenizer, cfg: SPINConfig, server, source: str, version: str, acc):
+    """What answers as the opponent: the model in this process, or the servers once they serve
+    its weights, loaded from ``source`` (where they are saved) by process 0."""
+    if server is None:
+        return TransformersEngine(opponent, tokenizer, version, cfg.generation_batch_size)
+    engine, sync = server
+    if acc.is_main_process:
+        sync.load_saved(source, version)
+    acc.wait_for_everyone()
+    return engine.at(engine.model, version)
+
+
+def generate_shared(engine, tokenizer, prompts, cfg: SPINConfig, acc, seed: int):
+    """:func:`generate_responses` for every prompt, batch ``j`` on rank ``j % world`` seeded
+    with ``seed + j`` (the answers do not depend on the number of processes); every rank returns
+    all answers, in prompt order."""
+    from tqdm.auto import tqdm
+
     bs = cfg.generation_batch_size
     starts = list(range(0, len(prompts), bs))[acc.process_index :: acc.num_processes]
-    mine = []
-    for j in starts:
-        with seeded(seed + j, acc.device):
-            gens = generate_responses(
-                opponent, tokenizer, prompts[j : j + bs], cfg.max_new_tokens, cfg.do_sample,
-                cfg.temperature, cfg.top_p, bs,
-            )  # fmt: skip
-        mine.append((j, gens))
+    mine = [
+        (j, generate_responses(engine, tokenizer, prompts[j : j + bs], cfg.max_new_tokens,
+                               cfg.do_sample, cfg.temperature, cfg.top_p, seed + j))
+        for j in tqdm(starts, desc="opponent generates", leave=False)
+    ]  # fmt: skip
     if acc.num_processes > 1:
         from accelerate.utils import gather_object
 
@@ -281,13 +269,13 @@ def write_json_atomic(path: Path, data) -> None:
         raise
 
 
-def opponent_pairs(opponent, tokenizer, items, cfg: SPINConfig, path: Path, acc, seed: int):
+def opponent_pairs(engine, tokenizer, items, cfg: SPINConfig, path: Path, acc, seed: int):
     """The opponent's pair rows for ``items`` and their generation stats, generated once (shared
-    out over the ranks) and kept in ``path`` by rank 0 (a rerun reuses them)."""
+    out over the ranks) by ``engine()`` and kept in ``path`` by rank 0 (a rerun reuses them)."""
     if path.exists():
         data = json.loads(path.read_text())
         return data["rows"], GenerationStats(**data["stats"])
-    gens = generate_shared(opponent, tokenizer, [p for p, _ in items], cfg, acc, seed)
+    gens = generate_shared(engine(), tokenizer, [p for p, _ in items], cfg, acc, seed)
     rows, stats = make_pair_rows(items, gens)
     if acc.is_main_process:
         write_json_atomic(path, {"stats": stats._asdict(), "rows": rows})
@@ -341,8 +329,11 @@ def iteration_pairs(k: int, rows, eval_rows, tokenizer, cfg: SPINConfig):
     return train, tstats, evals
 
 
-def run_iteration(k, opponent, opponent_id, tokenizer, items, eval_items, prev_rows, cfg, acc, out):
-    """Generate, pair, score with the opponent, train, merge, save. Returns (model, info, rows)."""
+def run_iteration(
+    k, opponent, opponent_id, tokenizer, items, eval_items, prev_rows, cfg, acc, out, server=None
+):
+    """Generate, pair, score with the opponent, train, merge, save. Returns (model, info, rows).
+    ``server``: :func:`opponent_server`'s, when the opponent answers from servers."""
     it = out / f"iter_{k}"
     if acc.is_main_process:
         it.mkdir(exist_ok=True)
@@ -350,7 +341,12 @@ def run_iteration(k, opponent, opponent_id, tokenizer, items, eval_items, prev_r
             (it / "metrics.jsonl").unlink(missing_ok=True)
     acc.wait_for_everyone()
     seed = cfg.seed + 100_003 * (k + 1)  # the same answers whatever the number of processes
-    gen = (opponent, tokenizer)
+    source = str(out / f"iter_{k - 1}" / "model") if k else cfg.model_name_or_path
+    # built once, and only if some answers are still to generate (a rerun may have them all)
+    engine = functools.cache(
+        lambda: opponent_engine(opponent, tokenizer, cfg, server, source, opponent_id, acc)
+    )
+    gen = (engine, tokenizer)
     rows, gstats = opponent_pairs(*gen, items, cfg, it / "pairs_train.json", acc, seed)
     eval_rows, eval_gstats = (
         opponent_pairs(*gen, eval_items, cfg, it / "pairs_eval.json", acc, seed + 50_021)
@@ -448,10 +444,16 @@ def run(cfg: SPINConfig, callbacks=()) -> dict:
             prev_rows = (
                 json.loads((last / "pairs_train.json").read_text())["rows"] if resumed else []
             )
+            server = (
+                opponent_server(cfg, tokenizer, eos_token_ids(model, tokenizer), out)
+                if cfg.rollout_engine == "server"
+                else None
+            )
             for k in range(resumed, cfg.num_iterations):
                 model, info, prev_rows = run_iteration(
-                    k, model, opponent_id, tokenizer, items, eval_items, prev_rows, cfg, acc, out
-                )
+                    k, model, opponent_id, tokenizer, items, eval_items, prev_rows, cfg, acc, out,
+                    server,
+                )  # fmt: skip
                 iterations.append(info)
                 opponent_id = info["model_fingerprint"]
                 for cb in callbacks:

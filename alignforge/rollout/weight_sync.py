@@ -17,7 +17,9 @@ a request never meets an older adapter under the same name.
 
 **Full weights**: the model (and tokenizer) are saved to ``full/`` and
 ``POST /v1/load_weights {"path", "policy_version"}`` (``alignforge serve``'s own route) replaces
-the served weights between batches; requests keep naming the served model. vLLM's OpenAI server
+the served weights between batches; requests keep naming the served model. A model already on
+disk (SPIN's merged iteration, a workflow round's policy) is loaded from where it is
+(:meth:`WeightSync.load_saved`). vLLM's OpenAI server
 cannot reload full weights over HTTP: :meth:`WeightSync.check` refuses it at start.
 
 The adapter travels as a file, which the server must be able to read at the same path (same
@@ -67,16 +69,17 @@ class WeightSync:
     def route(self) -> str:
         return "load_weights" if self.adapter is None else "load_lora_adapter"
 
-    def check(self) -> None:
+    def check(self, hint: str | None = None) -> None:
         """Every server answers and has the loading route: an empty request is refused as
-        invalid (400), not as an unknown route (404/405)."""
+        invalid (400), not as an unknown route (404/405), which is reported with ``hint`` (what
+        to do instead; default: the route's own)."""
         for c in self.clients:
             try:
                 c.post(self.route, {})
             except EndpointError as e:
                 if e.status in (404, 405):
                     raise UserError(
-                        f"{e.url}: HTTP {e.status}: {_ROUTE_HELP[self.route]}"
+                        f"{e.url}: HTTP {e.status}: {hint or _ROUTE_HELP[self.route]}"
                     ) from None
                 if e.connection:
                     raise UserError(f"{e}; {e.hint}") from None
@@ -91,8 +94,7 @@ class WeightSync:
             model.save_pretrained(path, safe_serialization=True)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(path)
-            for c in self.clients:
-                c.post("load_weights", {"path": str(path), "policy_version": str(version)})
+            self.load_saved(path, version)
             return None
         if version in self.loaded:
             return self.loaded[version]
@@ -109,6 +111,13 @@ class WeightSync:
             self._load(c, name, path)
         self.loaded[version] = name
         return name
+
+    def load_saved(self, path: str | Path, version: int | str) -> None:
+        """Serve the full weights of a model already saved at ``path`` (a directory the servers
+        can read, or a name they can load) as policy version ``version``."""
+        path = Path(path).resolve() if Path(path).exists() else path
+        for c in self.clients:
+            c.post("load_weights", {"path": str(path), "policy_version": str(version)})
 
     def unload(self, version: int) -> None:
         name = self.loaded.pop(version)

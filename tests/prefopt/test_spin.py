@@ -14,6 +14,7 @@ from alignforge.data.preference import collate_pairs, prepare_pairs, render_prom
 from alignforge.losses.preference import spin_loss
 from alignforge.recipes import spin
 from alignforge.recipes.dpo import pair_logps
+from alignforge.rollout.transformers_engine import TransformersEngine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 
@@ -103,10 +104,10 @@ def test_generation_uses_the_training_template_and_counts_truncation(tiny, tiny_
     never scored (bugs #3/#4 are covered by tests/prefopt/test_pair_logps.py)."""
     tok, opponent, _ = tiny
     prompts = [[{"role": "user", "content": "Name a river."}], [{"role": "user", "content": "Hi"}]]
-    gens = spin.generate_responses(opponent, tok, prompts, max_new_tokens=6, batch_size=2)
+    engine = TransformersEngine(opponent, tok, batch_size=2)
+    gens = spin.generate_responses(engine, tok, prompts, max_new_tokens=6)
     assert all(g.n_tokens <= 6 for g in gens)
     assert all(g.truncated == (g.n_tokens == 6) for g in gens)
-    assert tok.padding_side == "right"  # restored after left-padded generation
     items = [(prompts[0], gens[0].text), (prompts[1], "a different answer")]
     rows, stats = spin.make_pair_rows(items, gens)
     assert stats.dropped_exact == 1 and stats.exact_match_rate == 0.5 and len(rows) == 1
@@ -127,16 +128,17 @@ def test_sampled_generation_runs_and_follows_the_seed(tiny):
         generation_batch_size=2, max_new_tokens=6, do_sample=True, temperature=1.0, top_p=0.95
     )
     acc = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
+    engine = TransformersEngine(opponent, tok, batch_size=2)
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    a = spin.generate_shared(opponent, tok, prompts, cfg, acc, seed=7)
+    a = spin.generate_shared(engine, tok, prompts, cfg, acc, seed=7)
     assert torch.equal(torch.get_rng_state(), before)
-    b = spin.generate_shared(opponent, tok, prompts, cfg, acc, seed=7)
-    c = spin.generate_shared(opponent, tok, prompts, cfg, acc, seed=8)
+    b = spin.generate_shared(engine, tok, prompts, cfg, acc, seed=7)
+    c = spin.generate_shared(engine, tok, prompts, cfg, acc, seed=8)
     assert len(a) == 3 and all(1 <= g.n_tokens <= 6 for g in a)
     assert a == b and [g.text for g in a] != [g.text for g in c]
-    greedy = spin.generate_responses(opponent, tok, prompts, 6, do_sample=False)
-    assert greedy == spin.generate_responses(opponent, tok, prompts, 6, do_sample=False)
+    greedy = spin.generate_responses(engine, tok, prompts, 6, do_sample=False)
+    assert greedy == spin.generate_responses(engine, tok, prompts, 6, do_sample=False)
     assert [g.text for g in a] != [g.text for g in greedy]  # a random tiny model: sampling shows
 
 
@@ -225,3 +227,62 @@ def test_early_stop_when_the_gain_vanishes_and_resume_after_it(
     (out / "summary.json").unlink()
     monkeypatch.setattr(spin, "generate_responses", no_generation)
     assert spin.run(c)["iterations_done"] == 1  # the stop is remembered, nothing is redone
+
+
+def test_the_opponent_answers_from_alignforge_serve_given_each_iteration(tiny_model_dir, tmp_path):
+    """rollout_engine: server: ``alignforge serve`` (a subprocess, fp32) is given each
+    iteration's opponent before it answers, so its greedy answers are the in-process opponent's
+    in both iterations, though iteration 1's opponent answers otherwise than iteration 0's."""
+    import httpx
+    from serve_process import ServeProcess
+
+    data = sft_file(tmp_path, n=6)
+    kw = dict(num_iterations=2, beta=0.1, learning_rate=5e-2, max_new_tokens=8, max_steps=2)
+    server = ServeProcess(tiny_model_dir, tmp_path / "serve.log").start()
+    try:
+        remote = spin.run(spin_cfg(tiny_model_dir, data, tmp_path / "server", **kw,
+                                   rollout_engine="server", rollout_base_url=server.base_url,
+                                   rollout_model="tiny"))  # fmt: skip
+        reply = httpx.post(f"{server.base_url}/completions", timeout=60,
+                           json={"model": "tiny", "prompt": [5, 6], "max_tokens": 1}).json()  # fmt: skip
+    finally:
+        server.stop()
+    spin.run(spin_cfg(tiny_model_dir, data, tmp_path / "local", **kw))
+
+    def answers(run, k):
+        rows = json.loads((tmp_path / run / f"iter_{k}" / "pairs_train.json").read_text())["rows"]
+        return [r["rejected"] for r in rows]
+
+    assert answers("server", 0) == answers("local", 0)
+    assert answers("server", 1) == answers("local", 1) != answers("local", 0)
+    # the server was left serving the last opponent, under its fingerprint
+    assert reply["system_fingerprint"] == remote["iterations"][1]["opponent_fingerprint"]
+
+
+def test_a_server_that_cannot_load_weights_is_refused_at_start(tiny_model_dir, tmp_path):
+    """vLLM's OpenAI server has no /v1/load_weights: SPIN, whose opponent changes after every
+    iteration, refuses it before generating anything, saying what to do."""
+    from fastapi import FastAPI
+
+    from alignforge.errors import UserError
+    from alignforge.rollout.server import start_server
+
+    app = FastAPI()
+    app.get("/v1/models")(lambda: {"object": "list", "data": [{"id": "tiny", "object": "model"}]})
+    running = start_server(app)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = spin_cfg(tiny_model_dir, "x.json", tmp_path, rollout_engine="server",
+                   rollout_base_url=running.base_url)  # fmt: skip
+    try:
+        with pytest.raises(UserError, match="SPIN's opponent changes after every iteration"):
+            spin.opponent_server(cfg, tok, [tok.eos_token_id], tmp_path)
+    finally:
+        running.stop()
+
+
+def test_the_rollout_keys_are_checked_as_for_ppo():
+    base = {"dataset": "x.json", "output_dir": "o"}
+    with pytest.raises(ConfigError, match="rollout_base_url: rollout_engine server needs"):
+        build_config(SPINConfig, {**base, "rollout_engine": "server"})
+    with pytest.raises(ConfigError, match="rollout_model: only read with rollout_engine: server"):
+        build_config(SPINConfig, {**base, "rollout_model": "tiny"})

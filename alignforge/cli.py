@@ -153,13 +153,21 @@ def generate(
         help="Chat template: `default` (the one saved with the model), chatml, llama3, alpaca, "
         "empty or a Jinja file.",
     ),
+    base_url: str = typer.Option(
+        None,
+        help="Generate on an OpenAI-compatible server (alignforge serve, vLLM) at this base URL, "
+        "e.g. http://127.0.0.1:8000/v1; MODEL then only gives the tokenizer and chat template.",
+    ),
+    served_model: str = typer.Option(
+        None, help="With --base-url: the served model's name (default: the first one it lists)."
+    ),
 ) -> None:
-    """Chat with, or batch-generate from, a model or adapter."""
+    """Chat with, or batch-generate from, a model or adapter, in process or on a server."""
     from alignforge.generate import run_generate
 
     run_generate(
         model, prompt or [], input, output, max_new_tokens, temperature, top_p, system, batch_size,
-        template,
+        template, base_url, served_model,
     )  # fmt: skip
 
 

@@ -2,6 +2,11 @@
 
 alignforge generate default -p "Name three rivers in France."
 alignforge generate runs/sft/final --input prompts.jsonl --output answers.jsonl
+alignforge generate runs/sft/final -p "Hi" --base-url http://127.0.0.1:8000/v1
+
+Generation goes through a rollout engine: the model in this process, or (``--base-url``) an
+OpenAI-compatible server (``alignforge serve``, vLLM) given the prompts as token ids of the
+model's tokenizer and chat template.
 """
 
 from __future__ import annotations
@@ -9,10 +14,8 @@ from __future__ import annotations
 import json
 import sys
 
-import torch
-
 from alignforge.data import DataError, read_rows
-from alignforge.data.templating import render_chat, set_chat_template
+from alignforge.data.templating import set_chat_template
 
 
 def _messages(row: dict | str, system: str | None) -> list[dict]:
@@ -39,30 +42,39 @@ def _row_messages(rows, idx: int, system: str | None) -> list[dict]:
         raise DataError(f"{rows.where(idx)}: {e}") from None
 
 
-@torch.no_grad()
 def generate_batch(
-    model,
-    tokenizer,
-    conversations: list[list[dict]],
-    max_new_tokens=256,
-    temperature=0.0,
-    top_p=1.0,
-) -> list[str]:
-    """Left-padded batched generation from chat messages; returns the decoded answers."""
-    tokenizer.padding_side = "left"
-    texts = [render_chat(tokenizer, c, add_generation_prompt=True) for c in conversations]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    sample = temperature > 0
-    out = model.generate(
-        **enc,
-        max_new_tokens=max_new_tokens,
-        do_sample=sample,
-        temperature=temperature if sample else None,
-        top_p=top_p if sample else None,
-        top_k=None,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    engine, tokenizer, conversations: list[list[dict]], max_new_tokens=256, temperature=0.0,
+    top_p=1.0, seed: int | None = None,
+) -> list[str]:  # fmt: skip
+    """The answers of ``engine`` (a :class:`~alignforge.rollout.base.RolloutEngine`) to chat
+    conversations: greedy at temperature 0, else sampled (under ``seed`` when given)."""
+    from alignforge.rollout.transformers_engine import chat_prompt_ids
+
+    ids = [chat_prompt_ids(tokenizer, c) for c in conversations]
+    groups = engine.generate(ids, temperature=temperature, top_p=top_p, greedy=temperature <= 0,
+                             max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
+    return [r.text for [r] in groups]
+
+
+def load_engine(model_name: str, template: str, batch_size: int, base_url: str | None = None,
+                served_model: str | None = None):  # fmt: skip
+    """``(engine, tokenizer)``: ``model_name`` in this process, or (``base_url``) the server
+    there, to which prompts go as token ids of ``model_name``'s tokenizer and chat template."""
+    from alignforge.config import ConfigError
+    from alignforge.models import load_model, load_tokenizer
+    from alignforge.rollout import build_rollout_engine
+
+    if served_model and not base_url:
+        raise ConfigError("--served-model names a model on a server: give --base-url too")
+    tok = set_chat_template(load_tokenizer(model_name), template)
+    if base_url:
+        engine = build_rollout_engine("server", tokenizer=tok, base_urls=base_url,
+                                      served_model=served_model)  # fmt: skip
+        engine.check()
+        return engine, tok
+    engine = build_rollout_engine("transformers", model=load_model(model_name).eval(),
+                                  tokenizer=tok, batch_size=batch_size)  # fmt: skip
+    return engine, tok
 
 
 def run_generate(
@@ -76,16 +88,15 @@ def run_generate(
     system,
     batch_size,
     template="default",
+    base_url=None,
+    served_model=None,
 ):
     from tqdm.auto import tqdm
 
-    from alignforge.models import load_model, load_tokenizer
-
     rows = read_rows(input_path) if input_path else []  # a bad file fails before the model loads
     convs = [_row_messages(rows, i, system) for i in range(len(rows))]
-    model = load_model(model_name).eval()
-    tok = set_chat_template(load_tokenizer(model_name), template)
-    gen = lambda convs: generate_batch(model, tok, convs, max_new_tokens, temperature, top_p)  # noqa: E731
+    engine, tok = load_engine(model_name, template, batch_size, base_url, served_model)
+    gen = lambda convs: generate_batch(engine, tok, convs, max_new_tokens, temperature, top_p)  # noqa: E731
     if input_path:
         sink = open(output_path, "w") if output_path else sys.stdout
         for i in tqdm(

@@ -7,9 +7,9 @@
     outs = gen.generate([[{"role": "user", "content": "Extract the entities: ..."}]])
     outs[0].text, outs[0].ttft_s, outs[0].n_tokens, outs[0].seconds
 
-Both are greedy (temperature 0). Time to first token (TTFT) is measured with a first-token
-callback (a transformers streamer; for a batch, the time until the batch's first new token) and,
-for endpoints, from the first content chunk of the streamed (SSE) response.
+All are greedy (temperature 0). Time to first token (TTFT) is, for a local model, the time until
+its batch's first new token (the rollout engine's first token event) and, for endpoints, the
+time until the first content chunk of the streamed (SSE) response.
 """
 
 from __future__ import annotations
@@ -77,45 +77,21 @@ def _load(path: str, adapter: str | None = None, template: str = "default") -> t
     return model, set_chat_template(tokenizer, template)
 
 
-def render_chat(tokenizer: Any, messages: Messages) -> str:
-    """The prompt text: the tokenizer's chat template, or a plain ``role: content`` fallback."""
-    if getattr(tokenizer, "chat_template", None):
-        from alignforge.data.templating import render_chat as render
-
-        return render(tokenizer, messages, add_generation_prompt=True)
-    body = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-    return body + "assistant:"
-
-
-class _FirstTokenClock:
-    """Streamer that notes when ``generate`` emits its first new token (first put = prompt)."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.first: float | None = None
-
-    def put(self, value: Any) -> None:
-        self.calls += 1
-        if self.calls == 2:
-            self.first = time.perf_counter()
-
-    def end(self) -> None:
-        pass
-
-
 class TransformersGenerator:
-    """Greedy, left-padded batched generation with an in-process transformers model."""
+    """Greedy batched generation with an in-process model, through
+    :class:`~alignforge.rollout.transformers_engine.TransformersEngine` (``batch_size`` prompts
+    per batch, in the order given). Prompts are
+    :func:`~alignforge.rollout.transformers_engine.chat_prompt_ids`; an end-of-sequence token
+    counts as a generated token."""
 
     def __init__(
         self, model: Any, tokenizer: Any, max_new_tokens: int = 256, batch_size: int = 8
     ) -> None:
+        from alignforge.rollout.transformers_engine import TransformersEngine
+
+        self.engine = TransformersEngine(model, tokenizer, batch_size=batch_size)
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        if self.tokenizer.pad_token_id is None:  # padding needs one; eos is masked out anyway
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        eos = model.generation_config.eos_token_id
-        eos = eos if eos is not None else tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
 
     @classmethod
     def from_path(
@@ -131,32 +107,25 @@ class TransformersGenerator:
         return out
 
     def _generate_batch(self, batch: Sequence[Messages]) -> list[Generation]:
-        import torch
+        from alignforge.rollout.transformers_engine import RowSpec, chat_prompt_ids
 
-        texts = [render_chat(self.tokenizer, m) for m in batch]
-        enc = self.tokenizer(
-            texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
-        )
-        enc = enc.to(self.model.device)
-        clock = _FirstTokenClock()
+        first: list[float] = []
+
+        def first_token(_event) -> None:
+            # every row makes its first token at the same step: one row's is the batch's, and
+            # dropping the callback spares decoding that row's text at every later step
+            first.append(time.perf_counter())
+            specs[0].on_token = None
+
+        specs = [RowSpec(chat_prompt_ids(self.tokenizer, m), self.max_new_tokens, greedy=True)
+                 for m in batch]  # fmt: skip
+        specs[0].on_token = first_token
         start = time.perf_counter()
-        with torch.no_grad():
-            ids = self.model.generate(
-                **enc,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
-                streamer=clock,
-            )
+        rollouts = self.engine.generate_rows(specs)
         seconds = time.perf_counter() - start
-        ttft = clock.first - start if clock.first is not None else None
-        new = ids[:, enc["input_ids"].shape[1] :].tolist()
-        gens = []
-        for row in new:
-            n = next((j + 1 for j, t in enumerate(row) if t in self.eos_ids), len(row))
-            text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
-            gens.append(Generation(text, ttft if n else None, n, seconds))
-        return gens
+        ttft = first[0] - start if first else None
+        return [Generation(r.text, ttft if r.n_tokens else None, r.n_tokens, seconds)
+                for r in rollouts]  # fmt: skip
 
 
 # ---- GGUF files in llama.cpp ---------------------------------------------------------------
@@ -167,7 +136,7 @@ class LlamaCppGenerator:
 
     The prompt is the GGUF's own chat template rendered by llama-cpp-python's formatter, as its
     server and Ollama do; without a template, the same ``role: content`` fallback as
-    :func:`render_chat`. Tokens are counted as generated (an end-of-generation token included,
+    :func:`~alignforge.rollout.transformers_engine.chat_prompt_ids`. Tokens are counted as generated (an end-of-generation token included,
     as :class:`TransformersGenerator` counts it). llama.cpp reuses the KV cache of the longest
     prompt prefix shared with the previous request (the task's instructions), which is part of
     what it measures.

@@ -40,6 +40,26 @@ def test_transformers_generator_measures_ttft_and_tokens(tiny_model_dir):
     assert gen.generate(msgs[:1])[0].text == outs[0].text
 
 
+def test_transformers_generator_gives_the_engines_greedy_rollouts(tiny_model_dir):
+    """The eval's local generator is the rollout engine's greedy decoding (batched as it likes),
+    which is transformers' own greedy ``generate`` of each prompt alone."""
+    import torch
+
+    from alignforge.rollout import TransformersEngine, chat_prompt_ids
+
+    gen = TransformersGenerator.from_path(str(tiny_model_dir), max_new_tokens=12, batch_size=2)
+    msgs = [[{"role": "user", "content": q}] for q in ("hello", "Name a river.", "2+2?", "Why?")]
+    outs = gen.generate(msgs)
+    ids = [chat_prompt_ids(gen.tokenizer, m) for m in msgs]
+    engine = TransformersEngine(gen.model, gen.tokenizer, batch_size=8)
+    rollouts = [r for [r] in engine.generate(ids, greedy=True, max_new_tokens=12)]
+    assert [(g.text, g.n_tokens) for g in outs] == [(r.text, r.n_tokens) for r in rollouts]
+    for p, r in zip(ids, rollouts, strict=True):
+        with torch.no_grad():
+            hf = gen.model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12)
+        assert hf[0, len(p) :].tolist() == r.completion_ids
+
+
 def test_openai_generator_streams_and_retries(fake_server):
     with fake_server({"hi": '{"entities": []}'}) as srv:
         gen = OpenAIGenerator(srv.url, model="m", concurrency=2, retries=2)

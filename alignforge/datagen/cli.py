@@ -188,16 +188,17 @@ def preferences(
     Config keys (YAML or key=value): prompts (JSONL with prompt, optional prompt_id, doc_id,
     split), model (policy checkpoint directory), output_dir (required); prompt_field,
     max_samples (the first N prompts), k (4), temperature (0.9), top_p, max_new_tokens (256),
-    seed, batch_size, train_ratio, validation_ratio, test_ratio. Completions are shuffled per
-    prompt; splits are assigned per doc_id (else prompt_id) before any pairing.
+    seed, batch_size, train_ratio, validation_ratio, test_ratio; rollout_engine (transformers,
+    or server: alignforge serve at rollout_base_url loads `model` and samples), rollout_model.
+    Completions are shuffled per prompt; splits are assigned per doc_id (else prompt_id) before
+    any pairing.
 
     Example: alignforge data preferences prompts=p.jsonl model=runs/sft-merged output_dir=runs/samples
     """
     from alignforge.datagen.cache import read_jsonl
     from alignforge.datagen.configs import PreferencesConfig
     from alignforge.datagen.preferences import policy_fingerprint, sample_preferences
-    from alignforge.rollout.server import _load_model
-    from alignforge.rollout.transformers_engine import TransformersEngine
+    from alignforge.rollout import checkpoint_engine
 
     cfg = _load_config(PreferencesConfig, config, overrides)
     rows = read_jsonl(cfg.prompts)[: cfg.max_samples]
@@ -206,8 +207,10 @@ def preferences(
             _fail(f"{cfg.prompts} row {i}: missing field {cfg.prompt_field!r}")
         r["prompt"] = r.pop(cfg.prompt_field)
     fingerprint = policy_fingerprint(cfg.model)
-    model, tok = _load_model(cfg.model)
-    engine = TransformersEngine(model, tok, fingerprint, cfg.batch_size)
+    engine, tok = checkpoint_engine(
+        cfg.model, cfg.rollout_engine, base_urls=cfg.rollout_base_url,
+        served_model=cfg.rollout_model, policy_version=fingerprint, batch_size=cfg.batch_size,
+    )  # fmt: skip
     ratios = {"train": cfg.train_ratio, "validation": cfg.validation_ratio, "test": cfg.test_ratio}
     out = sample_preferences(rows, engine, tok, cfg.output_dir, k=cfg.k, temperature=cfg.temperature,
                              top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from alignforge.config import StrictModel
+from alignforge.config.stages import RolloutEngineArgs
 
 
 class InstructionsConfig(StrictModel):
@@ -69,8 +70,9 @@ class InstructionsConfig(StrictModel):
         return self
 
 
-class PreferencesConfig(StrictModel):
-    """``alignforge data preferences``: greedy + tempered samples per prompt."""
+class PreferencesConfig(RolloutEngineArgs):
+    """``alignforge data preferences``: greedy + tempered samples per prompt, drawn in process or
+    (``rollout_engine: server``) by ``alignforge serve`` after it has loaded ``model``."""
 
     prompts: str = Field(
         description="JSONL of prompts: {prompt (text or messages), prompt_id?, doc_id?, split?}."

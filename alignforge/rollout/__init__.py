@@ -1,6 +1,7 @@
 """Generation engines behind one interface, each returning token ids, behaviour log-probs and
 the policy version: :class:`TransformersEngine` (in process) and :class:`ServerEngine` (vLLM or
-``alignforge serve`` over HTTP), built by :func:`build_rollout_engine`; :class:`WeightSync` puts
+``alignforge serve`` over HTTP), built by :func:`build_rollout_engine` (or, for a saved
+checkpoint, which the servers are then given, :func:`checkpoint_engine`); :class:`WeightSync` puts
 a trained policy on those servers; :class:`OpenAIChatClient` talks to any OpenAI-compatible
 endpoint; the server itself is :mod:`alignforge.rollout.server`.
 
@@ -15,6 +16,7 @@ _EXPORTS = {
     "Rollout": "alignforge.rollout.base",
     "RolloutEngine": "alignforge.rollout.base",
     "build_rollout_engine": "alignforge.rollout.base",
+    "checkpoint_engine": "alignforge.rollout.base",
     "ServerEngine": "alignforge.rollout.server_engine",
     "WeightSync": "alignforge.rollout.weight_sync",
     "OpenAIClient": "alignforge.rollout.openai_client",

@@ -12,6 +12,11 @@ through it): in process, or over HTTP from vLLM / ``alignforge serve``
 
     engine = build_rollout_engine("server", base_urls="http://127.0.0.1:8000/v1", tokenizer=tok)
 
+:func:`checkpoint_engine` generates as a saved checkpoint: loaded in process, or loaded by the
+servers first (``alignforge serve``'s ``/v1/load_weights``), as preference sampling does::
+
+    engine, tok = checkpoint_engine("runs/sft-merged", "server", base_urls=url, policy_version=fp)
+
 A :class:`Rollout` carries the token ids, the *behaviour* per-token log-probs (those of the
 distribution the token was actually drawn from, after temperature and top-p) and the identity
 of the policy that produced it, so PPO, SPIN and preference sampling can refuse or correct
@@ -107,3 +112,46 @@ def build_rollout_engine(
         return ServerEngine(base_urls, served_model, eos_token_ids, policy_version=policy_version,
                             api_key=api_key)  # fmt: skip
     raise ValueError(f"unknown rollout engine {kind!r}: expected transformers or server")
+
+
+def checkpoint_engine(
+    path: str,
+    kind: str = "transformers",
+    *,
+    base_urls: str | list[str] | None = None,
+    served_model: str | None = None,
+    policy_version: str = "0",
+    batch_size: int = 8,
+    api_key: str | None = None,
+) -> tuple[RolloutEngine, object]:
+    """``(engine, tokenizer)`` generating as the model saved at ``path`` (a directory, adapter
+    directory, ``default`` or hub id), its rollouts tagged ``policy_version``.
+
+    ``kind="transformers"`` loads it here. ``kind="server"`` has the servers at ``base_urls``
+    load it (``alignforge serve``'s ``/v1/load_weights``; ``path`` must be readable there), so
+    what they sample is that checkpoint: a server that cannot load weights (vLLM's OpenAI server)
+    is refused with what to do.
+    """
+    if kind == "transformers":
+        from alignforge.rollout.server import _load_model
+
+        model, tok = _load_model(path)
+        return build_rollout_engine(kind, model=model, tokenizer=tok, batch_size=batch_size,
+                                    policy_version=policy_version), tok  # fmt: skip
+    if kind != "server":
+        raise ValueError(f"unknown rollout engine {kind!r}: expected transformers or server")
+    from alignforge.models import load_tokenizer
+    from alignforge.rollout.weight_sync import WeightSync
+
+    tok = load_tokenizer(path)
+    engine = build_rollout_engine(kind, tokenizer=tok, base_urls=base_urls, api_key=api_key,
+                                  served_model=served_model, policy_version=policy_version)  # fmt: skip
+    engine.check()
+    sync = WeightSync(base_urls, ".", adapter=None, api_key=api_key)  # loads, never saves
+    sync.check(
+        f"rollout_base_url: this server cannot load new weights (vLLM's OpenAI server cannot), so "
+        f"it cannot be made to sample {path}; serve it with alignforge serve, or set "
+        "rollout_engine: transformers"
+    )
+    sync.load_saved(path, policy_version)
+    return engine, tok

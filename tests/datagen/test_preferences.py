@@ -119,3 +119,52 @@ def test_temperature_sweep_hand_computed():
     assert temperature_sweep([{"temperature": 1.0, "outcome": "greedy"}]).recommended is None
     with pytest.raises(ValueError, match="judgement 0"):
         temperature_sweep([{"temperature": 1.0, "outcome": "maybe"}])
+
+
+def test_a_server_given_the_policy_samples_what_the_process_samples(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """``rollout_engine: server``: the server starts with other weights and is given ``model``
+    before sampling, so its samples (seeded per prompt) are the in-process ones, token for
+    token, recorded under the policy's fingerprint."""
+    import sys
+
+    from tiny import make_model
+    from transformers import AutoTokenizer
+
+    from alignforge import cli
+    from alignforge.rollout.server import create_app, start_server
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    other = make_model(tmp_path / "other", tok, seed=1).eval()  # not the policy
+    engine = TransformersEngine(other, tok)
+    running = start_server(create_app(engine, model_name="tiny"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS[:3]))
+    args = ["data", "preferences", f"prompts={prompts}", f"model={tiny_model_dir}", "k=3",
+            "max_new_tokens=8", "seed=5"]  # fmt: skip
+    try:
+        for name, extra in (
+            ("local", []),
+            ("served", ["rollout_engine=server", f"rollout_base_url={running.base_url}"]),
+        ):
+            monkeypatch.setattr(
+                sys, "argv", ["alignforge", *args, f"output_dir={tmp_path / name}", *extra]
+            )
+            try:
+                cli.main()
+            except SystemExit as e:
+                assert not e.code
+    finally:
+        running.stop()
+
+    def completions(name):
+        rows = [json.loads(line) for line in open(tmp_path / name / "samples.jsonl")]
+        return [(r["policy"]["fingerprint"], c["completion_id"], c["token_ids"], c["token_logps"])
+                for r in rows for c in r["completions"]]  # fmt: skip
+
+    local, served = completions("local"), completions("served")
+    assert len(local) == 9 and {c[0] for c in local} == {policy_fingerprint(tiny_model_dir)}
+    assert [c[:3] for c in served] == [c[:3] for c in local]
+    for a, b in zip(served, local, strict=True):
+        assert a[3] == pytest.approx(b[3], abs=1e-5)

@@ -7,11 +7,15 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from alignforge.annotate.config import PanelConfig
-from alignforge.config.base import StrictModel
+from alignforge.config.stages import RolloutEngineArgs
 
 
-class IterateConfig(StrictModel):
-    """Each round samples from the *current* policy, judges, trains the RM, runs PPO, evaluates."""
+class IterateConfig(RolloutEngineArgs):
+    """Each round samples from the *current* policy, judges, trains the RM, runs PPO, evaluates.
+
+    ``rollout_engine: server`` draws each round's preference samples on ``alignforge serve``,
+    which loads the round's policy first; PPO's own rollouts are set under ``ppo:``.
+    """
 
     output_dir: str = Field(
         ..., description="Run directory; round_<k>/<step>/ below it. Re-running resumes."

@@ -151,6 +151,9 @@ def _run_round(cfg, task, rows, rnd: Round, k: int, policy: str, rm_prev, log) -
             cfg.max_new_tokens,
             cfg.split_ratios,
             cfg.seed + k,
+            cfg.rollout_engine,
+            cfg.rollout_base_url,
+            cfg.rollout_model,
         )
         return {"prompts": len(rows_), "completions": sum(len(r["completions"]) for r in rows_)}
 

@@ -54,16 +54,20 @@ def sample(
     max_new_tokens: int,
     split_ratios: dict[str, float],
     seed: int,
+    rollout_engine: str = "transformers",
+    rollout_base_url: str | list[str] | None = None,
+    rollout_model: str | None = None,
 ) -> list[dict]:
-    """One greedy + ``k-1`` sampled completions per prompt from ``policy``, with log-probs."""
+    """One greedy + ``k-1`` sampled completions per prompt from ``policy``, with log-probs: in
+    this process, or on the servers at ``rollout_base_url`` once they have loaded ``policy``."""
     from alignforge.datagen.preferences import sample_preferences
-    from alignforge.models import fingerprint, load_model, load_tokenizer, resolve_model_path
-    from alignforge.rollout.transformers_engine import TransformersEngine
+    from alignforge.models import fingerprint, resolve_model_path
+    from alignforge.rollout import checkpoint_engine
 
     path = resolve_model_path(policy)
-    model, tok = load_model(path).eval(), load_tokenizer(path)
     fp = fingerprint(path)
-    engine = TransformersEngine(model, tok, policy_version=fp)
+    engine, tok = checkpoint_engine(str(path), rollout_engine, base_urls=rollout_base_url,
+                                    served_model=rollout_model, policy_version=fp)  # fmt: skip
     return sample_preferences(
         prompts,
         engine,

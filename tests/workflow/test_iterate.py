@@ -224,3 +224,31 @@ def test_rounds_train_the_rm_and_ppo_with_the_progress_bars_of_alignforge_train(
     off = {"progress": False}
     quiet = config(tmp_path, tiny_model_dir, prompts_file, rm=off, ppo=off)
     assert built(quiet) == (False, False)
+
+
+def test_a_rounds_samples_can_be_drawn_on_a_server_given_the_policy(tiny_model_dir, tmp_path):
+    """``rollout_engine: server``: the round's policy is loaded on ``alignforge serve`` (started
+    here with other weights) before it samples, so the samples are the in-process ones."""
+    from tiny import make_model
+    from transformers import AutoTokenizer
+
+    from alignforge.rollout import TransformersEngine
+    from alignforge.rollout.server import create_app, start_server
+    from alignforge.workflow import steps
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    other = make_model(tmp_path / "other", tok, seed=1).eval()
+    running = start_server(create_app(TransformersEngine(other, tok), model_name="tiny"))
+    prompts = [{"prompt": [{"role": "user", "content": q}], "prompt_id": q, "doc_id": q}
+               for q in ("Name a river.", "Why?")]  # fmt: skip
+    rest = (3, 1.0, 8, {"train": 1.0}, 7)  # k, temperature, max_new_tokens, splits, seed
+    try:
+        served = steps.sample(tiny_model_dir, prompts, tmp_path / "s", *rest, "server",
+                              running.base_url)  # fmt: skip
+    finally:
+        running.stop()
+    local = steps.sample(tiny_model_dir, prompts, tmp_path / "l", *rest)
+    ids = [[c["token_ids"] for c in r["completions"]] for r in local]
+    assert [[c["token_ids"] for c in r["completions"]] for r in served] == ids
+    with pytest.raises(ValueError, match="rollout_base_url: rollout_engine server needs"):
+        config(tmp_path, tiny_model_dir, "p.jsonl", rollout_engine="server")

@@ -62,6 +62,7 @@ KEY_ALIASES = {
 }
 # Keys with no counterpart here (LLaMA-Factory's, our own former names), and what to do instead.
 KEY_NOTES = {
+    "endpoint": "it is now base_url (a server's base URL, e.g. http://127.0.0.1:8000/v1)",
     "rollout_staleness": "it is now max_staleness (the same meaning: batches drawn k PPO steps "
     "ahead)",
     "dataset_dir": "give `dataset` as paths; a relative one is read against this config file's "

@@ -4,7 +4,7 @@
         --model runs/sft/final --output-dir runs/eval --limit 200
     alignforge eval --task extraction --data test.jsonl --output-dir runs/eval \\
         --system sft=runs/sft/final --system ppo=model=runs/sft-merged,adapter=runs/ppo/final \\
-        --system frontier=endpoint=https://api.example.com/v1,model=big-model
+        --system frontier=base_url=https://api.example.com/v1,model=big-model
     alignforge report runs/my-run
 
 Only typer and the standard library are imported here; the work happens in ``runner`` and
@@ -38,28 +38,29 @@ def eval_command(
     model: str = typer.Option(
         None,
         "--model",
-        help="Local model directory, adapter directory or .gguf file (run by llama.cpp); with --endpoint, the served model name.",
+        help="Local model directory, adapter directory or .gguf file (run by llama.cpp); with --base-url, the served model name.",
     ),
     adapter: str = typer.Option(
         None, "--adapter", help="PEFT adapter directory applied on top of --model."
     ),
-    endpoint: str = typer.Option(
+    base_url: str = typer.Option(
         None,
-        "--endpoint",
-        help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (streams to measure TTFT).",
+        "--base-url",
+        help="OpenAI-compatible server's base URL, e.g. http://127.0.0.1:8000/v1 (streams to measure TTFT).",
     ),
+    endpoint: str = typer.Option(None, "--endpoint", hidden=True),  # --base-url's former name
     name: str = typer.Option(
-        None, "--name", help="Display name of the single system given by --model/--endpoint."
+        None, "--name", help="Display name of the single system given by --model/--base-url."
     ),
     system: list[str] = typer.Option(
         None,
         "--system",
-        help="Repeatable: name=PATH (a model dir, adapter dir or .gguf file), or name=key=value,... with keys model, adapter, endpoint, api_key_env.",
+        help="Repeatable: name=PATH (a model dir, adapter dir or .gguf file), or name=key=value,... with keys model, adapter, base_url, api_key_env.",
     ),
     systems_file: Path = typer.Option(
         None,
         "--systems",
-        help="YAML file with a `systems:` list of {name, model, adapter?, endpoint?, api_key_env?}.",
+        help="YAML file with a `systems:` list of {name, model, adapter?, base_url?, api_key_env?}.",
     ),
     split: str = typer.Option(
         None, "--split", help="Split of a dataset directory (default: test)."
@@ -77,7 +78,7 @@ def eval_command(
     api_key_env: str = typer.Option(
         "OPENAI_API_KEY",
         "--api-key-env",
-        help="Environment variable holding the endpoint's API key.",
+        help="Environment variable holding the server's API key.",
     ),
     n_boot: int = typer.Option(
         2000, "--n-boot", min=100, help="Bootstrap resamples for the confidence intervals."
@@ -111,7 +112,7 @@ def eval_command(
 ) -> None:
     """Score one or more systems on a task's test split, with bootstrap CIs, latency and failures.
 
-    Systems are a local model (+ adapter), an OpenAI-compatible endpoint, or several of either compared in one table (--system repeated or --systems YAML).
+    Systems are a local model (+ adapter), an OpenAI-compatible server, or several of either compared in one table (--system repeated or --systems YAML).
 
     Writes OUTPUT_DIR/results.json, results.md and failures.jsonl. Generations are cached in OUTPUT_DIR/<system>/generations.jsonl, so re-running resumes.
     """
@@ -125,6 +126,10 @@ def eval_command(
     )
     from alignforge.evaluate.tasks import get_task
 
+    if endpoint:
+        raise ConfigError(
+            "--endpoint is now --base-url, as alignforge generate and annotate judge name it"
+        )
     specs = [parse_system(s) for s in system or []]
     if systems_file:
         specs += load_systems(systems_file)
@@ -138,9 +143,9 @@ def eval_command(
         typer.echo((Path(output_dir) / "results.md").read_text())
         return
     if model:
-        # "runs/sft/final" -> "sft-final"; an endpoint -> its served model name
+        # "runs/sft/final" -> "sft-final"; a server's model -> its served name
         default = (
-            model.replace("/", "-") if endpoint else "-".join(model.strip("/").split("/")[-2:])
+            model.replace("/", "-") if base_url else "-".join(model.strip("/").split("/")[-2:])
         )
         specs.insert(
             0,
@@ -148,16 +153,16 @@ def eval_command(
                 name=name or default or "model",
                 model=model,
                 adapter=adapter,
-                endpoint=endpoint,
+                base_url=base_url,
                 api_key_env=api_key_env,
                 template=template,
             ),
         )
-    elif endpoint or adapter:
-        raise ConfigError("--endpoint and --adapter need --model")
+    elif base_url or adapter:
+        raise ConfigError("--base-url and --adapter need --model")
     if not specs:
         raise ConfigError("no system to evaluate: give --model, --system or --systems")
-    if any(s.model.endswith(".gguf") and not s.endpoint for s in specs):
+    if any(s.model.endswith(".gguf") and not s.base_url for s in specs):
         from alignforge.export.gguf import ExportError, llama_cpp_version
 
         try:  # before any system runs, not after the first ones

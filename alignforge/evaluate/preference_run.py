@@ -90,11 +90,11 @@ def run_preference_eval(
     from alignforge.models import load_tokenizer
     from alignforge.recipes.reward import column
 
-    bad = [s.name for s in systems if s.adapter or s.endpoint or s.template != "default"]
+    bad = [s.name for s in systems if s.adapter or s.base_url or s.template != "default"]
     if bad:
         raise ConfigError(
             f"--system {bad[0]}: the preference task takes name=PATH (a reward model, an adapter "
-            "or a model directory), no adapter=, endpoint= or template= (--template sets the one "
+            "or a model directory), no adapter=, base_url= or template= (--template sets the one "
             "template pairs are tokenized with)"
         )
     tokenizer = set_chat_template(load_tokenizer(base), template)

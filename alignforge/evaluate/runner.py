@@ -6,7 +6,7 @@
     task = get_task("extraction")
     examples = load_examples(task, "examples/data/ner_finance.jsonl", limit=200)
     systems = [SystemSpec(name="sft", model="runs/sft/final"),
-               SystemSpec(name="frontier", endpoint="http://127.0.0.1:8000/v1", model="big")]
+               SystemSpec(name="frontier", base_url="http://127.0.0.1:8000/v1", model="big")]
     results = run_eval(task, examples, systems, "runs/eval")
 
 Generations are cached per system in ``<output_dir>/<system>/generations.jsonl`` as they are
@@ -37,12 +37,12 @@ from alignforge.evaluate.tasks.base import Example, ItemScore, Task, TaskResult,
 
 
 class SystemSpec(StrictModel):
-    """One system to evaluate: a local model (+ optional adapter) or an endpoint + model name."""
+    """One system to evaluate: a local model (+ optional adapter) or a server (its base URL) + model name."""
 
     name: str
     model: str
     adapter: str | None = None
-    endpoint: str | None = None
+    base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     template: str = "default"  # chat template of a local model (docs/guide.md); default: its own
 
@@ -50,11 +50,11 @@ class SystemSpec(StrictModel):
     def _check(self) -> SystemSpec:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"name {self.name!r} must be non-empty, without '/' or leading '.'")
-        if self.endpoint and self.adapter:
-            raise ValueError("adapter cannot be combined with endpoint")
-        if self.template != "default" and (self.endpoint or self.model.endswith(".gguf")):
+        if self.base_url and self.adapter:
+            raise ValueError("adapter cannot be combined with base_url")
+        if self.template != "default" and (self.base_url or self.model.endswith(".gguf")):
             raise ValueError(
-                "template: a GGUF file or an endpoint formats prompts with its own chat template; "
+                "template: a GGUF file or a server formats prompts with its own chat template; "
                 "set template on local models only"
             )
         if self.adapter and self.model.endswith(".gguf"):
@@ -70,9 +70,9 @@ class SystemsFile(StrictModel):
 
 
 def parse_system(text: str) -> SystemSpec:
-    """``name=PATH`` or ``name=key=value,key=value`` (keys: model, adapter, endpoint,
+    """``name=PATH`` or ``name=key=value,key=value`` (keys: model, adapter, base_url,
     api_key_env, template), e.g. ``ppo=model=runs/sft-merged,adapter=runs/ppo/final`` or
-    ``gpt=endpoint=https://api.openai.com/v1,model=gpt-4o-mini``."""
+    ``gpt=base_url=https://api.openai.com/v1,model=gpt-4o-mini``."""
     if "=" not in text:
         raise ConfigError(f"--system {text!r}: expected name=PATH or name=key=value,...")
     name, spec = text.split("=", 1)
@@ -104,9 +104,9 @@ def build_generator(
         TransformersGenerator,
     )
 
-    if spec.endpoint:
+    if spec.base_url:
         return OpenAIGenerator(
-            spec.endpoint,
+            spec.base_url,
             spec.model,
             api_key_env=spec.api_key_env,
             max_tokens=max_new_tokens,

@@ -12,7 +12,7 @@
 
 Every request of the project to such a server goes through :class:`OpenAIClient` (this
 client, :class:`~alignforge.rollout.server_engine.ServerEngine`'s ``/v1/completions``, the
-LoRA routes of :mod:`alignforge.rollout.weight_sync`, the eval's ``--endpoint`` and the AI
+LoRA routes of :mod:`alignforge.rollout.weight_sync`, the eval's ``--base-url`` and the AI
 judge), which retries a request alone on 429, 5xx, timeouts and connection errors with
 exponential backoff (``backoff * 2**attempt`` seconds, or the server's ``Retry-After``), then
 raises :class:`EndpointError` naming the URL.

@@ -90,7 +90,7 @@ def test_multi_system_eval_writes_results_failures_and_table(
     task = get_task("extraction")
     with fake_server(perfect_for_even(examples)) as srv:
         systems = [
-            SystemSpec(name="api", model="served", endpoint=srv.url),
+            SystemSpec(name="api", model="served", base_url=srv.url),
             SystemSpec(name="local", model=str(tiny_model_dir)),
             parse_system(f"lora=model={tiny_model_dir},adapter={tiny_adapter_dir}"),
         ]
@@ -138,7 +138,7 @@ def test_cli_eval_endpoint_and_resume(tmp_path, examples, fake_server):
     args = ["--data", DATA, "--limit", "6", "--output-dir", str(out), "--n-boot", "200"]
     with fake_server(perfect_for_even(examples)) as srv:
         res = CliRunner().invoke(
-            app, [*args, "--endpoint", srv.url, "--model", "served", "--name", "frontier"]
+            app, [*args, "--base-url", srv.url, "--model", "served", "--name", "frontier"]
         )
         assert res.exit_code == 0, res.output
         assert "| frontier |" in res.output
@@ -146,13 +146,16 @@ def test_cli_eval_endpoint_and_resume(tmp_path, examples, fake_server):
         n_requests = srv.requests
         # second run: every generation comes from the cache, nothing is requested again
         res = CliRunner().invoke(
-            app, [*args, "--endpoint", srv.url, "--model", "served", "--name", "frontier"]
+            app, [*args, "--base-url", srv.url, "--model", "served", "--name", "frontier"]
         )
         assert res.exit_code == 0, res.output
         assert srv.requests == n_requests
     again = json.loads((out / "results.json").read_text())
     assert again["systems"][0]["metrics"] == first["systems"][0]["metrics"]
     assert again["systems"][0]["latency"]["throughput_tokens_per_s"] is None  # nothing new
+    # the option's former name is refused with the new one
+    res = CliRunner().invoke(app, [*args, "--endpoint", "http://x/v1", "--model", "served"])
+    assert res.exit_code != 0 and "--endpoint is now --base-url" in str(res.exception)
 
 
 def test_systems_yaml_and_bad_specs(tmp_path):
@@ -161,7 +164,7 @@ def test_systems_yaml_and_bad_specs(tmp_path):
 
     y = tmp_path / "systems.yaml"
     y.write_text(
-        "systems:\n  - {name: a, model: m1}\n  - {name: b, endpoint: 'http://x/v1', model: big}\n"
+        "systems:\n  - {name: a, model: m1}\n  - {name: b, base_url: 'http://x/v1', model: big}\n"
     )
     assert [s.name for s in load_systems(y)] == ["a", "b"]
     y.write_text("systems:\n  - {name: a, modle: m1}\n")
@@ -169,6 +172,8 @@ def test_systems_yaml_and_bad_specs(tmp_path):
         load_systems(y)
     with pytest.raises(ConfigError, match="not key=value"):
         parse_system("x=model=a,adapter")
+    with pytest.raises(ConfigError, match="endpoint: unknown key; it is now base_url"):
+        parse_system("x=endpoint=http://x/v1,model=big")
     assert parse_system("sft=runs/sft").model == "runs/sft"
 
 

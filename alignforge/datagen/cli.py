@@ -198,6 +198,7 @@ def preferences(
     from alignforge.datagen.cache import read_jsonl
     from alignforge.datagen.configs import PreferencesConfig
     from alignforge.datagen.preferences import policy_fingerprint, sample_preferences
+    from alignforge.models import resolve_model_path
     from alignforge.rollout import checkpoint_engine
 
     cfg = _load_config(PreferencesConfig, config, overrides)
@@ -206,9 +207,10 @@ def preferences(
         if cfg.prompt_field not in r:
             _fail(f"{cfg.prompts} row {i}: missing field {cfg.prompt_field!r}")
         r["prompt"] = r.pop(cfg.prompt_field)
-    fingerprint = policy_fingerprint(cfg.model)
+    path = resolve_model_path(cfg.model)  # `default`, a hub id or a directory
+    fingerprint = policy_fingerprint(path)
     engine, tok = checkpoint_engine(
-        cfg.model, cfg.rollout_engine, base_urls=cfg.rollout_base_url,
+        path, cfg.rollout_engine, base_urls=cfg.rollout_base_url,
         served_model=cfg.rollout_model, policy_version=fingerprint, batch_size=cfg.batch_size,
     )  # fmt: skip
     ratios = {"train": cfg.train_ratio, "validation": cfg.validation_ratio, "test": cfg.test_ratio}

@@ -184,6 +184,7 @@ def import_cmd(
     typer.echo(
         f"{rep.n_rows} rows -> {rep.n_items} pairs: {added} new, {present} already imported, "
         f"{rep.skipped} rows skipped"
+        + (f", {rep.identical} pairs of identical answers left out" if rep.identical else "")
     )
     for msg in rep.errors:
         typer.secho(f"  skipped {msg}", err=True)

@@ -8,7 +8,9 @@ Two row shapes are accepted, one per line:
 
 * sampling rows ``{"prompt_id", "doc_id", "split", "prompt", "policy", "completions": [...],
   "created_at"}``: all C(k, 2) pairs of the completions become items and keep the prompt's split
-  (the split was set before pairing, so the pairs of one prompt never straddle two splits);
+  (the split was set before pairing, so the pairs of one prompt never straddle two splits),
+  except pairs of two identical texts (counted in ``report.identical``): there is nothing to
+  judge in them, and a label on one (an annotator's side bias) is a pair no trainer accepts;
 * pair rows ``{"pair_id"?, "prompt", "a", "b", "split"?, "source_document"?}``.
 
 A malformed row raises ``ImportError_`` naming the file, line and field, unless ``skip_bad=True``,
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,6 +40,7 @@ class ImportReport(NamedTuple):
     n_items: int
     skipped: int
     errors: list[str]
+    identical: int = 0  # pairs of a sampling row whose two completions have the same text
 
 
 def read_items(
@@ -48,7 +52,7 @@ def read_items(
     items: list[dict[str, Any]] = []
     errors: list[str] = []
     split_of: dict[str, tuple[str, int]] = {}
-    n_rows = 0
+    n_rows = identical = 0
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -58,6 +62,8 @@ def read_items(
                 row = _load_line(line, path, lineno)
                 new = _row_items(row, max_text_chars)
                 _check_split_leak(new, split_of, lineno)
+                if "completions" in row:
+                    identical += math.comb(len(row["completions"]), 2) - len(new)
             except RowError as e:
                 msg = f"{path}:{lineno}: {e}"
                 if not skip_bad:
@@ -65,7 +71,7 @@ def read_items(
                 errors.append(msg)
                 continue
             items.extend(new)
-    return items, ImportReport(n_rows, len(items), len(errors), errors[:20])
+    return items, ImportReport(n_rows, len(items), len(errors), errors[:20], identical)
 
 
 def _load_line(line: str, path: Path, lineno: int) -> dict[str, Any]:
@@ -107,6 +113,8 @@ def _sample_items(row: dict[str, Any], max_chars: int) -> list[dict[str, Any]]:
         raise RowError("field 'policy' must be an object {model, fingerprint}")
     out = []
     for a, b in itertools.combinations(comps, 2):
+        if a["text"] == b["text"]:
+            continue
         out.append(
             {
                 "pair_key": f"{pid}:{a['completion_id']}|{b['completion_id']}",

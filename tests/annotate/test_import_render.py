@@ -27,6 +27,19 @@ def test_sampling_rows_become_all_pairs_in_the_prompts_split(tmp_path):
         assert pairs[0]["prompt"] == row["prompt"]
 
 
+def test_pairs_of_identical_answers_are_left_out_and_counted(tmp_path):
+    """Greedy and a cool sample often write the same text: nothing to judge, and a label on it
+    (a side bias) would be a pair every preference loader refuses."""
+    row = sample_rows(n_prompts=1, k=4)[0]
+    row["completions"][2]["text"] = row["completions"][0]["text"]
+    row["completions"][3]["text"] = row["completions"][0]["text"]
+    items, rep = read_items(write_jsonl(tmp_path / "s.jsonl", [row]))
+    # c0 = c2 = c3: of the 6 pairs, (c0,c2), (c0,c3), (c2,c3) hold one text twice
+    assert rep.identical == 3 and rep.n_items == 3
+    assert {(it["a_id"], it["b_id"]) for it in items} == {("c0", "c1"), ("c1", "c2"), ("c1", "c3")}
+    assert all(it["a_text"] != it["b_text"] for it in items)
+
+
 def test_pair_rows_are_accepted(tmp_path):
     rows = [
         {"pair_id": "x1", "prompt": "Extract: Acme", "a": "A1", "b": "B1", "split": "test"},

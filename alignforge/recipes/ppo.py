@@ -207,6 +207,7 @@ class PPORun:
             missing_eos_penalty=cfg.missing_eos_penalty, correction=cfg.offpolicy_correction,
             level=cfg.offpolicy_level, lower=cfg.offpolicy_lower, upper=cfg.offpolicy_upper,
             old_logps=cfg.offpolicy_old_logps,
+            reference=cfg.adaptive_kl or self.kl_ctl.value > 0,  # else nothing reads the KL
         )  # fmt: skip
         head = self.value_head if self.use_critic else None
         return prepare_rollouts(self.model, head, self.core.to_device(batch), scores, settings,
@@ -304,7 +305,8 @@ class PPORun:
         train_stats = self.update(prepared)
         t4 = time.time()
         n_global = self.core.global_sum(len(rollouts))
-        self.kl_ctl.update(prep_stats["kl"], n_steps=int(n_global))
+        if "kl" in prep_stats:  # absent without a reference pass (kl_coef 0, not adaptive)
+            self.kl_ctl.update(prep_stats["kl"], n_steps=int(n_global))
         self.core.step += 1
         n_resp = self.core.global_sum(batch["mask"].sum())
         gathered = self._gather_scores(total, rm_scores, fn_scores)
@@ -425,7 +427,7 @@ class PPORun:
             row = self.train_step()
             self.logger.log(row)
             bar.update(1)
-            bar.set_postfix(reward=f"{row['reward/mean']:.3f}", kl=f"{row['kl']:.3f}")
+            bar.set_postfix(reward=f"{row['reward/mean']:.3f}", kl=f"{row.get('kl', 0.0):.3f}")
             n_events = len(self.events)
             self.act_on_drift()  # before saving: a restore must not land on the drifted state
             restored = len(self.events) > n_events and self.events[-1]["event"] == "drift_restore"

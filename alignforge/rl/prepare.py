@@ -44,6 +44,7 @@ class PrepareSettings:
     lower: float | None = None
     upper: float | None = 2.0
     old_logps: str = "decoupled"  # decoupled | bypass
+    reference: bool = True  # False: no reference pass (nothing reads the KL: coefficient 0, fixed)
 
 
 def global_whiten(x: Tensor, mask: Tensor, reduce_sum, eps: float = 1e-8) -> Tensor:
@@ -57,11 +58,12 @@ def global_whiten(x: Tensor, mask: Tensor, reduce_sum, eps: float = 1e-8) -> Ten
 
 
 @torch.no_grad()
-def score_batch(model, head, batch: dict, temperature: float, chunk_size: int):
+def score_batch(model, head, batch: dict, temperature: float, chunk_size: int, reference=True):
     """Policy and reference log-probs and values ``(B, L-1)``, ``chunk_size`` rows at a time,
-    rows of similar length together, each chunk cut to its own longest row."""
+    rows of similar length together, each chunk cut to its own longest row. Without
+    ``reference`` (or ``head``) that output is None and its forward pass is not run."""
     mask = batch["mask"]
-    out = [torch.zeros(mask.shape, device=mask.device) for _ in range(3 if head else 2)]
+    out = [torch.zeros(mask.shape, device=mask.device) for _ in range(3)]
     order = batch["attention_mask"].sum(-1).argsort()
     was_training = model.training
     model.eval()
@@ -69,12 +71,13 @@ def score_batch(model, head, batch: dict, temperature: float, chunk_size: int):
         mb = trim_padding({k: v[chunk] for k, v in batch.items()})
         w = mb["mask"].shape[1]
         out[0][chunk, :w] = token_logps(model, mb, temperature)
-        with disabled_adapter(model):
-            out[1][chunk, :w] = token_logps(model, mb, temperature)
+        if reference:
+            with disabled_adapter(model):
+                out[1][chunk, :w] = token_logps(model, mb, temperature)
         if head is not None:
             out[2][chunk, :w] = token_values(model, head, mb) * mb["mask"]
     model.train(was_training)
-    return out[0], out[1], out[2] if head is not None else None
+    return out[0], out[1] if reference else None, out[2] if head is not None else None
 
 
 def _correction(trainer_old: Tensor, batch: dict, s: PrepareSettings):
@@ -93,13 +96,15 @@ def _correction(trainer_old: Tensor, batch: dict, s: PrepareSettings):
 def prepare_rollouts(model, head, batch: dict, scores: Tensor, s: PrepareSettings, reduce_sum):
     """The tensors of one PPO iteration and its statistics (global over processes)."""
     mask = batch["mask"]
-    trainer_old, ref, values = score_batch(model, head, batch, s.temperature, s.chunk_size)
+    trainer_old, ref, values = score_batch(
+        model, head, batch, s.temperature, s.chunk_size, s.reference
+    )
     weights, loss_mask, diag = _correction(trainer_old, batch, s)
     old = batch["rollout_logps"] if s.old_logps == "bypass" else trainer_old
     shaped = shape_rewards(
         scores.to(mask.device),
         trainer_old,
-        ref,
+        trainer_old if ref is None else ref,  # no reference: the coefficient is 0
         mask,
         kl_coef=s.kl_coef if s.kl_in_reward else 0.0,
         kl_kind=s.kl_estimator,
@@ -117,16 +122,17 @@ def prepare_rollouts(model, head, batch: dict, scores: Tensor, s: PrepareSetting
         returns, advantages = adv.returns, adv.advantages
         if s.whiten_advantages and s.estimator == "gae":
             advantages = global_whiten(advantages, mask, reduce_sum) * mask
-    kl_seq = (kl_penalty(trainer_old, ref, s.kl_estimator) * mask).sum(-1)
-    n_rows = reduce_sum(torch.tensor(float(len(kl_seq))))
+    n_rows = reduce_sum(torch.tensor(float(mask.shape[0])))
     prepared = dict(
         batch, old_logps=old, ref_logps=ref, values=values, returns=returns,
         advantages=advantages, weights=weights, loss_mask=loss_mask,
     )  # fmt: skip
     stats = {
-        "kl": float(reduce_sum(kl_seq.sum()) / n_rows),
         "kl_coef": s.kl_coef,
         "reward/non_score": float(reduce_sum(shaped.non_score_reward.sum()) / n_rows),
         **diag.as_dict(),
     }
+    if ref is not None:
+        kl_seq = (kl_penalty(trainer_old, ref, s.kl_estimator) * mask).sum(-1)
+        stats["kl"] = float(reduce_sum(kl_seq.sum()) / n_rows)
     return prepared, stats

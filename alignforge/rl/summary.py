@@ -23,7 +23,7 @@ def reward_summary(rows: list[dict]) -> dict:
     return {
         "reward_first_quarter": first,
         "reward_last_quarter": last,
-        "final_kl": rows[-1]["kl"] if rows else None,
+        "final_kl": rows[-1].get("kl") if rows else None,  # none without a reference pass
         "mean_step_seconds": timing,
     }
 

@@ -162,9 +162,12 @@ class TransformersEngine:
         was_training = self.model.training
         self.model.eval()
         try:
+            input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+            cache = self._shared_prefill(input_ids, attention)
             self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention.to(self.device),
+                input_ids=input_ids,
+                attention_mask=attention,
+                **({_cache_kwarg(self.model): cache} if cache is not None else {}),
                 generation_config=config,
                 logits_processor=processors,
                 stopping_criteria=StoppingCriteriaList([tracker]),
@@ -172,6 +175,40 @@ class TransformersEngine:
         finally:
             self.model.train(was_training)
         return [tracker.rollout(i, self.policy_version) for i in range(len(specs))]
+
+    def _shared_prefill(self, input_ids: torch.Tensor, attention: torch.Tensor):
+        """The KV cache of every row's prompt but its last token, each distinct prompt run once,
+        or None when no two rows share a prompt. The n samples of a prompt (a GRPO group) then
+        share one prefill, which on long prompts is a large part of generating short answers;
+        ``generate`` runs the last prompt token and decodes from the cache as usual."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+        # left-padded to one width: equal prompts are equal rows
+        rows = [tuple(r) for r in input_ids.tolist()]
+        distinct = list(dict.fromkeys(rows))
+        if len(distinct) == len(rows) or input_ids.shape[1] < 2:
+            return None
+        cache = DynamicCache(config=self.model.config)
+        if not all(type(x) in (DynamicLayer, DynamicSlidingWindowLayer) for x in cache.layers):
+            return None  # recurrent or other states: leave them to generate
+        first = torch.tensor([rows.index(r) for r in distinct], device=input_ids.device)
+        ids, attn = input_ids[first, :-1], attention[first, :-1]
+        positions = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 1)  # as generate numbers them
+        self.model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True,
+                   logits_to_keep=1, **{_cache_kwarg(self.model): cache})  # fmt: skip
+        where = {r: i for i, r in enumerate(distinct)}
+        cache.batch_select_indices(torch.tensor([where[r] for r in rows], device=input_ids.device))
+        return cache
+
+
+def _cache_kwarg(model) -> str:
+    """The name a KV cache is passed under: transformers 5.25 renamed ``past_key_values`` to
+    ``cache`` (the old name warns, and goes in 5.40)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 @dataclass

@@ -81,6 +81,30 @@ def test_grpo_puts_the_configured_kl_estimator_into_the_loss(
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.parametrize("kl_coef", [0.0, 0.5])
+def test_no_reference_pass_when_nothing_reads_the_kl(
+    tiny_model_dir, prompts, tmp_path, monkeypatch, kl_coef
+):
+    """With kl_coef 0 (fixed) the reference log-probs would only feed a logged KL, so the
+    adapter-disabled pass is skipped (as TRL does at beta 0) and no `kl` is logged; the loss is
+    unchanged. With a coefficient the pass runs and the KL is logged."""
+    from alignforge.rl import prepare
+
+    passes = []
+    real = prepare.disabled_adapter
+    monkeypatch.setattr(prepare, "disabled_adapter", lambda m: passes.append(1) or real(m))
+    c = cfg(tiny_model_dir, prompts, tmp_path / "k", advantage_estimator="grpo",
+            num_generations=2, mini_batch_size=8, kl_coef=kl_coef)  # fmt: skip
+    run = ppo.PPORun(c)
+    prepared, _ = prepared_batch(run)
+    row = run.train_step()
+    assert (prepared["ref_logps"] is None) == (kl_coef == 0)
+    assert bool(passes) == (kl_coef > 0)
+    assert ("kl" in row) == (kl_coef > 0)
+    loss, _ = run.minibatch_loss(prepared)
+    assert torch.isfinite(loss)
+
+
 def test_rloo_puts_the_kl_into_the_reward_as_the_paper_does(tiny_model_dir, prompts, tmp_path):
     """RLOO (Ahmadian et al. 2024): the reward is ``s - beta * sum_t KL_t`` (k1), and the advantage
     is ``k/(k-1) (R_i - mean_group R)``; nothing of the KL is left for the loss."""

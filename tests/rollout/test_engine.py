@@ -83,3 +83,31 @@ def test_seed_makes_sampling_reproducible(tiny_model, tokenizer, prompts):
     a = engine.generate(prompts, n=2, max_new_tokens=6, seed=7)
     b = engine.generate(prompts, n=2, max_new_tokens=6, seed=7)
     assert [[r.completion_ids for r in g] for g in a] == [[r.completion_ids for r in g] for g in b]
+
+
+def test_samples_of_one_prompt_share_its_prefill_and_match_rows_drawn_alone(
+    tiny_model, tokenizer, prompts, monkeypatch
+):
+    """n samples of a prompt in one batch run the prompt once (a cache expanded to the n rows),
+    and each row is what it would be alone: same tokens, same behaviour log-probs."""
+    shared = TransformersEngine(tiny_model, tokenizer, batch_size=8)
+    alone = TransformersEngine(tiny_model, tokenizer, batch_size=1)
+    prefills = []
+    real = TransformersEngine._shared_prefill
+
+    def spy(self, input_ids, attention):
+        cache = real(self, input_ids, attention)
+        prefills.append(None if cache is None else cache.get_seq_length())
+        return cache
+
+    monkeypatch.setattr(TransformersEngine, "_shared_prefill", spy)
+    a = shared.generate(prompts, n=3, max_new_tokens=10, seed=5)
+    width = max(len(p) for p in prompts)
+    assert prefills == [width - 1]  # one batch of 6 rows, its 2 distinct prompts prefilled
+    b = alone.generate(prompts, n=3, max_new_tokens=10, seed=5)
+    assert prefills[1:] == [None] * 6  # a row alone has nothing to share
+    for ga, gb in zip(a, b, strict=True):
+        for ra, rb in zip(ga, gb, strict=True):
+            assert ra.completion_ids == rb.completion_ids
+            assert torch.allclose(torch.tensor(ra.logps), torch.tensor(rb.logps), atol=1e-4)
+            assert torch.allclose(torch.tensor(ra.logps), teacher_forced(tiny_model, ra), atol=1e-4)

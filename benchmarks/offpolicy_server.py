@@ -3,6 +3,7 @@
 
     flock /tmp/heavy.lock python benchmarks/offpolicy_server.py       # resumable
     python benchmarks/offpolicy_server.py --plot-only                  # tables and plots again
+    python benchmarks/offpolicy_server.py --plot-only --exact-kl       # + each engine's exact KL
 
 PPO on the embedded default model (SmolLM2-135M-Instruct, ``model_name_or_path: default``), LoRA
 rank 16 on every linear layer, trained in float32; RLOO (4 prompts x 2 answers a step, 48 new
@@ -18,10 +19,10 @@ default`` in a subprocess, the policy's adapter loaded after each update
 
 with ``max_staleness`` 0, 1, 2 (each batch drawn that many steps ahead, in the background) and
 ``offpolicy_correction`` ``none``, ``truncate`` (TIS at 2) or ``mask`` (tokens with ratio outside
-[0.5, 2] leave the loss), token level; ``GRID`` says which cells run. Each cell runs ``--seeds``; the curves of every run go to
-``benchmarks/results/offpolicy_server.json`` as soon as it ends, and a re-run skips the runs
-found there with the same settings. Plots: ``docs/img/offpolicy_server_<engine>.png``. The
-write-up is ``docs/offpolicy.md``.
+[0.5, 2] leave the loss), token level; ``GRID`` says which cells run. Each cell runs
+``--seeds``; the curves of every run go to ``benchmarks/results/offpolicy_server.json`` as soon
+as it ends, and a re-run skips the runs found there with the same settings. Plots:
+``docs/img/offpolicy_server_{bfloat16,int8}.png``. The write-up is ``docs/offpolicy.md``.
 """
 
 from __future__ import annotations
@@ -51,13 +52,12 @@ CORRECTIONS = {
 }
 # (engine, staleness values, corrections), each cell run with every seed, in this order (what
 # matters most first, should the run be cut short): bf16 is the main grid, staleness 1 without
-# correction only, int8 and the float32 control draw on-policy without correction, to fit
-# 2 CPU cores
+# correction only; int8 and the float32 control draw on-policy, to fit 2 CPU cores
 GRID = [
     ("bfloat16", (0,), ("none", "truncate", "mask")),
     ("float32", (0,), ("none",)),
     ("bfloat16", (2,), ("none", "truncate", "mask")),
-    ("int8", (0,), ("none",)),
+    ("int8", (0,), ("none", "truncate", "mask")),
     ("bfloat16", (1,), ("none",)),
 ]
 SERVE_FLAGS = {
@@ -204,7 +204,8 @@ def plot(by_cell: dict, engine: str, path: Path) -> None:
                                   for r in c] for c in curves], 0)  # fmt: skip
                 else:
                     y = np.mean([[r[key] for r in c] for c in curves], 0)
-                ax.plot(np.arange(1, len(y) + 1), y, ls, label=label, lw=1.4)
+                color = {"none": "C0", "truncate": "C1", "mask": "C2"}.get(label, "k")
+                ax.plot(np.arange(1, len(y) + 1), y, ls, label=label, lw=1.4, color=color)
             if key == "offpolicy/kl_k3":  # engine and staleness mismatch differ by orders
                 ax.set_yscale("log")
             ax.set_title(f"{title}, max_staleness={k}", fontsize=9)
@@ -218,6 +219,37 @@ def plot(by_cell: dict, engine: str, path: Path) -> None:
     plt.close(fig)
 
 
+def exact_kl(n: int = 4, tokens: int = 120) -> dict[str, float]:
+    """KL(float32 || engine) per token, exact over the vocabulary, teacher-forced on the first
+    ``n`` alpaca answers (chat-templated, first ``tokens`` tokens): the engines' numerics alone,
+    one sequence at a time, without sampling or training."""
+    import copy
+
+    import torch
+
+    from alignforge.models import load_model, load_tokenizer
+    from alignforge.rollout.batch import quantize_int8
+
+    model, tok = load_model("default").eval(), load_tokenizer("default")
+    rows = json.loads((ROOT / "examples/data/alpaca_en_demo.json").read_text())[:n]
+    seqs = [tok.apply_chat_template([{"role": "user", "content": r["instruction"]},
+                                     {"role": "assistant", "content": r["output"]}],
+                                    tokenize=True, return_dict=False)[:tokens] for r in rows]  # fmt: skip
+    engines = {"bfloat16": copy.deepcopy(model).to(torch.bfloat16),
+               "int8": quantize_int8(copy.deepcopy(model))}  # fmt: skip
+    out = {}
+    with torch.no_grad():
+        for name, engine in engines.items():
+            kls = []
+            for s in seqs:
+                ids = torch.tensor([s])
+                p = torch.log_softmax(model(ids).logits[0].float(), -1)
+                q = torch.log_softmax(engine(ids).logits[0].float(), -1)
+                kls.append(float((p.exp() * (p - q)).sum(-1).mean()))
+            out[name] = float(np.mean(kls))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=6)
@@ -225,17 +257,22 @@ def main() -> None:
     ap.add_argument("--learning-rate", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads: trainer and server each")
     ap.add_argument("--plot-only", action="store_true", help="tables and plots from the JSON")
+    ap.add_argument("--exact-kl", action="store_true",
+                    help="also the engines' exact KL to float32 on fixed answers (~1 min)")  # fmt: skip
     args = ap.parse_args()
 
     store = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
-    store["command"] = "python benchmarks/offpolicy_server.py " + " ".join(sys.argv[1:])
     if not args.plot_only:
+        store["command"] = " ".join(["python benchmarks/offpolicy_server.py", *sys.argv[1:]])
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         run_grid(args, store)
+    if args.exact_kl:
+        store["exact_kl_per_token"] = exact_kl()
+        print(f"KL(float32 || engine) per token, teacher-forced: {store['exact_kl_per_token']}")
     by_cell = cells(store)
     store["cells"] = {name: summary(c) for name, c in by_cell.items()}
     RESULTS.write_text(json.dumps(store, indent=1))
-    for engine in dict.fromkeys(e for e, _, _ in GRID):
+    for engine in dict.fromkeys(e for e, _, _ in GRID if e != "float32"):  # the control: dashed
         if any(n.startswith(engine + "/") for n in by_cell):
             plot(by_cell, engine, ROOT / f"docs/img/offpolicy_server_{engine}.png")
     print(table(store["cells"]))
